@@ -1,0 +1,102 @@
+"""The site's on-disk cache of preprocessed tensors, safe to share between processes.
+
+An entry is keyed by the identity of every source file (resolved path, size, modification time; for a DICOM
+folder, of each file in it) and by the preprocessing configuration, so a changed image or parameter misses the
+cache and is recomputed. Entries are written to a temporary file and renamed into place, so a process never
+reads a half-written entry even when several preprocess the same patient at once (Flower starts a fresh client
+process for every round in deployment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tace.common.manifest import PatientRecord
+from tace.common.preprocess import PreprocessConfig, PreprocessInfo, preprocess_record
+
+
+def source_identity(path: Path) -> list[object]:
+    """What identifies a source's content cheaply: resolved path, size and mtime (per file for a folder)."""
+    path = path.resolve()
+    if path.is_dir():
+        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()] + [str(path)]
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    array: np.ndarray
+    info: PreprocessInfo
+    hit: bool
+
+
+class PreprocessCache:
+    """Preprocessed tensors of one site, under `root`, for one preprocessing configuration.
+
+    Parameters
+    ----------
+    root : Path
+        Cache folder on the site's disk (created if missing).
+    config : PreprocessConfig
+    """
+
+    def __init__(self, root: Path | str, config: PreprocessConfig) -> None:
+        self.root = Path(root)
+        self.config = config
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._fingerprint = config.fingerprint()
+
+    def key(self, record: PatientRecord, manifest_root: Path) -> str:
+        sources = {seq: source_identity(record.image_path(seq, manifest_root)) for seq in self.config.sequences}
+        sources["mask"] = source_identity(record.mask_path(manifest_root))
+        payload = json.dumps({"config": self._fingerprint, "sources": sources}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def entry_path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.npz"
+
+    def load(self, record: PatientRecord, manifest_root: Path) -> CacheResult:
+        """Return the preprocessed tensor, from the cache when the entry is current, else computed and stored."""
+        path = self.entry_path(self.key(record, manifest_root))
+        cached = self._read(path)
+        if cached is not None:
+            return cached
+        array, info = preprocess_record(record, manifest_root, self.config)
+        self._write(path, array, info)
+        return CacheResult(array, info, hit=False)
+
+    def _read(self, path: Path) -> CacheResult | None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                array = data["image"]
+                meta = json.loads(str(data["meta"]))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None  # a damaged entry (disk error) is simply recomputed and replaced
+        if array.shape != self.config.shape:
+            return None
+        ex, ey, ez = (float(v) for v in meta["tumour_extent_mm"])
+        info = PreprocessInfo((ex, ey, ez), bool(meta["cropped"]), float(meta["scale"]))
+        return CacheResult(array, info, hit=True)
+
+    def _write(self, path: Path, array: np.ndarray, info: PreprocessInfo) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = json.dumps({"tumour_extent_mm": info.tumour_extent_mm, "cropped": info.cropped, "scale": info.scale})
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, image=array, meta=np.array(meta))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,144 @@
+"""`tace-client`: what a hospital runs next to its data (validate the site's data, warm the preprocessing cache)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, add_version, progress, run, triple
+from tace.common.errors import ImageReadError, Problem
+from tace.common.manifest import parse_manifest
+from tace.common.preprocess import PreprocessConfig
+from tace.common.validate import CheckReport, check_site
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tace-client",
+        description="TACE-FL site client: runs at a hospital, next to its MRI data, which never leaves the site.",
+    )
+    add_version(parser)
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    check = sub.add_parser(
+        "check",
+        help="validate the site manifest and every image it names, before joining a federation",
+        description="Validate a site manifest (docs/manifest.md) and every image it names. Reports every problem "
+        "with row, column and file; prints a cohort summary (counts only) when all is well. Exit status 1 when "
+        "anything is wrong. Never modifies a file.",
+    )
+    check.add_argument("--manifest", type=Path, required=True, help="the site's manifest CSV")
+    check.add_argument("--deep", action="store_true", help="also read every voxel (NaN/inf, blank images, damaged compressed data)")
+    check.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
+    check.set_defaults(func=cmd_check)
+
+    pre = sub.add_parser(
+        "preprocess",
+        help="preprocess every patient into the site's cache (validates first)",
+        description="Resample every patient's phases onto a tumour-centred box, normalise them, and store the "
+        "tensors in the cache folder, so that training rounds start immediately. Entries whose sources or "
+        "parameters changed are recomputed; current ones are reused.",
+    )
+    pre.add_argument("--manifest", type=Path, required=True, help="the site's manifest CSV")
+    pre.add_argument("--cache", type=Path, required=True, help="cache folder on the site's disk")
+    add_preprocess_options(pre)
+    pre.set_defaults(func=cmd_preprocess)
+    return parser
+
+
+def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
+    d = PreprocessConfig()
+    parser.add_argument(
+        "--spacing", type=triple(float), default=d.spacing_mm, metavar="X,Y,Z", help=f"box voxel spacing in mm (default {d.spacing_mm})"
+    )
+    parser.add_argument(
+        "--box", type=triple(int), default=d.box_voxels, metavar="X,Y,Z", help=f"box size in voxels (default {d.box_voxels})"
+    )
+    parser.add_argument("--sequences", default=",".join(d.sequences), help="sequences stacked as channels (default %(default)s)")
+    parser.add_argument(
+        "--large-tumour",
+        choices=("crop", "rescale"),
+        default=d.large_tumour,
+        help="tumours larger than the box: crop at the edge or shrink to fit (default %(default)s)",
+    )
+
+
+def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
+    return PreprocessConfig(
+        sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()),
+        spacing_mm=args.spacing, box_voxels=args.box, large_tumour=args.large_tumour,
+    )  # fmt: skip
+
+
+def print_report(report: CheckReport) -> None:
+    if report.ok:
+        print(f"OK: {report.manifest} ({report.n_rows} rows) passed all checks")
+        if report.summary is not None:
+            print(report.summary.format())
+        return
+    print(f"{len(report.problems)} problem(s) in {report.manifest} ({report.n_rows} rows):", file=sys.stderr)
+    for p in report.problems:
+        print("  " + p.format().replace("\n", "\n  "), file=sys.stderr)
+    kinds: dict[str, int] = {}
+    for p in report.problems:
+        kinds[p.kind] = kinds.get(p.kind, 0) + 1
+    print("by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())), file=sys.stderr)
+    print("Fix the rows or files listed and run the check again; see docs/manifest.md for every column.", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    report = check_site(args.manifest, deep=args.deep, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from tace.client.cache import PreprocessCache
+
+    config = preprocess_config_from_args(args)
+    manifest = parse_manifest(args.manifest)
+    report = check_site(manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
+    if not report.ok:
+        print_report(report)
+        print("Nothing was preprocessed: fix the problems above first.", file=sys.stderr)
+        return EXIT_PROBLEMS
+    cache = PreprocessCache(args.cache, config)
+    hits = cropped = 0
+    failed: list[Problem] = []
+    start = time.perf_counter()
+    for record in progress(manifest.records, desc="preprocessing", unit="patient"):
+        try:
+            result = cache.load(record, manifest.root)
+        except ImageReadError as exc:
+            failed.append(Problem(exc.kind, exc.message, exc.hint, record.row))
+            continue
+        hits += result.hit
+        cropped += result.info.cropped
+    elapsed = time.perf_counter() - start
+    n = len(manifest.records) - len(failed)
+    print(f"preprocessed {n} patients into {args.cache} in {elapsed:.1f} s: {n - hits} computed, {hits} already cached")
+    print(f"tensor shape (C, D, H, W) = {config.shape}")
+    if cropped:
+        hint = "; use --large-tumour rescale to shrink them instead" if config.large_tumour == "crop" else ""
+        print(f"{cropped} tumour(s) larger than the box were cut at its edge{hint}")
+    if failed:
+        print(f"{len(failed)} patient(s) could not be preprocessed:", file=sys.stderr)
+        for p in failed:
+            print("  " + p.format().replace("\n", "\n  "), file=sys.stderr)
+        return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    return run(lambda a: a.func(a), parser, argv)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

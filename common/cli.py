@@ -1,0 +1,80 @@
+"""Shared command-line plumbing: error handling without tracebacks, progress bars, argument parsers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from tace.common.errors import TaceError
+
+T = TypeVar("T")
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def version_string() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tace-fl")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without an install
+        return "unknown"
+
+
+def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse arguments and run `main`; turn expected errors into a message and an exit status, never a traceback.
+
+    Exit status: 0 success, 1 the input has problems (listed), 2 usage or configuration error, 3 internal error,
+    130 interrupted. Set TACE_DEBUG=1 to see the traceback of an internal error.
+    """
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return main(args)
+    except TaceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: one clear line instead of a traceback
+        if os.environ.get("TACE_DEBUG"):
+            raise
+        print(
+            f"internal error: {type(exc).__name__}: {exc}\n"
+            "  -> this is a bug in TACE-FL; rerun with TACE_DEBUG=1 and report the output (it holds no patient values)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", unit: str = "it") -> Iterable[T]:
+    """A progress bar on stderr when it is a terminal; the plain iterable otherwise (CI logs, pipes)."""
+    from tqdm import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+def triple(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, Any, Any]]:
+    """argparse type for 'X,Y,Z'."""
+
+    def parse(text: str) -> tuple[Any, Any, Any]:
+        parts = [p.strip() for p in text.split(",")]
+        if len(parts) != 3:
+            raise argparse.ArgumentTypeError(f"expected three comma-separated values X,Y,Z, got {text!r}")
+        try:
+            a, b, c = (kind(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected three numbers X,Y,Z, got {text!r}") from None
+        return a, b, c
+
+    return parse
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version_string()}")

@@ -1,0 +1,193 @@
+"""Preprocessing one patient: all phases resampled onto one tumour-centred box, normalised per phase.
+
+The box is defined in physical (LPS) space with identity direction, so a volume's storage orientation, voxel
+spacing and file format do not matter: every phase is resampled directly from its own grid onto the box in one
+interpolation. Output is a float32 array ``(C, D, H, W)`` = (phases, z, y, x).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import SimpleITK as sitk
+
+from tace.common.errors import ConfigError, ImageReadError
+from tace.common.imageio import read_image
+from tace.common.manifest import REQUIRED_SEQUENCES, SEQUENCE_COLUMNS, PatientRecord
+
+#: Bump when the preprocessing code changes what it produces: invalidates every cache entry.
+PIPELINE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How MRI volumes become network input. Every site of a study must use the same configuration.
+
+    Parameters
+    ----------
+    sequences : tuple of str
+        Sequences stacked as channels, in order (``arterial``, ``portal_venous``, ``delayed``, ``t2``, ``dwi``).
+    spacing_mm : (x, y, z)
+        Voxel spacing of the box, mm.
+    box_voxels : (x, y, z)
+        Box size in voxels. The tensor is ``(C, z, y, x)``.
+    large_tumour : "crop" or "rescale"
+        A tumour (plus `margin_mm` on each side) larger than the box: ``crop`` keeps the spacing and cuts the
+        tumour at the box edge; ``rescale`` coarsens the spacing of that patient's box uniformly until it fits.
+    margin_mm : float
+        Context kept around the tumour when deciding whether it fits, mm.
+    clip_percentiles : (low, high)
+        Per-phase intensity clipping before z-scoring, computed over the voxels of the box inside the scan.
+    """
+
+    sequences: tuple[str, ...] = REQUIRED_SEQUENCES
+    spacing_mm: tuple[float, float, float] = (2.0, 2.0, 3.0)
+    box_voxels: tuple[int, int, int] = (48, 48, 32)
+    large_tumour: Literal["crop", "rescale"] = "crop"
+    margin_mm: float = 5.0
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sequences if s not in SEQUENCE_COLUMNS]
+        if unknown or not self.sequences:
+            raise ConfigError(f"unknown sequence(s) {unknown}", f"valid sequences: {', '.join(SEQUENCE_COLUMNS)}")
+        if len(self.spacing_mm) != 3 or min(self.spacing_mm) <= 0:
+            raise ConfigError("spacing_mm must be three positive numbers (x, y, z) in mm")
+        if len(self.box_voxels) != 3 or min(self.box_voxels) < 4:
+            raise ConfigError("box_voxels must be three integers >= 4 (x, y, z)")
+        if self.large_tumour not in ("crop", "rescale"):
+            raise ConfigError(f"large_tumour must be 'crop' or 'rescale', not {self.large_tumour!r}")
+        lo, hi = self.clip_percentiles
+        if not 0 <= lo < hi <= 100:
+            raise ConfigError("clip_percentiles must satisfy 0 <= low < high <= 100")
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """The output tensor shape ``(C, D, H, W)``."""
+        x, y, z = self.box_voxels
+        return (len(self.sequences), z, y, x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def fingerprint(self) -> str:
+        """A stable text identity of the configuration and pipeline version (part of the cache key)."""
+        return json.dumps({"pipeline": PIPELINE_VERSION, **self.to_dict()}, sort_keys=True)
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any]) -> PreprocessConfig:
+        """Build from a mapping with hyphenated or underscored keys; unknown keys are an error listing valid ones."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(
+                    f"unknown preprocessing key {key!r}", "valid keys: " + ", ".join(sorted(f.replace("_", "-") for f in fields))
+                )
+            kwargs[name] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True)
+class PreprocessInfo:
+    """What happened to one patient (site-local; never sent anywhere)."""
+
+    tumour_extent_mm: tuple[float, float, float]
+    cropped: bool
+    scale: float
+
+
+def tumour_bounds(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (LPS, mm) lower and upper corners of the largest connected tumour component's bounding box."""
+    binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
+    components = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(components)
+    if not stats.HasLabel(1):
+        raise ImageReadError("empty-mask", "tumour mask has no voxel inside the tumour", "segment the target tumour (non-zero inside it)")
+    start = np.array(stats.GetBoundingBox(1)[:3], dtype=float)
+    size = np.array(stats.GetBoundingBox(1)[3:], dtype=float)
+    corners = [mask.TransformContinuousIndexToPhysicalPoint(tuple(start - 0.5 + size * np.array(c))) for c in np.ndindex(2, 2, 2)]
+    pts = np.array(corners)
+    return pts.min(axis=0), pts.max(axis=0)
+
+
+def box_grid(lower: np.ndarray, upper: np.ndarray, config: PreprocessConfig) -> tuple[sitk.Image, PreprocessInfo]:
+    """The reference grid: `config.box_voxels` centred on the tumour, identity direction, maybe rescaled."""
+    extent = upper - lower
+    spacing = np.array(config.spacing_mm, dtype=float)
+    size = np.array(config.box_voxels)
+    needed = extent + 2 * config.margin_mm
+    ratio = float(np.max(needed / (size * spacing)))
+    scale = max(ratio, 1.0) if config.large_tumour == "rescale" else 1.0
+    spacing = spacing * scale
+    cropped = bool(np.any(extent > size * spacing + 1e-6))
+    centre = (lower + upper) / 2
+    origin = centre - (size - 1) / 2 * spacing
+    grid = sitk.Image([int(s) for s in size], sitk.sitkUInt8)
+    grid.SetSpacing(tuple(float(s) for s in spacing))
+    grid.SetOrigin(tuple(float(o) for o in origin))
+    grid.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return grid, PreprocessInfo(tuple(float(e) for e in extent), cropped, scale)  # type: ignore[arg-type]
+
+
+def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Percentile-clip then z-score the finite voxels of one phase; voxels outside the scan (NaN) become 0.
+
+    Written by hand because MONAI's NormalizeIntensity cannot exclude the outside-the-scan padding by an
+    explicit mask (only by value == 0, which real tissue can take).
+    """
+    inside = np.isfinite(values)
+    out = np.zeros_like(values, dtype=np.float32)
+    if not inside.any():
+        return out
+    v = values[inside]
+    lo, hi = np.percentile(v, [low, high])
+    v = np.clip(v, lo, hi)
+    std = float(v.std())
+    out[inside] = (v - v.mean()) / (std if std > 1e-6 else 1.0)
+    return out
+
+
+def preprocess_images(images: Mapping[str, sitk.Image], mask: sitk.Image, config: PreprocessConfig) -> tuple[np.ndarray, PreprocessInfo]:
+    """Resample the configured sequences onto the tumour box and normalise them.
+
+    Parameters
+    ----------
+    images : mapping of sequence name to SimpleITK image
+    mask : SimpleITK image, non-zero inside the target tumour
+    config : PreprocessConfig
+
+    Returns
+    -------
+    array : np.ndarray, float32, shape ``(C, D, H, W)``
+    info : PreprocessInfo
+    """
+    lower, upper = tumour_bounds(mask)
+    grid, info = box_grid(lower, upper, config)
+    channels = []
+    for seq in config.sequences:
+        moving = sitk.Cast(images[seq], sitk.sitkFloat32)
+        # NaN marks box voxels outside the scan so they are left out of the intensity statistics.
+        resampled = sitk.Resample(moving, grid, sitk.Transform(), sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
+        channels.append(normalise(sitk.GetArrayFromImage(resampled), *config.clip_percentiles))
+    return np.stack(channels).astype(np.float32, copy=False), info
+
+
+def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfig) -> tuple[np.ndarray, PreprocessInfo]:
+    """Read one manifest row's images from disk and preprocess them (see `preprocess_images`)."""
+    missing = [s for s in config.sequences if s not in record.images]
+    if missing:
+        raise ImageReadError(
+            "missing-sequence", f"row {record.row} has no {', '.join(SEQUENCE_COLUMNS[s] for s in missing)}",
+            "every patient needs each sequence the study's preprocessing uses; fill the column or drop the sequence from the config",
+        )  # fmt: skip
+    images = {seq: read_image(record.image_path(seq, root)) for seq in config.sequences}
+    return preprocess_images(images, read_image(record.mask_path(root)), config)

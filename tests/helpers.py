@@ -1,0 +1,38 @@
+"""Test helpers: editing manifests and hashing folders."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from pathlib import Path
+
+
+def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_rows(path: Path, header: list[str], rows: list[dict[str, str]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=header)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def set_cell(path: Path, index: int, column: str, value: str) -> int:
+    """Set one cell (0-based data row `index`); return the spreadsheet row number the checker reports (index + 2)."""
+    header, rows = read_rows(path)
+    rows[index][column] = value
+    write_rows(path, header, rows)
+    return index + 2
+
+
+def tree_digest(folder: Path) -> str:
+    """A digest of every file's relative path, bytes and mtime under `folder` (to prove nothing was modified)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        h.update(f.read_bytes())
+        h.update(str(f.stat().st_mtime_ns).encode())
+    return h.hexdigest()
