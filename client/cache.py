@@ -76,7 +76,7 @@ class PreprocessCache:
 
     def _read(self, path: Path) -> CacheResult | None:
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:
                 array = data["image"]
                 meta = json.loads(str(data["meta"]))
         except FileNotFoundError:

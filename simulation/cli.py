@@ -113,7 +113,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"generated the {args.preset} cohort in {out} in {time.perf_counter() - start:.1f} s")
         meta = json.loads(meta_path.read_text())
 
-    config = PreprocessConfig()
+    config = PreprocessConfig.from_mapping(meta["suggested_preprocessing"])
     rows = []
     all_ok = True
     for site in meta["sites"]:

@@ -31,6 +31,7 @@ import pandas as pd
 from tace.common.errors import TaceError
 from tace.common.imageio import write_image
 from tace.common.manifest import COLUMNS, write_manifest
+from tace.common.preprocess import PreprocessConfig
 from tace.simulation.phantom import PHASES, Acquisition, Anatomy, TumourSpec, render
 
 W_IMG = 1.4
@@ -70,6 +71,7 @@ class Preset:
     centres: tuple[CentreProfile, ...]
     n_radiogenomics: int
     n_genes: int
+    preprocess: PreprocessConfig = PreprocessConfig()
     val_fraction: float = 0.3
     n_unmatched: tuple[int, int] = (0, 0)  # (image-only patients, expression-only samples) in radiogenomics
 
@@ -96,7 +98,8 @@ def _tiny() -> Preset:
         replace(c, n_patients=n, acquisition=replace(c.acquisition, spacing=(12.0, 12.0, 14.0), size=(16, 16, 14)))
         for c, n in zip(demo.centres, sizes, strict=True)
     )
-    return Preset("tiny", centres, n_radiogenomics=24, n_genes=1500, n_unmatched=(1, 1))
+    tiny_box = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), box_voxels=(8, 8, 8))
+    return Preset("tiny", centres, n_radiogenomics=24, n_genes=1500, preprocess=tiny_box, n_unmatched=(1, 1))
 
 
 PRESETS: dict[str, Callable[[], Preset]] = {"demo": _demo, "tiny": _tiny}
@@ -160,7 +163,7 @@ def _clinical(rng: np.random.Generator, n: int, centre: CentreProfile) -> dict[s
     count_score = 0.6 * burden + rng.normal(0, 0.8, n)
     number = np.where(count_score < 0.35, "1", np.where(count_score < 1.3, "2-3", ">3"))
     pvi = (rng.random(n) < 1 / (1 + np.exp(-(-2.4 + 0.9 * burden)))).astype(int)
-    afp = 10 ** np.clip(1.4 + centre.afp_shift + 0.55 * burden + 0.85 * rng.normal(size=n), -0.3, 6)
+    afp = 10 ** np.clip(1.8 + centre.afp_shift + 0.55 * burden + 0.85 * rng.normal(size=n), -0.3, 6)
     cp_b = function + 0.5 * rng.normal(size=n) > 1.15
     albi = np.where(function < -0.25, 1, np.where(function < 1.25, 2, 3))
     bclc = np.where(pvi == 1, "C", np.where((number != "1") | (diameter > 50), "B", np.where((diameter < 20) & ~cp_b, "0", "A")))
@@ -175,7 +178,7 @@ def _clinical(rng: np.random.Generator, n: int, centre: CentreProfile) -> dict[s
 def clinical_score_raw(c: dict[str, np.ndarray]) -> np.ndarray:
     """The clinical part of the response logit before standardisation (higher = more likely to respond)."""
     zlogd = (np.log(c["diameter"]) - np.log(48)) / 0.43
-    zafp = (np.log10(c["afp"]) - 1.4) / 1.0
+    zafp = (np.log10(c["afp"]) - 1.8) / 1.0
     return (
         -0.9 * zlogd
         - 0.35 * (c["number"] == "2-3")
@@ -261,7 +264,7 @@ def _outcomes(rng: np.random.Generator, u: np.ndarray, c_std: np.ndarray, interc
     # PFS: exponential, median ~300 days for a typical non-responder; response and a good profile lower the hazard.
     log_hazard = np.log(np.log(2) / 300) - 0.8 * response - 0.35 * c_std - 0.25 * u
     t_true = rng.exponential(1 / np.exp(log_hazard))
-    censor = np.minimum(rng.uniform(300, 1500, len(u)), rng.exponential(2500 / np.log(2), len(u)))
+    censor = np.minimum(rng.uniform(540, 1800, len(u)), rng.exponential(4000 / np.log(2), len(u)))
     observed = np.maximum(np.ceil(np.minimum(t_true, censor)), 1)
     return {"logit": logit, "p_true": p, "response": response, "pfs_true_days": t_true, "censor_days": censor,
             "pfs_days": observed.astype(int), "pfs_event": (t_true <= censor).astype(int)}  # fmt: skip
@@ -495,6 +498,7 @@ def generate_cohort(
         "radiogenomics": {"manifest": "radiogenomics/manifest.csv", "expression": "radiogenomics/expression.csv",
                           "gene_sets": rg_meta["gene_sets_source"]},
         "ground_truth": "ground_truth/ (for comparison only: no training or analysis code reads it)",
+        "suggested_preprocessing": preset.preprocess.to_dict(),
         "acquisition": {c.site_id: asdict(c.acquisition) for c in preset.centres},
     }  # fmt: skip
     (out / "cohort.json").write_text(json.dumps(cohort, indent=2))

@@ -162,6 +162,8 @@ def render(anatomy: Anatomy, acq: Acquisition, fov_centre: np.ndarray, seed: int
             signal[p] = signal[p] * (1 - inside) + sig * inside
         if i == 0:
             mask = (r < 1.0).astype(np.uint8)
+            if not mask.any():  # a tumour smaller than a voxel: a reader would still mark the voxel holding it
+                mask.flat[int(np.argmin(r))] = 1
     # Scanner: smooth multiplicative bias field, Rician noise, intensity scale, int16 storage.
     centred = (pts - fov_centre[:, None, None, None]) / 150.0
     coeff = rng.normal(size=4)
