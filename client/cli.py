@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, add_version, progress, run, triple
+from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run, triple
 from tace.common.errors import ImageReadError, Problem
 from tace.common.manifest import parse_manifest
 from tace.common.preprocess import PreprocessConfig
@@ -17,12 +17,9 @@ from tace.common.validate import CheckReport, check_site
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="tace-client",
-        description="TACE-FL site client: runs at a hospital, next to its MRI data, which never leaves the site.",
+    parser, sub = command_parser(
+        "tace-client", "TACE-FL site client: runs at a hospital, next to its MRI data, which never leaves the site."
     )
-    add_version(parser)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     check = sub.add_parser(
         "check",
@@ -136,8 +133,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    return run(lambda a: a.func(a), parser, argv)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -24,8 +24,16 @@ def version_string() -> str:
         return "unknown"
 
 
-def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse arguments and run `main`; turn expected errors into a message and an exit status, never a traceback.
+def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, Any]:
+    """A top-level parser with --version and a subcommand group; subcommands set ``func`` via set_defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_version(parser)
+    return parser, parser.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse arguments and run the chosen subcommand's ``func(args)``; turn expected errors into a message and an
+    exit status, never a traceback.
 
     Exit status: 0 success, 1 the input has problems (listed), 2 usage or configuration error, 3 internal error,
     130 interrupted. Set TACE_DEBUG=1 to see the traceback of an internal error.
@@ -35,7 +43,7 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
         parser.print_help()
         return EXIT_USAGE
     try:
-        return main(args)
+        return int(args.func(args))
     except TaceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -9,20 +9,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, add_version, progress, run
+from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run
 from tace.common.errors import TaceError
 
 
 def build_parser() -> argparse.ArgumentParser:
     from tace.simulation.cohort import PRESETS, default_workers
 
-    parser = argparse.ArgumentParser(
-        prog="tace-sim",
-        description="TACE-FL simulation: generate a realistic synthetic multi-centre cohort (NIfTI/NRRD/MetaImage "
+    parser, sub = command_parser(
+        "tace-sim",
+        "TACE-FL simulation: generate a realistic synthetic multi-centre cohort (NIfTI/NRRD/MetaImage "
         "files and a manifest per site) and run the study on one machine.",
     )
-    add_version(parser)
-    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     cohort = sub.add_parser(
         "cohort",
@@ -147,7 +145,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run(lambda a: a.func(a), build_parser(), argv)
+    return run(build_parser(), argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -36,7 +36,18 @@ def test_help_and_version(script, commands):
 
 def test_preprocess_cli(site_copy, tmp_path):
     manifest = site_copy("site-c")
-    args = [script_path("tace-client"), "preprocess", "--manifest", str(manifest), "--cache", str(tmp_path / "cache"), "--box", "8,8,8", "--spacing", "8,8,8"]
+    args = [
+        script_path("tace-client"),
+        "preprocess",
+        "--manifest",
+        str(manifest),
+        "--cache",
+        str(tmp_path / "cache"),
+        "--box",
+        "8,8,8",
+        "--spacing",
+        "8,8,8",
+    ]
     first = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "8 computed, 0 already cached" in first.stdout and "(3, 8, 8, 8)" in first.stdout

@@ -171,7 +171,9 @@ def _sim(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cohort_cli(tmp_path):
     out = tmp_path / "c"
-    ok = _sim("cohort", "--preset", "tiny", "--seed", "1", "--out", str(out), "--n-sites", "7", "--patients-per-site", "3", "--format", "dicom")
+    ok = _sim(
+        "cohort", "--preset", "tiny", "--seed", "1", "--out", str(out), "--n-sites", "7", "--patients-per-site", "3", "--format", "dicom"
+    )
     assert ok.returncode == 0, ok.stderr
     meta = json.loads((out / "cohort.json").read_text())
     assert [s["suggested_role"] for s in meta["sites"]] == ["train"] * 5 + ["holdout"] * 2

@@ -17,7 +17,16 @@ CONFIG = PreprocessConfig(spacing_mm=(2.0, 2.0, 3.0), box_voxels=(32, 32, 20))
 
 
 def patient(diameter: float = 40.0, acq: Acquisition | None = None, fov_shift=(0.0, 0.0, 0.0)):
-    tumour = TumourSpec(centre=(-50.0, 5.0, 0.0), radii=(diameter / 2, diameter / 2.3, diameter / 2.5), aphe=0.8, washout=0.4, necrosis=0.3, capsule=0.6, heterogeneity=0.2, texture_seed=3)
+    tumour = TumourSpec(
+        centre=(-50.0, 5.0, 0.0),
+        radii=(diameter / 2, diameter / 2.3, diameter / 2.5),
+        aphe=0.8,
+        washout=0.4,
+        necrosis=0.3,
+        capsule=0.6,
+        heterogeneity=0.2,
+        texture_seed=3,
+    )
     anatomy = Anatomy(
         body_centre=(0.0, 0.0), body_radii=(160.0, 120.0), liver_centre=(-55.0, 5.0, 0.0), liver_radii=(95.0, 75.0, 80.0),
         liver_shape_seed=1, vessels=(((-50.0, 0.0, 0.0), (0.0, 0.6, 0.8), 4.0),), aorta=(15.0, 45.0, 10.0), tumours=(tumour,),
@@ -52,7 +61,11 @@ def test_normalised_per_phase_and_channel_order():
     array, _ = run(images, mask)
     for c in range(3):
         assert abs(array[c].mean()) < 1e-4 and abs(array[c].std() - 1) < 1e-3
-    swapped, _ = run(images, mask, PreprocessConfig(sequences=("delayed", "portal_venous", "arterial"), spacing_mm=CONFIG.spacing_mm, box_voxels=CONFIG.box_voxels))
+    swapped, _ = run(
+        images,
+        mask,
+        PreprocessConfig(sequences=("delayed", "portal_venous", "arterial"), spacing_mm=CONFIG.spacing_mm, box_voxels=CONFIG.box_voxels),
+    )
     np.testing.assert_array_equal(swapped, array[::-1])
 
 
@@ -133,7 +146,11 @@ def test_large_tumour_crop_or_rescale():
 
 def test_tumour_is_centred():
     images, mask = patient()
-    grid_mask, _ = preprocess_images({"arterial": sitk.Cast(mask, sitk.sitkFloat32)}, mask, PreprocessConfig(sequences=("arterial",), spacing_mm=(2, 2, 3), box_voxels=(32, 32, 20)))
+    grid_mask, _ = preprocess_images(
+        {"arterial": sitk.Cast(mask, sitk.sitkFloat32)},
+        mask,
+        PreprocessConfig(sequences=("arterial",), spacing_mm=(2, 2, 3), box_voxels=(32, 32, 20)),
+    )
     inside = grid_mask[0] > grid_mask[0].mean()
     centre = np.array(np.nonzero(inside)).mean(axis=1)
     np.testing.assert_allclose(centre, np.array([20, 32, 32]) / 2 - 0.5, atol=1.0)
