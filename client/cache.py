@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tace.common.errors import ImageReadError
 from tace.common.manifest import PatientRecord
 from tace.common.preprocess import PreprocessConfig, PreprocessInfo, preprocess_record
 
@@ -26,6 +27,8 @@ from tace.common.preprocess import PreprocessConfig, PreprocessInfo, preprocess_
 def source_identity(path: Path) -> list[object]:
     """What identifies a source's content cheaply: resolved path, size and mtime (per file for a folder)."""
     path = path.resolve()
+    if not path.exists():
+        raise ImageReadError("missing-file", "file or folder not found", "check the path and that the export is complete")
     if path.is_dir():
         return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()] + [str(path)]
     st = path.stat()

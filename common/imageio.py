@@ -171,7 +171,7 @@ def inspect_image(path: Path | str, deep: bool = False, is_mask: bool = False) -
         )
         _check_scalar_3d(info.dimension, info.components, info.size)
         if fmt in ("nifti", "nifti-gz"):
-            _check_nifti_payload(path, fmt == "nifti-gz", deep)
+            _check_nifti_payload(path, deep)
         elif fmt == "nrrd":
             _check_nrrd_payload(path, _payload_bytes(info.size, reader.GetPixelID()), deep)
         else:
@@ -234,7 +234,11 @@ def _nifti_header(head: bytes) -> tuple[str, int, int, tuple[int, ...]]:
     raise ImageReadError("unreadable", "not a NIfTI file (bad header size field)", _REEXPORT)
 
 
-def _check_nifti_payload(path: Path, compressed: bool, deep: bool) -> None:
+def _check_nifti_payload(path: Path, deep: bool) -> None:
+    with open(path, "rb") as fh:
+        magic = fh.read(2)
+    # Trust the bytes, not the suffix: a plain NIfTI named .nii.gz is read fine by ITK (zlib passes it through).
+    compressed = magic == b"\x1f\x8b"
     if compressed:
         with gzip.open(path, "rb") as fh:
             try:
@@ -244,6 +248,8 @@ def _check_nifti_payload(path: Path, compressed: bool, deep: bool) -> None:
     else:
         with open(path, "rb") as fh:
             head = fh.read(540)
+    if len(head) < 348:
+        raise ImageReadError("truncated", "file is shorter than a NIfTI header", _REEXPORT)
     end, vox_offset, datatype, dims = _nifti_header(head)
     if datatype not in _NIFTI_DTYPES:
         raise ImageReadError("not-scalar", "NIfTI voxel type is not a scalar number", "export the grey-scale MR image")

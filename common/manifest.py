@@ -258,10 +258,13 @@ def parse_manifest(path: Path | str) -> Manifest:
         )
         return manifest
 
-    reader = csv.reader(io.StringIO(text), delimiter=_sniff_delimiter(lines[0]))
-    header = [h.strip() for h in next(reader)]
-    manifest.columns = tuple(header)
-    _check_header(header, manifest.problems)
+    delimiter = _sniff_delimiter(lines[0])
+    header = [h.strip() for h in next(csv.reader(io.StringIO(lines[0]), delimiter=delimiter))]
+    unnamed = _unnamed_columns(text, delimiter, header)
+    _check_header([h for i, h in enumerate(header) if i not in unnamed], manifest.problems)
+    manifest.columns = tuple(h for h in header if h)
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    next(reader)
     known = [(i, COLUMN_BY_NAME[h]) for i, h in enumerate(header) if h in COLUMN_BY_NAME]
     seen_ids: dict[str, int] = {}
     for cells in reader:
@@ -309,6 +312,19 @@ def parse_manifest(path: Path | str) -> Manifest:
     return manifest
 
 
+def _unnamed_columns(text: str, delimiter: str, header: list[str]) -> set[int]:
+    """Indices of columns with an empty name and no value on any row: spreadsheet programs add these when a
+    formatted but empty column is exported. They are ignored; an unnamed column holding values is reported."""
+    blanks = {i for i, h in enumerate(header) if not h}
+    if not blanks:
+        return set()
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    next(reader)
+    for cells in reader:
+        blanks -= {i for i in blanks if i < len(cells) and cells[i].strip()}
+    return blanks
+
+
 def _required_headers() -> Iterable[str]:
     return (c.name for c in COLUMNS if c.header_required)
 
@@ -317,13 +333,16 @@ def _check_header(header: list[str], problems: list[Problem]) -> None:
     names = [c.name for c in COLUMNS]
     seen: set[str] = set()
     for h in header:
-        if h in seen:
+        if h in seen and h:
             problems.append(Problem("duplicate-column", f"column {h} appears more than once", "keep one copy of it", 1, h))
         seen.add(h)
         if h not in COLUMN_BY_NAME:
             close = difflib.get_close_matches(h, names, n=1)
             hint = (f"did you mean {close[0]}? " if close else "") + "valid columns: " + ", ".join(names)
-            problems.append(Problem("unknown-column", f"unknown column {h!r}", hint, 1, h or "(empty)"))
+            if h:
+                problems.append(Problem("unknown-column", f"unknown column {h!r}", hint, 1, h))
+            else:
+                problems.append(Problem("unknown-column", "a column without a name holds values", "name it or delete it; " + hint, 1, "(unnamed)"))
     for spec in COLUMNS:
         if spec.header_required and spec.name not in seen:
             problems.append(

@@ -223,3 +223,14 @@ def test_cli_exit_codes_and_messages(site_copy, tmp_path):
     assert missing.returncode == 1 and "manifest file not found" in missing.stderr and "Traceback" not in missing.stderr
     usage = _cli("check")
     assert usage.returncode == 2 and "--manifest" in usage.stderr
+
+
+def test_plain_nifti_named_nii_gz_is_accepted_and_short_file_is_truncated(site_copy):
+    manifest = site_copy("site-a")
+    path = image_of(manifest, 0, "arterial_path")
+    sitk.WriteImage(sitk.ReadImage(str(path)), str(path.with_name("plain.nii")))
+    path.write_bytes(path.with_name("plain.nii").read_bytes())  # uncompressed bytes under a .nii.gz name
+    assert check_site(manifest, deep=True).ok
+    path.write_bytes(path.read_bytes()[:200])
+    assert problem_kinds(manifest)[0][0] in ("truncated", "unreadable")
+    assert "Traceback" not in str(check_site(manifest).problems)

@@ -172,3 +172,15 @@ def test_missing_manifest(tmp_path):
 )
 def test_relative_path_rule(path, expected):
     assert check_relative_path(path) == expected
+
+
+def test_excel_trailing_empty_columns_are_ignored_but_unnamed_values_are_not(site_copy):
+    manifest = site_copy()
+    lines = manifest.read_text().splitlines()
+    manifest.write_text("\r\n".join(line + ",," for line in lines) + "\r\n")
+    m = parse_manifest(manifest)
+    assert m.problems == [] and len(m.records) == 8
+    lines[3] = lines[3] + ",note"
+    manifest.write_text("\n".join(line + ("" if i == 3 else ",") for i, line in enumerate(lines)) + "\n")
+    (p,) = parse_manifest(manifest).problems
+    assert (p.kind, p.row, p.column) == ("unknown-column", 1, "(unnamed)")
