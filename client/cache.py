@@ -13,26 +13,28 @@ import hashlib
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from tace.common.errors import ImageReadError
+from tace.common.imageio import data_files
 from tace.common.manifest import PatientRecord
-from tace.common.preprocess import PreprocessConfig, PreprocessInfo, preprocess_record
+from tace.common.preprocess import PreprocessConfig, PreprocessInfo, preprocess_record, require_sequences
 
 
 def source_identity(path: Path) -> list[object]:
-    """What identifies a source's content cheaply: resolved path, size and mtime (per file for a folder)."""
+    """What identifies a source's content cheaply: resolved path, size and mtime of every file holding its data
+    (the header and its detached voxel file for .nhdr/.mhd; every file of a DICOM folder)."""
     path = path.resolve()
     if not path.exists():
         raise ImageReadError("missing-file", "file or folder not found", "check the path and that the export is complete")
-    if path.is_dir():
-        return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(path.iterdir()) if f.is_file()] + [str(path)]
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
+    try:
+        files = data_files(path)
+        return [str(path)] + [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    except OSError:
+        raise ImageReadError("unreadable", "a data file of this image cannot be read", "check the files and their permissions") from None
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class PreprocessCache:
         self._fingerprint = config.fingerprint()
 
     def key(self, record: PatientRecord, manifest_root: Path) -> str:
+        require_sequences(record, self.config)
         sources = {seq: source_identity(record.image_path(seq, manifest_root)) for seq in self.config.sequences}
         sources["mask"] = source_identity(record.mask_path(manifest_root))
         payload = json.dumps({"config": self._fingerprint, "sources": sources}, sort_keys=True)
@@ -84,8 +87,8 @@ class PreprocessCache:
                 meta = json.loads(str(data["meta"]))
         except FileNotFoundError:
             return None
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
-            return None  # a damaged entry (disk error) is simply recomputed and replaced
+        except Exception:  # noqa: BLE001 - any damaged entry (empty after a power loss, bit rot) is recomputed
+            return None
         if array.shape != self.config.shape:
             return None
         ex, ey, ez = (float(v) for v in meta["tumour_extent_mm"])
@@ -99,6 +102,12 @@ class PreprocessCache:
         try:
             with os.fdopen(fd, "wb") as fh:
                 np.savez(fh, image=array, meta=np.array(meta))
+                fh.flush()
+                os.fsync(fh.fileno())
+            # mkstemp creates 0600; entries must be readable by every account sharing the cache (umask decides).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

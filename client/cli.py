@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run, triple
-from tace.common.errors import ImageReadError, Problem
+from tace.common.errors import ImageReadError, Problem, TaceError
 from tace.common.manifest import parse_manifest
 from tace.common.preprocess import PreprocessConfig
 from tace.common.validate import CheckReport, check_site
@@ -88,6 +89,10 @@ def print_report(report: CheckReport) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    if args.json and not (args.json.parent.is_dir() and os.access(args.json.parent, os.W_OK)):
+        raise TaceError(
+            f"cannot write the JSON report to {args.json}: its folder does not exist or is not writable", "choose another --json path"
+        )
     report = check_site(args.manifest, deep=args.deep, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
     print_report(report)
     if args.json:
@@ -113,7 +118,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         try:
             result = cache.load(record, manifest.root)
         except ImageReadError as exc:
-            failed.append(Problem(exc.kind, exc.message, exc.hint, record.row))
+            failed.append(exc.problem(record.row))
             continue
         hits += result.hit
         cropped += result.info.cropped

@@ -71,9 +71,14 @@ class ConfigError(TaceError):
 class ImageReadError(TaceError):
     """An image could not be read, or what was read cannot be trusted (truncated, not 3D, ...)."""
 
-    def __init__(self, kind: str, message: str, hint: str = "") -> None:
+    def __init__(self, kind: str, message: str, hint: str = "", column: str | None = None, file: str | None = None) -> None:
         super().__init__(message, hint)
         self.kind = kind
+        self.column = column
+        self.file = file
+
+    def problem(self, row: int | None = None) -> Problem:
+        return Problem(self.kind, self.message, self.hint, row, self.column, self.file)
 
 
 class ManifestError(TaceError):

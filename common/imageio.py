@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import re
 import struct
 import zlib
@@ -69,12 +70,54 @@ def image_format(path: Path) -> str:
 def _exists(path: Path) -> None:
     if not path.exists():
         raise ImageReadError("missing-file", "file or folder not found", "check the path and that the export is complete")
+    if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+        raise ImageReadError(
+            "permission-denied", "file or folder cannot be read by this account", "give the account running TACE-FL read access"
+        )
+
+
+def _os_error(exc: OSError) -> ImageReadError:
+    if isinstance(exc, PermissionError):
+        return ImageReadError(
+            "permission-denied", "a file of this image cannot be read by this account", "give the account running TACE-FL read access"
+        )
+    if isinstance(exc, IsADirectoryError):
+        return ImageReadError("unreadable", "a folder stands where a data file is expected", _REEXPORT)
+    if isinstance(exc, FileNotFoundError):
+        return ImageReadError("missing-file", "a data file of this image is missing", "copy the header's data file next to it")
+    return ImageReadError("unreadable", f"file cannot be read ({exc.strerror or exc})", _REEXPORT)
+
+
+def data_files(path: Path) -> list[Path]:
+    """Every file holding `path`'s data: the file itself, plus the detached voxel file of a .nhdr/.mhd header,
+    or every file of a DICOM folder."""
+    path = Path(path)
+    if path.is_dir():
+        return sorted(f for f in path.iterdir() if f.is_file())
+    name = path.name.lower()
+    detached: str | None = None
+    if name.endswith(".nhdr"):
+        fields, _ = _text_header(path, re.compile(r"^\s*$"))
+        detached = fields.get("data file") or fields.get("datafile")
+    elif name.endswith(".mhd"):
+        fields, _ = _text_header(path, re.compile(r"^\s*ElementDataFile\s*=", re.IGNORECASE))
+        detached = fields.get("elementdatafile")
+        detached = None if detached and detached.upper() == "LOCAL" else detached
+    files = [path]
+    if detached and detached.upper() != "LIST":
+        files.append(path.parent / detached)
+    return files
 
 
 def dicom_files(folder: Path) -> list[str]:
     """The sorted file names of the single DICOM series in `folder`; raises if there is none or several."""
     reader = sitk.ImageSeriesReader()
-    ids = reader.GetGDCMSeriesIDs(str(folder))
+    warnings_shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK prints build paths to stderr for non-DICOM files
+    try:
+        ids = reader.GetGDCMSeriesIDs(str(folder))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(warnings_shown)
     if not ids:
         raise ImageReadError(
             "unreadable", "folder holds no readable DICOM series", "point the manifest at the folder holding the series' .dcm files"
@@ -92,6 +135,8 @@ def read_image(path: Path | str) -> sitk.Image:
     _exists(path)
     fmt = image_format(path)
     try:
+        for f in data_files(path):
+            _exists(f)
         if fmt == "dicom":
             reader = sitk.ImageSeriesReader()
             reader.SetFileNames(dicom_files(path))
@@ -100,6 +145,8 @@ def read_image(path: Path | str) -> sitk.Image:
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ImageReadError("unreadable", f"image cannot be read ({_itk_reason(exc)})", _REEXPORT) from None
+    except OSError as exc:
+        raise _os_error(exc) from None
     _check_scalar_3d(image.GetDimension(), image.GetNumberOfComponentsPerPixel(), tuple(image.GetSize()))
     return image
 
@@ -147,8 +194,18 @@ def inspect_image(path: Path | str, deep: bool = False, is_mask: bool = False) -
         With ``kind`` one of missing-file, unsupported-format, unreadable, truncated, not-3d, not-scalar,
         multiple-series, uneven-slices, non-finite, constant-image, empty-mask.
     """
-    path = Path(path)
+    try:
+        return _inspect_image(Path(path), deep, is_mask)
+    except OSError as exc:
+        raise _os_error(exc) from None
+
+
+def _inspect_image(path: Path, deep: bool, is_mask: bool) -> ImageInfo:
     _exists(path)
+    for f in data_files(path):
+        _exists(f)
+        if f.is_dir():
+            raise ImageReadError("unreadable", "a folder stands where a data file is expected", _REEXPORT)
     fmt = image_format(path)
     if fmt == "dicom":
         info = _inspect_dicom(path)
@@ -189,6 +246,13 @@ def inspect_image(path: Path | str, deep: bool = False, is_mask: bool = False) -
             if not np.any(array > 0):
                 raise ImageReadError(
                     "empty-mask", "tumour mask has no voxel inside the tumour", "segment the target tumour (non-zero inside it)"
+                )
+            labels = np.unique(array[array != 0])
+            if len(labels) > 1:
+                raise ImageReadError(
+                    "multi-label-mask",
+                    f"mask holds {len(labels)} different labels; only the target tumour may be non-zero",
+                    "export a binary mask of the target tumour (a label map with liver or other lesions would be read as one big tumour)",
                 )
         elif array.size and float(array.min()) == float(array.max()):
             raise ImageReadError("constant-image", "every voxel has the same value", "the export is blank; re-export the image")

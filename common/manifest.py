@@ -24,6 +24,8 @@ ColumnKind = Literal["id", "category", "number", "path"]
 MISSING_TOKENS = frozenset({"", "na", "n/a"})
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A plain decimal number (Python's float() would also take "6_2", "infinity" or "0x..." forms).
+_NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 @dataclass(frozen=True)
@@ -175,14 +177,12 @@ def _parse_cell(spec: ColumnSpec, raw: str, row: int) -> tuple[float | str | Non
             return None, Problem("unknown-category", f"value is not one of the allowed categories of {spec.name}", hint, row, spec.name)
         return value, None
     if spec.kind == "number":
-        try:
-            number = float(value)
-        except ValueError:
-            return None, Problem(
-                "wrong-type", f"{spec.name} must be a number", f"write {spec.allowed_text()}, with '.' as decimal point", row, spec.name
-            )
-        if number != number or number in (float("inf"), float("-inf")):
-            return None, Problem("wrong-type", f"{spec.name} must be a finite number", f"write {spec.allowed_text()}", row, spec.name)
+        if not _NUMBER_RE.match(value):
+            # Python's float() would also take "6_2", "0x..", "inf" or "nan": only plain decimals are numbers here.
+            what = "a finite number" if value.lower().lstrip("+-") in ("inf", "infinity", "nan") else "a number"
+            hint = f"write {spec.allowed_text()}, with '.' as decimal point"
+            return None, Problem("wrong-type", f"{spec.name} must be {what}", hint, row, spec.name)
+        number = float(value)
         assert spec.minimum is not None and spec.maximum is not None
         if not spec.minimum <= number <= spec.maximum:
             return None, Problem(
@@ -204,7 +204,7 @@ def _parse_cell(spec: ColumnSpec, raw: str, row: int) -> tuple[float | str | Non
             spec.name,
             value,
         )
-    return value, None
+    return value.replace("\\", "/"), None
 
 
 def _fill_hint(spec: ColumnSpec) -> str:
@@ -249,7 +249,9 @@ def parse_manifest(path: Path | str) -> Manifest:
             Problem("bad-encoding", "manifest is not UTF-8 text", "save it as 'CSV UTF-8' from your spreadsheet program", file=str(path))
         )
         return manifest
-    lines = text.splitlines()
+    # Universal newlines: CR-only files come from spreadsheet programs' "CSV (Macintosh)".
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
     if not lines or not lines[0].strip():
         manifest.problems.append(
             Problem(
@@ -257,18 +259,30 @@ def parse_manifest(path: Path | str) -> Manifest:
             )
         )
         return manifest
-
     delimiter = _sniff_delimiter(lines[0])
-    header = [h.strip() for h in next(csv.reader(io.StringIO(lines[0]), delimiter=delimiter))]
-    unnamed = _unnamed_columns(text, delimiter, header)
+    try:
+        header = [h.strip() for h in next(csv.reader(io.StringIO(lines[0]), delimiter=delimiter))]
+        unnamed = _unnamed_columns(text, delimiter, header)
+        rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))[1:]
+    except csv.Error as exc:
+        manifest.problems.append(
+            Problem("unreadable-file", f"manifest is not valid CSV ({str(exc).split(':')[0]})", "save it again as CSV from the spreadsheet program", file=str(path))
+        )  # fmt: skip
+        return manifest
+    named = [h for h in header if h]
+    if named and sum(h in COLUMN_BY_NAME for h in named) < max(1, len(named) // 2):
+        # Most cells of the first row are not column names: it is probably a patient row. Do not echo its cells.
+        manifest.problems.append(
+            Problem("missing-header", f"the first row is not a header: {sum(h in COLUMN_BY_NAME for h in named)} of its {len(named)} cells are column names",
+                    "insert the header row naming the columns (see docs/manifest.md)", 1)
+        )  # fmt: skip
+        return manifest
     _check_header([h for i, h in enumerate(header) if i not in unnamed], manifest.problems)
     manifest.columns = tuple(h for h in header if h)
-    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
-    next(reader)
     known = [(i, COLUMN_BY_NAME[h]) for i, h in enumerate(header) if h in COLUMN_BY_NAME]
     seen_ids: dict[str, int] = {}
-    for cells in reader:
-        row = reader.line_num
+    # Spreadsheet row numbers: one per CSV record (a cell with a line break is still one row).
+    for row, cells in enumerate(rows, start=2):
         if not any(c.strip() for c in cells):
             continue
         manifest.n_rows += 1
@@ -342,7 +356,9 @@ def _check_header(header: list[str], problems: list[Problem]) -> None:
             if h:
                 problems.append(Problem("unknown-column", f"unknown column {h!r}", hint, 1, h))
             else:
-                problems.append(Problem("unknown-column", "a column without a name holds values", "name it or delete it; " + hint, 1, "(unnamed)"))
+                problems.append(
+                    Problem("unknown-column", "a column without a name holds values", "name it or delete it; " + hint, 1, "(unnamed)")
+                )
     for spec in COLUMNS:
         if spec.header_required and spec.name not in seen:
             problems.append(

@@ -54,6 +54,15 @@ class PreprocessConfig:
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
 
     def __post_init__(self) -> None:
+        # Normalise types so that equal configurations have equal fingerprints (2 and 2.0 are the same spacing).
+        try:
+            object.__setattr__(self, "sequences", tuple(str(s) for s in self.sequences))
+            object.__setattr__(self, "spacing_mm", tuple(float(v) for v in self.spacing_mm))
+            object.__setattr__(self, "box_voxels", tuple(int(v) for v in self.box_voxels))
+            object.__setattr__(self, "margin_mm", float(self.margin_mm))
+            object.__setattr__(self, "clip_percentiles", tuple(float(v) for v in self.clip_percentiles))
+        except (TypeError, ValueError):
+            raise ConfigError("spacing_mm, box_voxels, margin_mm and clip_percentiles must be numbers") from None
         unknown = [s for s in self.sequences if s not in SEQUENCE_COLUMNS]
         if unknown or not self.sequences:
             raise ConfigError(f"unknown sequence(s) {unknown}", f"valid sequences: {', '.join(SEQUENCE_COLUMNS)}")
@@ -181,13 +190,35 @@ def preprocess_images(images: Mapping[str, sitk.Image], mask: sitk.Image, config
     return np.stack(channels).astype(np.float32, copy=False), info
 
 
-def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfig) -> tuple[np.ndarray, PreprocessInfo]:
-    """Read one manifest row's images from disk and preprocess them (see `preprocess_images`)."""
+def require_sequences(record: PatientRecord, config: PreprocessConfig) -> None:
+    """Raise `missing-sequence` if the row lacks an image for a sequence the configuration uses."""
     missing = [s for s in config.sequences if s not in record.images]
     if missing:
         raise ImageReadError(
             "missing-sequence", f"row {record.row} has no {', '.join(SEQUENCE_COLUMNS[s] for s in missing)}",
             "every patient needs each sequence the study's preprocessing uses; fill the column or drop the sequence from the config",
+            column=SEQUENCE_COLUMNS[missing[0]],
         )  # fmt: skip
-    images = {seq: read_image(record.image_path(seq, root)) for seq in config.sequences}
-    return preprocess_images(images, read_image(record.mask_path(root)), config)
+
+
+def _read_located(path: Path, column: str, rel: str) -> sitk.Image:
+    try:
+        return read_image(path)
+    except ImageReadError as exc:
+        exc.column, exc.file = column, rel
+        raise
+
+
+def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfig) -> tuple[np.ndarray, PreprocessInfo]:
+    """Read one manifest row's images from disk and preprocess them (see `preprocess_images`).
+
+    A failure raises `ImageReadError` naming the column and file concerned.
+    """
+    require_sequences(record, config)
+    images = {seq: _read_located(record.image_path(seq, root), SEQUENCE_COLUMNS[seq], record.images[seq]) for seq in config.sequences}
+    mask = _read_located(record.mask_path(root), "mask_path", record.mask)
+    try:
+        return preprocess_images(images, mask, config)
+    except ImageReadError as exc:
+        exc.column, exc.file = exc.column or "mask_path", exc.file or record.mask
+        raise

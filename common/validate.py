@@ -172,12 +172,38 @@ def check_record_images(
             infos[column] = inspect_image(root / rel, deep=deep or is_mask, is_mask=is_mask)
         except ImageReadError as exc:
             problems.append(Problem(exc.kind, exc.message, exc.hint, record.row, column, rel))
+        except OSError as exc:  # anything the image reader did not foresee still becomes a located problem
+            problems.append(
+                Problem(
+                    "unreadable",
+                    f"file cannot be read ({exc.strerror or type(exc).__name__})",
+                    "check the file and its permissions",
+                    record.row,
+                    column,
+                    rel,
+                )
+            )
     ref = infos.get(SEQUENCE_COLUMNS["arterial"])
     if ref is not None:
-        for column, info in infos.items():
-            if column == SEQUENCE_COLUMNS["arterial"]:
-                continue
-            bad = tolerance.compare(ref, info)
+        others = {c: i for c, i in infos.items() if c != SEQUENCE_COLUMNS["arterial"]}
+        mismatched = {c: tolerance.compare(ref, i) for c, i in others.items()}
+        mismatched = {c: bad for c, bad in mismatched.items() if bad}
+        first = next(iter(others.values()), None)
+        if (
+            len(others) >= 2
+            and len(mismatched) == len(others)
+            and first is not None
+            and all(not tolerance.compare(first, i) for i in others.values())
+        ):
+            # Every other image agrees with the others but not with the arterial phase: the arterial is the odd one.
+            aspects = sorted({a for bad in mismatched.values() for a in bad})
+            problems.append(
+                Problem("geometry-mismatch", f"the arterial phase's grid disagrees with every other image of this patient ({', '.join(aspects)})",
+                        "the arterial series may be incomplete (a missing first or last slice) or from another series; re-export it",
+                        record.row, SEQUENCE_COLUMNS["arterial"], record.images.get("arterial"))
+            )  # fmt: skip
+            mismatched = {}
+        for column, bad in mismatched.items():
             if bad:
                 problems.append(
                     Problem(
