@@ -6,10 +6,11 @@ import argparse
 import functools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run
+from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 
 
@@ -53,6 +54,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cohort.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
     cohort.set_defaults(func=cmd_cohort)
+
+    run = sub.add_parser(
+        "run",
+        help="run the study on a cohort: federated (Flower simulation), centralized or local",
+        description="Run the whole study (clinical statistics, DLTR, DLTRMLP head, clinical model, evaluation at every "
+        "site) with all sites on this machine. federated: Flower's simulation engine with the same ClientApp and "
+        "ServerApp hospitals run; centralized: the training sites' data pooled through the same model and training code "
+        "(upper reference); local: each training site alone (lower reference). Writes the run folder and summary.json.",
+    )
+    run.add_argument("--cohort", type=Path, required=True, help="cohort folder (cohort.json + sites/), e.g. from `tace-sim cohort`")
+    run.add_argument("--out", type=Path, required=True, help="run folder to create")
+    run.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated", help="default %(default)s")
+    run.add_argument("--rounds", type=int, help="DLTR rounds (run-config key rounds)")
+    run.add_argument(
+        "--run-config",
+        default="",
+        metavar='"KEY=VALUE ..."',
+        help="override run-config keys as Flower does, e.g. \"lr=0.0005 backbone='resnet10'\"",
+    )
+    run.set_defaults(func=cmd_run)
 
     demo = sub.add_parser(
         "demo",
@@ -142,6 +163,87 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
     print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
     return EXIT_OK if all_ok else EXIT_PROBLEMS
+
+
+def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -> RunConfig:
+    """Run configuration for a cohort: defaults, the cohort's suggested roles and preprocessing, then overrides."""
+    meta = json.loads((cohort / "cohort.json").read_text())
+    base: dict[str, object] = {}
+    holdout = [s["site_id"] for s in meta["sites"] if s.get("suggested_role") == "holdout"]
+    base["holdout-sites"] = ",".join(holdout)
+    pre = meta.get("suggested_preprocessing")
+    if pre:
+        base["spacing-mm"] = ",".join(f"{v:g}" for v in pre["spacing_mm"])
+        base["box-voxels"] = ",".join(str(v) for v in pre["box_voxels"])
+    if rounds is not None:
+        base["rounds"] = rounds
+    base.update(parse_overrides(overrides))
+    return RunConfig.from_run_config(base)
+
+
+def results_table(summary: dict[str, object]) -> str:
+    """Per model x site AUC, with the oracle, as text."""
+    models = summary["models"]
+    assert isinstance(models, dict)
+    sites = list(models["dltrmlp"]["sites"])
+    oracle = summary.get("oracle", {}).get("sites", {})  # type: ignore[attr-defined]
+    header = ["site", "role", "n", "clinical", "DLTR", "DLTRMLP", "oracle"]
+    rows = [header]
+
+    def fmt(v: object) -> str:
+        return "-" if v is None else f"{float(v):.3f}"  # type: ignore[arg-type]
+
+    for s in sites:
+        e = models["dltrmlp"]["sites"][s]
+        rows.append([s, e["role"], str(e["n"]), fmt(models["clinical"]["sites"][s]["auc"]), fmt(models["dltr"]["sites"][s]["auc"]),
+                     fmt(e["auc"]), fmt(oracle.get(s, {}).get("auc"))])  # fmt: skip
+    if models["dltrmlp"].get("pooled_holdout_auc") is not None:
+        rows.append(["holdout pooled", "", "", *(fmt(models[m]["pooled_holdout_auc"]) for m in ("clinical", "dltr", "dltrmlp")), ""])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def _round_printer() -> Callable[[str], None]:
+    def show(line: str) -> None:
+        if line.startswith("TACE-ROUND"):
+            _, stage, progress_, auc = line.split()
+            print(f"  {stage:<10} round {progress_:>7}  {auc}", flush=True)
+        elif "ERROR" in line or "Traceback" in line or line.startswith("TaceError") or "error:" in line.lower():
+            print("  " + line, flush=True)
+
+    return show
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tace.simulation.runner import add_oracle, run_federated, run_reference
+
+    cohort = args.cohort.resolve()
+    if not (cohort / "cohort.json").exists():
+        raise TaceError(f"{cohort} is not a cohort folder (no cohort.json)", "generate one with `tace-sim cohort --out DIR`")
+    run = study_config(cohort, args.run_config, args.rounds)
+    if args.out.exists() and (args.out / "summary.json").exists():
+        raise TaceError(f"{args.out} already holds a finished run", "choose a new --out folder")
+    print(
+        f"{args.mode} run on {cohort.name}: holdout sites {', '.join(run.holdout) or 'none'}, backbone {run.backbone}, {run.rounds} DLTR rounds"
+    )
+    if args.mode == "federated":
+        summary = run_federated(cohort, args.out, run, on_line=_round_printer())
+    else:
+        summary = run_reference(
+            args.mode,
+            cohort,
+            args.out,
+            run,
+            on_round=lambda st, r, n, a: print(
+                f"  {st:<10} round {r:>3}/{n}  pooled-val-auc={'n/a' if a is None else f'{a:.3f}'}", flush=True
+            ),
+        )
+    summary = add_oracle(summary, cohort)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print()
+    print(results_table(summary))
+    print(f"\nrun folder: {args.out} (summary.json, metrics.csv, models/, run.log); wall time {summary['timings'].get('wall_s', 0):.0f} s")
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,135 @@
+"""The Flower ClientApp a site runs: unpacks messages, calls `tace.client.task`, packs weights and aggregates.
+
+Flower recreates the ClientApp for every message, so nothing here keeps state between rounds: the site's
+preprocessing cache and feature cache are on its disk. Replies carry model weights (checked finite and of the
+expected names and shapes before sending) and aggregate metrics, never per-patient values.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from tace.client.task import SiteTask
+from tace.common.clinical import FEATURES, ClinicalEncoder
+from tace.common.config import RunConfig, SiteConfig
+from tace.common.errors import ManifestError, TaceError
+from tace.common.models import StudyModels, state_dict_numpy
+from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
+
+app = ClientApp()
+
+
+def _arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _numpy_to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    import torch
+
+    return ArrayRecord(torch_state_dict={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _site(msg: Message, context: Context, validate: bool = False) -> tuple[SiteTask, RunConfig, dict[str, Any]]:
+    run = RunConfig.from_run_config(context.run_config)
+    config = dict(msg.content.config_records[CONFIG]) if CONFIG in msg.content else {}
+    site = SiteConfig.from_node_config(context.node_config, run)
+    return SiteTask(site, run, str(config.get("role", "holdout")), validate=validate), run, config
+
+
+def _models(run: RunConfig, config: dict[str, Any], msg: Message) -> StudyModels:
+    models = StudyModels.build(str(config["backbone"]), len(run.preprocess.sequences), len(FEATURES))
+    if ARRAYS in msg.content:
+        models.load(unpack(_arrays_to_numpy(msg.content.array_records[ARRAYS])))
+    return models
+
+
+def _encoder(config: dict[str, Any]) -> ClinicalEncoder | None:
+    text = str(config.get("encoder", ""))
+    return ClinicalEncoder.from_dict(json.loads(text)) if text else None
+
+
+def check_outgoing(arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> None:
+    """Refuse to send weights that are non-finite or not exactly the model's names and shapes."""
+    if set(arrays) != set(expected):
+        raise TaceError("outgoing weights do not match the model's parameter names", "report this as a bug")
+    for k, v in arrays.items():
+        if v.shape != expected[k].shape:
+            raise TaceError(f"outgoing weight {k} has shape {v.shape}, expected {expected[k].shape}", "report this as a bug")
+        if v.dtype.kind == "f" and not np.isfinite(v).all():
+            raise TaceError(f"training diverged at this site: weight {k} is not finite", "lower the learning rate (run-config lr)")
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """`info`: who this site is, its counts, and whether its data pass validation; `stats`: clinical statistics."""
+    kind = str(msg.content.config_records[CONFIG]["query"])
+    if kind == QUERY_INFO:
+        try:
+            task, run, _ = _site(msg, context, validate=True)
+        except ManifestError as exc:
+            # Only row numbers, column names and file names: the coordinator learns what to ask the site to fix.
+            run = RunConfig.from_run_config(context.run_config)
+            site = SiteConfig.from_node_config(context.node_config, run)
+            return Message(RecordDict({SITE: ConfigRecord({"site-id": site.site_id, "ok": False, "problems": str(exc)})}), reply_to=msg)
+        info = {k: v for k, v in task.info().items()}
+        return Message(RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version()})}), reply_to=msg)
+    if kind == QUERY_STATS:
+        task, _, _ = _site(msg, context)
+        return Message(
+            RecordDict(
+                {
+                    METRICS: MetricRecord(dict[str, int | float | list[int] | list[float]](task.clinical_stats().to_flat())),
+                    SITE: ConfigRecord({"site-id": task.site.site_id}),
+                }
+            ),
+            reply_to=msg,
+        )
+    raise TaceError(f"unknown query {kind!r}")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """One local training call of the stage named in the config; replies with that stage's weights."""
+    task, run, config = _site(msg, context)
+    stage = str(config["stage"])
+    models = _models(run, config, msg)
+    expected = state_dict_numpy(models.module(stage))
+    result = task.train(stage, models, _encoder(config), float(config["lr"]), int(config["seed"]))
+    arrays = state_dict_numpy(models.module(stage))
+    check_outgoing(arrays, expected)
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.loss,
+            "samples-per-s": result.samples_per_second,
+            "local-s": result.seconds,
+        }
+    )
+    # Exactly one ArrayRecord and one MetricRecord, as Flower's strategies expect; the server knows the node's site.
+    return Message(RecordDict({ARRAYS: _numpy_to_record(arrays), METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Aggregates (AUC, class-conditional score histograms) of the requested models on the site's evaluation set."""
+    task, run, config = _site(msg, context)
+    models = _models(run, config, msg)
+    wanted = tuple(str(config["models"]).split(","))
+    result = task.evaluate(models, _encoder(config), wanted, write_predictions=bool(config.get("final", False)))
+    return Message(
+        RecordDict(
+            {METRICS: MetricRecord(flatten_evaluation(result)), SITE: ConfigRecord({"site-id": task.site.site_id, "role": task.role})}
+        ),
+        reply_to=msg,
+    )
+
+
+def _version() -> str:
+    from tace.common.cli import version_string
+
+    return version_string()

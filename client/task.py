@@ -1,0 +1,195 @@
+"""What a site does for the study, as plain functions of its data: statistics, local training, evaluation.
+
+The Flower ClientApp (`tace.client.app`) only unpacks messages and calls these; the single-machine references
+(centralised and local training) call them directly. Per-patient predictions are written to the site's own
+output folder; what these functions return for the coordinator is weights and aggregates only.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tace.client.cache import PreprocessCache
+from tace.client.data import SiteDataset
+from tace.common.clinical import ClinicalEncoder, ClinicalStats
+from tace.common.config import RunConfig, SiteConfig
+from tace.common.errors import ManifestError
+from tace.common.manifest import PatientRecord, parse_manifest
+from tace.common.metrics import auc, score_histograms
+from tace.common.models import DLTR, StudyModels
+from tace.common.training import (
+    TrainResult,
+    TrainSettings,
+    predict_images,
+    predict_tabular,
+    select_device,
+    train_image_model,
+    train_tabular_model,
+)
+from tace.common.validate import check_site
+
+MODELS = ("clinical", "dltr", "dltrmlp")
+
+
+class SiteTask:
+    """One site's data for one run: manifest, cache, role (train or holdout), and the stage operations.
+
+    Parameters
+    ----------
+    site : SiteConfig
+    run : RunConfig
+    role : "train" or "holdout"
+    validate : bool
+        Run the full site check (every image header) and raise `ManifestError` listing every problem.
+    """
+
+    def __init__(self, site: SiteConfig, run: RunConfig, role: str, validate: bool = False) -> None:
+        self.site = site
+        self.run = run
+        self.role = role
+        manifest = parse_manifest(site.manifest)
+        problems = list(manifest.problems)
+        if validate and not problems:
+            problems = check_site(manifest).problems
+        if problems:
+            raise ManifestError(problems, f"{site.manifest} (site {site.site_id})")
+        self.manifest = manifest
+        self.cache = PreprocessCache(site.cache_dir, run.preprocess)
+        self.device = select_device(run.device)
+        torch.set_num_threads(run.threads)
+
+    # -- records ---------------------------------------------------------------------------------------------
+    @property
+    def train_records(self) -> list[PatientRecord]:
+        if self.role != "train":
+            return []
+        return [r for r in self.manifest.records if r.split == "train" and r.response is not None]
+
+    @property
+    def eval_records(self) -> list[PatientRecord]:
+        """Internal validation (val split) at a training site; the whole labelled cohort at a holdout site."""
+        if self.role == "train":
+            return [r for r in self.manifest.records if r.split == "val" and r.response is not None]
+        return [r for r in self.manifest.records if r.response is not None]
+
+    def info(self) -> dict[str, int | str]:
+        """Counts only: patients per split and labelled patients per split (what the coordinator needs to plan)."""
+        recs = self.manifest.records
+        out: dict[str, int | str] = {"site-id": self.site.site_id, "n": len(recs)}
+        for split in ("train", "val", "test"):
+            out[f"n-{split}"] = sum(r.split == split for r in recs)
+            out[f"labelled-{split}"] = sum(r.split == split and r.response is not None for r in recs)
+        out["labelled-all"] = sum(r.response is not None for r in recs)
+        return out
+
+    def clinical_stats(self) -> ClinicalStats:
+        return ClinicalStats.from_records(self.train_records)
+
+    def dataset(self, records: list[PatientRecord], augment: bool, seed: int) -> SiteDataset:
+        transform = None
+        if augment:
+            from tace.common.augment import train_transforms
+
+            transform = train_transforms(seed)
+        return SiteDataset(records, self.manifest.root, self.cache, transform)
+
+    def settings(self, stage: str, lr: float, seed: int) -> TrainSettings:
+        epochs = {"dltr": self.run.local_epochs, "head": self.run.head_local_epochs, "clinical": self.run.clinical_local_epochs}[stage]
+        mu = self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0
+        batch = self.run.batch_size if stage == "dltr" else 32
+        return TrainSettings(epochs=epochs, lr=lr, weight_decay=self.run.weight_decay, batch_size=batch, proximal_mu=mu,
+                             seed=seed, device=self.device, amp=self.run.amp)  # fmt: skip
+
+    # -- training --------------------------------------------------------------------------------------------
+    def deep_features(self, dltr: DLTR, records: list[PatientRecord]) -> np.ndarray:
+        """Frozen-backbone features of `records`, cached on the site's disk per backbone weights."""
+        digest = hashlib.sha256()
+        for k, v in dltr.state_dict().items():
+            digest.update(k.encode())
+            digest.update(v.detach().cpu().numpy().tobytes())
+        digest.update("|".join(r.patient_id for r in records).encode())
+        path = self.site.cache_dir / "features" / f"{digest.hexdigest()[:32]}.npy"
+        if path.exists():
+            return np.load(path)
+        _, feats = predict_images(dltr, self.dataset(records, augment=False, seed=0), device=self.device)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{id(self)}.tmp.npy")
+        np.save(tmp, feats)
+        tmp.replace(path)
+        return feats
+
+    def train(self, stage: str, models: StudyModels, encoder: ClinicalEncoder | None, lr: float, seed: int) -> TrainResult:
+        """One local training call of `stage` ('dltr', 'head' or 'clinical') on the site's training split."""
+        records = self.train_records
+        settings = self.settings(stage, lr, seed)
+        labels = torch.tensor([float(r.response) for r in records], dtype=torch.float32)  # type: ignore[arg-type]
+        if stage == "dltr":
+            return train_image_model(models.dltr, self.dataset(records, augment=self.run.augment, seed=seed), settings)
+        assert encoder is not None
+        clinical = torch.from_numpy(encoder.encode(records))
+        if stage == "clinical":
+            return train_tabular_model(models.clinical, [clinical], labels, settings)
+        features = torch.from_numpy(self.deep_features(models.dltr, records))
+        return train_tabular_model(models.head, [features, clinical], labels, settings)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def predict(
+        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], records: list[PatientRecord]
+    ) -> dict[str, np.ndarray]:
+        """Per-patient probabilities of the requested models (site-local; never sent)."""
+        out: dict[str, np.ndarray] = {}
+        need_images = "dltr" in stages or "dltrmlp" in stages
+        if need_images:
+            probs, feats = predict_images(models.dltr, self.dataset(records, augment=False, seed=0), device=self.device)
+            if "dltr" in stages:
+                out["dltr"] = probs
+        if encoder is not None and ("clinical" in stages or "dltrmlp" in stages):
+            clinical = torch.from_numpy(encoder.encode(records))
+            if "clinical" in stages:
+                out["clinical"] = predict_tabular(models.clinical, [clinical], self.device)
+            if "dltrmlp" in stages:
+                out["dltrmlp"] = predict_tabular(models.head, [torch.from_numpy(feats), clinical], self.device)
+        return out
+
+    def evaluate(
+        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], write_predictions: bool = False
+    ) -> dict[str, Any]:
+        """Aggregates of the requested models on the site's evaluation set: AUC, n, score histograms per class."""
+        records = self.eval_records
+        y = np.array([r.response for r in records], dtype=float)
+        scores = self.predict(models, encoder, stages, records)
+        result: dict[str, Any] = {"n": len(records), "n-pos": int(y.sum())}
+        for name, s in scores.items():
+            neg, pos = score_histograms(y, s, self.run.hist_bins)
+            result[name] = {"auc": auc(y, s), "hist-neg": neg, "hist-pos": pos}
+        if write_predictions:
+            self.write_predictions(records, scores)
+        return result
+
+    def write_predictions(self, records: list[PatientRecord], scores: dict[str, np.ndarray]) -> Path:
+        """Per-patient predictions into the site's own output folder (they stay at the site)."""
+        self.site.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.site.output_dir / "predictions.csv"
+        names = [m for m in MODELS if m in scores]
+        with open(path, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["patient_id", "split", "response", *names])
+            for i, r in enumerate(records):
+                w.writerow([r.patient_id, r.split, r.response, *(f"{scores[n][i]:.6f}" for n in names)])
+        return path
+
+
+def with_role(task: SiteTask, role: str) -> SiteTask:
+    """The same site under another role (leave-one-centre-out reuses parsed manifests and caches)."""
+    clone = object.__new__(SiteTask)
+    clone.__dict__.update(task.__dict__)
+    clone.role = role
+    clone.site = replace(task.site)
+    return clone

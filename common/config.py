@@ -1,0 +1,202 @@
+"""Run and site configuration, parsed once at the boundary into frozen dataclasses.
+
+The run configuration comes from ``[tool.flwr.app.config]`` (hyphenated keys, overridable with
+``--run-config "key=value ..."``); `RunConfig.from_run_config` is the only place that translates ``local-epochs``
+into ``local_epochs``. A site's node configuration carries ``site-id`` and ``manifest-path`` (deployment) or
+``partition-id`` (simulation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tace.common.errors import ConfigError
+from tace.common.preprocess import PreprocessConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam")
+LAYOUTS = ("holdout", "loco")
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in str(text).split(",") if t.strip())
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a study run is configured with (see docs/training.md for each key)."""
+
+    seed: int = 0
+    holdout_sites: str = "site-d,site-e"
+    layout: str = "holdout"
+    backbone: str = "small"
+    compare_backbones: str = ""
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    rounds: int = 20
+    local_epochs: int = 1
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 1e-4
+    batch_size: int = 8
+    patience: int = 6
+    head_rounds: int = 15
+    head_local_epochs: int = 5
+    head_lr: float = 5e-3
+    clinical_rounds: int = 15
+    clinical_local_epochs: int = 5
+    clinical_lr: float = 2e-2
+    spacing_mm: str = "2,2,3"
+    box_voxels: str = "48,48,32"
+    sequences: str = "arterial,portal_venous,delayed"
+    large_tumour: str = "crop"
+    augment: bool = True
+    device: str = "auto"
+    amp: bool = True
+    threads: int = 1
+    hist_bins: int = 1000
+    cohort: str = ""
+    run_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
+        from tace.common.models import BACKBONES  # imported lazily: building the CLI parsers must not load torch
+
+        for name in (self.backbone, *self.backbone_candidates):
+            if name not in BACKBONES:
+                raise ConfigError(f"unknown backbone {name!r}", f"valid backbones: {', '.join(BACKBONES)}")
+        for key in ("rounds", "local_epochs", "batch_size", "head_local_epochs", "clinical_local_epochs", "threads", "hist_bins"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
+        _ = self.preprocess  # validates the preprocessing keys
+
+    @property
+    def holdout(self) -> tuple[str, ...]:
+        return _csv(self.holdout_sites)
+
+    @property
+    def backbone_candidates(self) -> tuple[str, ...]:
+        return _csv(self.compare_backbones)
+
+    @property
+    def preprocess(self) -> PreprocessConfig:
+        try:
+            spacing = tuple(float(v) for v in _csv(self.spacing_mm))
+            box = tuple(int(v) for v in _csv(self.box_voxels))
+        except ValueError:
+            raise ConfigError("spacing-mm and box-voxels must be comma-separated numbers 'x,y,z'") from None
+        return PreprocessConfig(sequences=_csv(self.sequences), spacing_mm=spacing, box_voxels=box, large_tumour=self.large_tumour)  # type: ignore[arg-type]
+
+    def lr_at(self, server_round: int, total_rounds: int, base: float) -> float:
+        """Learning rate of a round (1-based): cosine decay to 5 % of `base` over the stage, or constant."""
+        if self.lr_schedule == "constant" or total_rounds <= 1:
+            return base
+        import math
+
+        frac = (server_round - 1) / (total_rounds - 1)
+        return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [f.name.replace("_", "-") for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_run_config(cls, mapping: Mapping[str, Any]) -> RunConfig:
+        """Parse Flower's run config (hyphenated keys); unknown keys and wrong types are errors listing the valid keys."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in mapping.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown run-config key {key!r}", "valid keys: " + ", ".join(cls.keys()))
+            kwargs[name] = _coerce(key, value, type(fields[name].default))
+        return cls(**kwargs)
+
+    def to_run_config(self) -> dict[str, Any]:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise ValueError
+        if kind is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"run-config key {key!r} must be of type {kind.__name__}") from None
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse Flower-style ``"key=value key2='text'"`` overrides into a mapping (values as TOML scalars)."""
+    import shlex
+
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text or ""):
+        if "=" not in item:
+            raise ConfigError(f"run-config override {item!r} is not key=value")
+        key, _, raw = item.partition("=")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = raw
+    return out
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """Where a site's data and working folders are (node configuration)."""
+
+    site_id: str
+    manifest: Path
+    cache_dir: Path
+    output_dir: Path
+
+    @classmethod
+    def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
+        """Deployment: ``site-id`` and ``manifest-path`` (+ optional ``cache-dir``, ``output-dir``).
+        Simulation: ``partition-id`` indexes the sites of the run's cohort (``cohort.json``)."""
+        import json
+
+        if "manifest-path" in node:
+            site_id = str(node.get("site-id", "")) or Path(str(node["manifest-path"])).parent.name
+            manifest = Path(str(node["manifest-path"]))
+            cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
+            output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
+            return cls(site_id, manifest, cache, output)
+        if "partition-id" in node:
+            if not run.cohort:
+                raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
+            cohort = Path(run.cohort)
+            sites = json.loads((cohort / "cohort.json").read_text())["sites"]
+            pid = int(node["partition-id"])
+            if pid >= len(sites):
+                raise ConfigError(f"partition {pid} has no site: the cohort has {len(sites)} sites", "run with as many supernodes as sites")
+            site = sites[pid]
+            run_dir = Path(run.run_dir) if run.run_dir else cohort / "runs"
+            return cls(site["site_id"], cohort / site["manifest"], cohort / "cache" / site["site_id"], run_dir / "sites" / site["site_id"])
+        raise ConfigError(
+            "node configuration has neither 'manifest-path' (a hospital's site) nor 'partition-id' (simulation)",
+            "start the site with --node-config \"site-id='...' manifest-path='...'\"",
+        )

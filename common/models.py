@@ -1,0 +1,208 @@
+"""The study's models: DLTR (3D CNN backbones), the DLTRMLP fusion head, and the clinical model.
+
+Every model uses GroupNorm (never BatchNorm: FedAvg averages BatchNorm statistics badly and Opacus cannot train
+it) and non-in-place activations and residual additions, so differential privacy can wrap the same modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
+import torch
+from torch import nn
+
+BACKBONES = ("small", "resnet10", "resnet18", "densenet121")
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 8 groups (a divisor of `channels`)."""
+    groups = next(g for g in (8, 4, 2, 1) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
+
+
+def _conv_block(cin: int, cout: int, stride: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False), group_norm(cout), nn.ReLU(inplace=False))
+
+
+class SmallNet(nn.Module):
+    """A CPU-friendly 3D CNN: four stages of two 3x3x3 convolutions (the first strided), global average pool."""
+
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        cin = in_channels
+        for w in widths:
+            layers += [_conv_block(cin, w, 2), _conv_block(w, w, 1)]
+            cin = w
+        self.body = nn.Sequential(*layers)
+        self.out_features = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).mean(dim=(2, 3, 4))
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block with GroupNorm and an out-of-place residual add.
+
+    Written here rather than taken from MONAI because MONAI 1.6's `resnet*(norm=...)` keeps BatchNorm in the
+    residual blocks and adds the residual in place, which Opacus' hooks reject.
+    """
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(cin, cout, 3, stride=stride, padding=1, bias=False)
+        self.norm1 = group_norm(cout)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1, bias=False)
+        self.norm2 = group_norm(cout)
+        self.act = nn.ReLU(inplace=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv3d(cin, cout, 1, stride=stride, bias=False), group_norm(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(self.norm1(self.conv1(x)))
+        out = self.norm2(self.conv2(out))
+        return self.act(out + self.shortcut(x))
+
+
+class ResNet3D(nn.Module):
+    """3D ResNet-10/18 (layers per stage (1,1,1,1) / (2,2,2,2)); a strided 3x3x3 stem instead of 7x7x7 (CPU cost)."""
+
+    def __init__(self, in_channels: int, blocks: tuple[int, int, int, int], widths: tuple[int, ...] = (32, 64, 128, 256)) -> None:
+        super().__init__()
+        self.stem = _conv_block(in_channels, widths[0], 2)
+        stages: list[nn.Module] = []
+        cin = widths[0]
+        for i, (n, w) in enumerate(zip(blocks, widths, strict=True)):
+            for j in range(n):
+                stages.append(BasicBlock(cin, w, 2 if (j == 0 and i > 0) else 1))
+                cin = w
+        self.stages = nn.Sequential(*stages)
+        self.out_features = cin
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x)).mean(dim=(2, 3, 4))
+
+
+class DenseNetFeatures(nn.Module):
+    """MONAI's DenseNet121 feature extractor with GroupNorm and non-in-place ReLU, then global average pool."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__()
+        from monai.networks.nets import DenseNet121
+
+        net = DenseNet121(
+            spatial_dims=3, in_channels=in_channels, out_channels=1, norm=("group", {"num_groups": 8}), act=("relu", {"inplace": False})
+        )
+        self.features = net.features
+        self.act = nn.ReLU(inplace=False)
+        self.out_features = int(cast(nn.Linear, net.class_layers.out).in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.features(x)).mean(dim=(2, 3, 4))
+
+
+_FACTORIES: dict[str, Callable[[int], nn.Module]] = {
+    "small": SmallNet,
+    "resnet10": lambda c: ResNet3D(c, (1, 1, 1, 1)),
+    "resnet18": lambda c: ResNet3D(c, (2, 2, 2, 2)),
+    "densenet121": DenseNetFeatures,
+}
+
+
+class DLTR(nn.Module):
+    """Deep-learning TACE-response model: backbone -> deep features (B, F) -> dropout -> response logit (B,).
+
+    Parameters
+    ----------
+    backbone : str
+        One of `BACKBONES`.
+    in_channels : int
+        Number of MRI sequences stacked as channels.
+    dropout : float
+    """
+
+    def __init__(self, backbone: str = "small", in_channels: int = 3, dropout: float = 0.2) -> None:
+        super().__init__()
+        if backbone not in _FACTORIES:
+            raise ValueError(f"unknown backbone {backbone!r}; valid: {', '.join(BACKBONES)}")
+        self.backbone = _FACTORIES[backbone](in_channels)
+        self.feature_dim = int(self.backbone.out_features)  # type: ignore[arg-type]
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.feature_dim, 1)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Deep features ``(B, F)`` of images ``(B, C, D, H, W)``."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dropout(self.features(x))).squeeze(-1)
+
+
+class FusionHead(nn.Module):
+    """DLTRMLP's head: [layer-normalised deep features, standardised clinical factors] -> MLP -> logit (B,)."""
+
+    def __init__(self, feature_dim: int, clinical_dim: int, hidden: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.feature_norm = nn.LayerNorm(feature_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(feature_dim + clinical_dim, hidden), nn.ReLU(inplace=False), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    def forward(self, features: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([self.feature_norm(features), clinical], dim=1)).squeeze(-1)
+
+
+class ClinicalModel(nn.Module):
+    """Logistic regression on the standardised clinical factors: logit (B,)."""
+
+    def __init__(self, clinical_dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(clinical_dim, 1)
+
+    def forward(self, clinical: torch.Tensor) -> torch.Tensor:
+        return self.linear(clinical).squeeze(-1)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+Arrays = dict[str, np.ndarray]
+
+
+def state_dict_numpy(module: nn.Module) -> Arrays:
+    return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
+
+
+def load_numpy(module: nn.Module, arrays: Arrays) -> None:
+    """Load weights given as numpy arrays; names and shapes must match exactly."""
+    module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, strict=True)
+
+
+@dataclass
+class StudyModels:
+    """The three models of the study: DLTR, the DLTRMLP fusion head (on DLTR's features), the clinical model."""
+
+    dltr: DLTR
+    head: FusionHead
+    clinical: ClinicalModel
+
+    @classmethod
+    def build(cls, backbone: str, in_channels: int, clinical_dim: int, seed: int = 0) -> StudyModels:
+        torch.manual_seed(seed)
+        dltr = DLTR(backbone, in_channels=in_channels)
+        return cls(dltr, FusionHead(dltr.feature_dim, clinical_dim), ClinicalModel(clinical_dim))
+
+    def module(self, stage: str) -> nn.Module:
+        return {"dltr": self.dltr, "head": self.head, "clinical": self.clinical}[stage]
+
+    def arrays(self) -> dict[str, Arrays]:
+        return {stage: state_dict_numpy(self.module(stage)) for stage in ("dltr", "head", "clinical")}
+
+    def load(self, arrays: dict[str, Arrays]) -> None:
+        for stage, values in arrays.items():
+            load_numpy(self.module(stage), values)

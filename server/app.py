@@ -1,0 +1,229 @@
+"""The Flower ServerApp: finds the sites, then runs the study workflow over Flower messages.
+
+`FlowerFederation` implements the workflow's `Federation` with a Flower `Grid`: training sites get train
+messages, every site gets evaluate messages, and replies are aggregated by a Flower strategy (FedAvg, FedProx or
+FedAdam). Weights arriving from sites are checked (names, shapes, finite) before aggregation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
+
+from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+from tace.common.config import RunConfig
+from tace.common.errors import TaceError
+from tace.common.models import StudyModels
+from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
+from tace.server.rundir import RunDir
+from tace.server.workflow import Arrays, SiteInfo, TrainReply, run_layouts
+
+log = logging.getLogger("tace.server")
+app = ServerApp()
+
+STAGE_ARRAYS = {"dltr": ("dltr",), "head": ("dltr", "head"), "clinical": ("clinical",)}
+
+
+def _record(arrays: Arrays) -> ArrayRecord:
+    import torch
+
+    return ArrayRecord(torch_state_dict={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _strategy(run: RunConfig) -> FedAvg:
+    common: dict[str, Any] = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    if run.strategy == "fedprox":
+        return FedProx(proximal_mu=run.proximal_mu, **common)
+    if run.strategy == "fedadam":
+        return FedAdam(eta=run.server_lr, **common)
+    return FedAvg(**common)
+
+
+class FlowerFederation:
+    """Reaches the sites through a Flower Grid."""
+
+    def __init__(self, grid: Grid, run: RunConfig, expected_sites: int, wait_s: float = 120.0, timeout_s: float = 3600.0) -> None:
+        self.grid = grid
+        self.run = run
+        self.timeout_s = timeout_s
+        deadline = time.monotonic() + wait_s
+        node_ids = list(grid.get_node_ids())
+        while len(node_ids) < expected_sites and time.monotonic() < deadline:
+            time.sleep(0.5)
+            node_ids = list(grid.get_node_ids())
+        if len(node_ids) < expected_sites:
+            raise TaceError(
+                f"only {len(node_ids)} of {expected_sites} sites connected within {wait_s:.0f} s", "start the missing sites' clients"
+            )
+        replies = self._send(node_ids, "query", RecordDict({CONFIG: ConfigRecord({"query": QUERY_INFO})}))
+        self.nodes: dict[int, str] = {}
+        self.info: dict[str, dict[str, Any]] = {}
+        failed = []
+        for node_id, reply in replies.items():
+            site = dict(reply.content.config_records[SITE])
+            if not site.get("ok", False):
+                failed.append(f"site {site['site-id']!s}:\n{site.get('problems', '')!s}")
+            self.nodes[node_id] = str(site["site-id"])
+            self.info[str(site["site-id"])] = site
+        if failed:
+            raise TaceError("site data failed validation; no training was started\n" + "\n".join(failed),
+                            "each site runs `tace-client check --manifest ...`, fixes what it lists, and rejoins")  # fmt: skip
+        self.set_roles(run.holdout)
+
+    def set_roles(self, holdout: tuple[str, ...]) -> None:
+        unknown = [s for s in holdout if s not in self.info]
+        if unknown:
+            raise TaceError(f"holdout-sites names unknown site(s) {', '.join(unknown)}", f"connected sites: {', '.join(sorted(self.info))}")
+        self.roles = {s: ("holdout" if s in holdout else "train") for s in self.info}
+        self.strategies = {stage: _strategy(self.run) for stage in STAGE_ARRAYS}
+
+    def _nodes(self, role: str | None = None) -> list[int]:
+        return [n for n, s in sorted(self.nodes.items(), key=lambda kv: kv[1]) if role is None or self.roles.get(s) == role]
+
+    def _send(
+        self, node_ids: list[int], kind: str, content: RecordDict, per_node: dict[int, ConfigRecord] | None = None
+    ) -> dict[int, Message]:
+        messages = []
+        for n in node_ids:
+            rd = RecordDict(dict(content.items()))
+            if per_node:
+                rd[CONFIG] = per_node[n]
+            messages.append(Message(content=rd, message_type=kind, dst_node_id=n))
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
+        out: dict[int, Message] = {}
+        errors = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                errors.append(f"site {self.nodes.get(node, node)}: {reply.error.reason}")
+            else:
+                out[node] = reply
+        missing = [n for n in node_ids if n not in out and not any(str(self.nodes.get(n, n)) in e for e in errors)]
+        errors += [f"site {self.nodes.get(n, n)}: no reply within {self.timeout_s:.0f} s" for n in missing]
+        if errors:
+            raise TaceError(f"{len(errors)} site(s) failed during '{kind}':\n" + "\n".join(errors), "see the site's client log for details")
+        return out
+
+    # -- the Federation interface ----------------------------------------------------------------------------
+    def sites(self) -> list[SiteInfo]:
+        out = []
+        for site, info in sorted(self.info.items()):
+            role = self.roles[site]
+            n_train = int(info["labelled-train"]) if role == "train" else 0
+            n_eval = int(info["labelled-val"]) if role == "train" else int(info["labelled-all"])
+            out.append(SiteInfo(site, role, n_train, n_eval))
+        return out
+
+    def clinical_stats(self) -> list[ClinicalStats]:
+        nodes = self._nodes("train")
+        per = {n: ConfigRecord({"query": QUERY_STATS, "role": "train"}) for n in nodes}
+        replies = self._send(nodes, "query", RecordDict(), per)
+        return [ClinicalStats.from_flat(dict(r.content.metric_records[METRICS])) for r in replies.values()]
+
+    def _config(self, node: int, extra: dict[str, Any], encoder: ClinicalEncoder | None) -> ConfigRecord:
+        return ConfigRecord({**extra, "role": self.roles[self.nodes[node]], "encoder": json.dumps(encoder.to_dict()) if encoder else ""})
+
+    def train(
+        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
+    ) -> list[TrainReply]:
+        nodes = self._nodes("train")
+        content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[stage]}))})
+        per = {
+            n: self._config(n, {"stage": stage, "lr": lr, "seed": seed + i, "backbone": backbone, "server-round": server_round}, encoder)
+            for i, n in enumerate(nodes)
+        }
+        replies = self._send(nodes, "train", content, per)
+        out = []
+        for node, reply in replies.items():
+            received = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
+            check_incoming(received, arrays[stage], self.nodes[node])
+            metrics = dict(reply.content.metric_records[METRICS])
+            out.append(
+                TrainReply(
+                    self.nodes[node],
+                    received,
+                    int(cast(int, metrics["num-examples"])),
+                    {k: float(cast(float, v)) for k, v in metrics.items()},
+                    raw=reply,
+                )
+            )
+        return out
+
+    def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
+        strategy = self.strategies[stage]
+        if hasattr(strategy, "current_arrays"):
+            # FedOpt strategies keep the global weights they set in configure_train; our server sends its own
+            # messages (only to training sites), so hand them the weights directly.
+            strategy.current_arrays = {k: np.asarray(v) for k, v in current.items()}
+        aggregated, _ = strategy.aggregate_train(server_round, [r.raw for r in replies])
+        if aggregated is None:
+            raise TaceError(f"aggregation of stage {stage} failed in round {server_round}", "see run.log")
+        return {k: v.numpy() for k, v in aggregated.items()}
+
+    def evaluate(
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+    ) -> dict[str, dict[str, Any]]:
+        nodes = self._nodes()
+        needed = {"dltr": ("dltr",), "dltrmlp": ("dltr", "head"), "clinical": ("clinical",)}
+        stages = sorted({s for m in models for s in needed[m]})
+        content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
+        per = {n: self._config(n, {"models": ",".join(models), "final": final, "backbone": backbone}, encoder) for n in nodes}
+        replies = self._send(nodes, "evaluate", content, per)
+        out: dict[str, dict[str, Any]] = {}
+        for node, reply in replies.items():
+            res = unflatten_evaluation(dict(reply.content.metric_records[METRICS]))
+            res["role"] = self.roles[self.nodes[node]]
+            out[self.nodes[node]] = res
+        return out
+
+
+def check_incoming(received: Arrays, expected: Arrays, site: str) -> None:
+    """A site's update must have the global model's names and shapes and be finite."""
+    if set(received) != set(expected):
+        raise TaceError(f"site {site} sent weights with unexpected names", "the site runs another TACE-FL version or model definition")
+    for k, v in received.items():
+        if v.shape != expected[k].shape:
+            raise TaceError(
+                f"site {site} sent weight {k} with shape {v.shape}, expected {expected[k].shape}", "the site runs another model definition"
+            )
+        if not np.isfinite(v).all():
+            raise TaceError(f"site {site} sent non-finite weights ({k})", "training diverged at that site; lower the learning rate")
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = RunConfig.from_run_config(context.run_config)
+    if not run.run_dir:
+        raise TaceError("run-config key 'run-dir' (absolute path of the run folder) is required")
+    rundir = RunDir(Path(run.run_dir), run.to_run_config(), mode="federated")
+    expected = _expected_sites(run)
+    try:
+        federation = FlowerFederation(grid, run, expected)
+
+        def initial(backbone: str | None) -> dict[str, Arrays]:
+            return StudyModels.build(backbone or run.backbone, len(run.preprocess.sequences), len(FEATURES), seed=run.seed).arrays()
+
+        summary = run_layouts(federation, run, rundir, initial, mode="federated", on_round=_print_round)
+        print(f"TACE-SUMMARY {rundir.path / 'summary.json'}", flush=True)
+        log.info("summary: %s", json.dumps(summary.get("models", {}))[:2000])
+    finally:
+        rundir.close()
+
+
+def _expected_sites(run: RunConfig) -> int:
+    if run.cohort:
+        return len(json.loads((Path(run.cohort) / "cohort.json").read_text())["sites"])
+    return 1
+
+
+def _print_round(stage: str, server_round: int, total: int, val_auc: float | None) -> None:
+    auc = "n/a" if val_auc is None else f"{val_auc:.3f}"
+    print(f"TACE-ROUND {stage} {server_round}/{total} pooled-val-auc={auc}", flush=True)

@@ -1,0 +1,187 @@
+"""The run directory: config, per-round checkpoints and per-site metrics, final models, log and summary.json."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from tace.server.workflow import TrainReply
+
+METRIC_COLUMNS = (
+    "stage",
+    "round",
+    "site",
+    "role",
+    "lr",
+    "train_loss",
+    "num_examples",
+    "samples_per_s",
+    "local_s",
+    "val_auc",
+    "n_eval",
+    "round_s",
+)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+class RunDir:
+    """Writes everything a run leaves behind under one folder.
+
+    Layout: ``run_config.json``, ``run.log``, ``metrics.csv`` (one row per stage, round and site, plus a
+    ``pooled`` row), ``checkpoints/<stage>/round-NNN.npz`` and ``best.npz``, ``clinical_encoder.json``,
+    ``models/`` (state dicts, portable ``torch.export`` programs, ``model.json``), ``summary.json``.
+    """
+
+    def __init__(self, path: Path | str, run_config: dict[str, Any], mode: str) -> None:
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.mode = mode
+        self.write_json("run_config.json", {"mode": mode, "run_config": run_config})
+        self._metrics = self.path / "metrics.csv"
+        if not self._metrics.exists():
+            with open(self._metrics, "w", newline="") as fh:
+                csv.writer(fh).writerow(METRIC_COLUMNS)
+        self._handler = logging.FileHandler(self.path / "run.log")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("tace")
+        logger.addHandler(self._handler)
+        logger.setLevel(logging.INFO)
+
+    def close(self) -> None:
+        logging.getLogger("tace").removeHandler(self._handler)
+        self._handler.close()
+
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_jsonable(obj), indent=2))
+        return path
+
+    def record_round(
+        self, stage: str, server_round: int, lr: float, replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str,
+        pooled_auc: float | None, round_s: float,
+    ) -> None:  # fmt: skip
+        by_site = {r.site_id: r for r in replies}
+        rows = []
+        for site, res in sorted(evaluation.items()):
+            reply = by_site.get(site)
+            m = reply.metrics if reply else {}
+            rows.append([
+                stage, server_round, site, res.get("role", ""), f"{lr:.6g}", _fmt(m.get("train-loss")), reply.num_examples if reply else "",
+                _fmt(m.get("samples-per-s")), _fmt(m.get("local-s")), _fmt(res.get(model, {}).get("auc")), res.get("n", ""), "",
+            ])  # fmt: skip
+        rows.append(
+            [
+                stage,
+                server_round,
+                "pooled",
+                "train",
+                f"{lr:.6g}",
+                "",
+                sum(r.num_examples for r in replies),
+                "",
+                "",
+                _fmt(pooled_auc),
+                "",
+                f"{round_s:.3f}",
+            ]
+        )
+        with open(self._metrics, "a", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+
+    def checkpoint(self, stage: str, server_round: int | str, arrays: dict[str, np.ndarray]) -> Path:
+        folder = self.path / "checkpoints" / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"round-{server_round:03d}.npz" if isinstance(server_round, int) else f"{server_round}.npz"
+        path = folder / name
+        tmp = folder / f".{name}.tmp.npz"
+        np.savez(tmp, **arrays)  # type: ignore[arg-type]
+        tmp.replace(path)
+        return path
+
+    def save_models(
+        self, arrays: dict[str, dict[str, np.ndarray]], backbone: str, in_channels: int, shape: tuple[int, ...], encoder: dict[str, Any]
+    ) -> None:
+        """State dicts (``.pt``), portable programs (``.pt2``, loadable with ``torch.export.load`` without TACE-FL) and a model card."""
+        import torch
+
+        from tace.common.clinical import FEATURES
+        from tace.common.models import StudyModels
+
+        folder = self.path / "models"
+        folder.mkdir(parents=True, exist_ok=True)
+        models = StudyModels.build(backbone, in_channels, len(FEATURES))
+        models.load(arrays)
+        for name in ("dltr", "head", "clinical"):
+            torch.save(models.module(name).state_dict(), folder / f"{name}.pt")
+        exports = _exportable(models.dltr.eval(), models.head.eval(), models.clinical.eval())
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        image = torch.zeros(2, *shape)
+        clin = torch.zeros(2, len(FEATURES))
+        for name, module, inputs in (
+            ("dltr", exports[0], (image,)),
+            ("dltrmlp", exports[1], (image, clin)),
+            ("clinical", exports[2], (clin,)),
+        ):
+            program = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+            torch.export.save(program, folder / f"{name}.pt2")
+        self.write_json("models/model.json", {
+            "backbone": backbone, "in_channels": in_channels, "input_shape": list(shape), "clinical_features": list(FEATURES),
+            "outputs": "probability of objective response (mRECIST CR/PR)",
+            "portable": {"dltr.pt2": "image (B, C, D, H, W) -> p", "dltrmlp.pt2": "image, clinical (B, K) standardised -> p",
+                         "clinical.pt2": "clinical (B, K) standardised -> p"},
+            "clinical_encoder": encoder,
+        })  # fmt: skip
+
+
+def _exportable(dltr: Any, head: Any, clinical: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    class Image(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dltr = dltr
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.dltr(x))
+
+    class Fusion(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dltr, self.head = dltr, head
+
+        def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.head(self.dltr.features(x), c))
+
+    class Clinical(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clinical = clinical
+
+        def forward(self, c: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.clinical(c))
+
+    return Image(), Fusion(), Clinical()
+
+
+def _fmt(value: Any) -> str:
+    if value is None or value == "":
+        return ""
+    return f"{float(value):.6g}"

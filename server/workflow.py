@@ -1,0 +1,278 @@
+"""The study workflow the coordinator runs: statistics, DLTR, DLTRMLP head, clinical model, final evaluation.
+
+It talks to the sites through a `Federation` (Flower messages in `tace.server.app`; direct calls for the
+single-machine references in `tace.simulation.inprocess`), so the orchestration, early stopping, checkpoints and
+summary are the same code whichever way the sites are reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from tace.common.clinical import ClinicalEncoder, ClinicalStats
+from tace.common.config import RunConfig
+from tace.common.errors import TaceError
+from tace.common.metrics import auc_from_histograms
+from tace.server.rundir import RunDir
+
+log = logging.getLogger("tace.server")
+
+Arrays = dict[str, np.ndarray]
+STAGE_MODEL = {"dltr": "dltr", "head": "dltrmlp", "clinical": "clinical"}
+
+
+@dataclass
+class TrainReply:
+    site_id: str
+    arrays: Arrays
+    num_examples: int
+    metrics: dict[str, float]
+    raw: Any = None  # the transport's own reply (a Flower Message), for strategies that aggregate those
+
+
+@dataclass
+class SiteInfo:
+    site_id: str
+    role: str
+    n_train: int
+    n_eval: int
+
+
+class Federation(Protocol):
+    """How the workflow reaches the sites."""
+
+    def sites(self) -> list[SiteInfo]: ...
+
+    def clinical_stats(self) -> list[ClinicalStats]: ...
+
+    def train(
+        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
+    ) -> list[TrainReply]: ...
+
+    def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
+
+    def evaluate(
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+    ) -> dict[str, dict[str, Any]]: ...
+
+    def set_roles(self, holdout: tuple[str, ...]) -> None: ...
+
+
+@dataclass
+class StudyResult:
+    arrays: dict[str, Arrays]
+    encoder: ClinicalEncoder
+    evaluation: dict[str, dict[str, Any]]
+    roles: dict[str, str]
+    timings: dict[str, float] = field(default_factory=dict)
+    backbone: str = ""
+    backbone_comparison: dict[str, float | None] = field(default_factory=dict)
+
+
+def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train") -> float | None:
+    """AUC over the evaluation sets of all sites of `role`, from their summed score histograms."""
+    neg: np.ndarray | None = None
+    pos: np.ndarray | None = None
+    for site, res in evaluation.items():
+        if roles.get(site) != role or model not in res:
+            continue
+        n, p = np.asarray(res[model]["hist-neg"]), np.asarray(res[model]["hist-pos"])
+        neg, pos = (n, p) if neg is None or pos is None else (neg + n, pos + p)
+    return None if neg is None or pos is None else auc_from_histograms(neg, pos)
+
+
+def run_stage(
+    federation: Federation,
+    run: RunConfig,
+    rundir: RunDir,
+    stage: str,
+    arrays: dict[str, Arrays],
+    encoder: ClinicalEncoder | None,
+    roles: dict[str, str],
+    rounds: int,
+    base_lr: float,
+    backbone: str,
+    label: str | None = None,
+    on_round: Callable[[str, int, int, float | None], None] | None = None,
+) -> tuple[Arrays, float | None]:
+    """Federated rounds of one stage with early stopping on pooled internal-validation AUC; returns the best weights."""
+    model = STAGE_MODEL[stage]
+    label = label or stage
+    current = arrays[stage]
+    best, best_auc, since_best = current, -1.0, 0
+    for r in range(1, rounds + 1):
+        lr = run.lr_at(r, rounds, base_lr)
+        seed = run.seed * 100_003 + r * 101 + {"dltr": 1, "head": 2, "clinical": 3}[stage]
+        start = time.perf_counter()
+        replies = federation.train(stage, {**arrays, stage: current}, encoder, lr, seed, r, backbone)
+        if not replies:
+            raise TaceError(f"no training site answered in round {r} of stage {label}", "check that the training sites are online")
+        current = federation.aggregate(stage, r, replies, current)
+        train_s = time.perf_counter() - start
+        evaluation = federation.evaluate({**arrays, stage: current}, encoder, (model,), False, backbone)
+        val_auc = pooled_auc(evaluation, roles, model, "train")
+        rundir.record_round(label, r, lr, replies, evaluation, model, val_auc, train_s)
+        rundir.checkpoint(label, r, current)
+        if on_round:
+            on_round(label, r, rounds, val_auc)
+        log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
+        score = -1.0 if val_auc is None else val_auc
+        if score > best_auc + 1e-9 or r == 1:
+            best, best_auc, since_best = current, score, 0
+        else:
+            since_best += 1
+            if run.patience and since_best >= run.patience:
+                log.info("%s: early stop after round %d (no improvement for %d rounds)", label, r, run.patience)
+                break
+    rundir.checkpoint(label, "best", best)
+    return best, (best_auc if best_auc >= 0 else None)
+
+
+def run_study(
+    federation: Federation,
+    run: RunConfig,
+    rundir: RunDir,
+    initial: Callable[[str | None], dict[str, Arrays]],
+    on_round: Callable[[str, int, int, float | None], None] | None = None,
+) -> StudyResult:
+    """The whole study on one federation layout.
+
+    Parameters
+    ----------
+    initial : callable
+        ``initial(backbone)`` returns freshly initialised weights ``{"dltr": ..., "head": ..., "clinical": ...}``.
+    """
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    infos = federation.sites()
+    roles = {s.site_id: s.role for s in infos}
+    if not any(s.role == "train" for s in infos):
+        raise TaceError("no training site in this layout", "list fewer sites in holdout-sites")
+    for s in infos:
+        if s.role == "train" and (s.n_train == 0 or s.n_eval == 0):
+            raise TaceError(f"training site {s.site_id} has {s.n_train} labelled train and {s.n_eval} labelled val patients",
+                            "each training site needs labelled patients in both the train and val splits")  # fmt: skip
+    stats = ClinicalStats()
+    for st in federation.clinical_stats():
+        stats = stats.merge(st)
+    encoder = ClinicalEncoder.from_stats(stats)
+    rundir.write_json("clinical_encoder.json", encoder.to_dict())
+    timings["statistics_s"] = time.perf_counter() - t0
+
+    comparison: dict[str, float | None] = {}
+    candidates = run.backbone_candidates or (run.backbone,)
+    chosen, arrays, best_val = "", {}, -2.0
+    t = time.perf_counter()
+    for name in candidates:
+        start = initial(name)
+        label = "dltr" if len(candidates) == 1 else f"dltr-{name}"
+        weights, val = run_stage(federation, run, rundir, "dltr", start, encoder, roles, run.rounds, run.lr, name, label, on_round)
+        comparison[name] = val
+        if (-1.0 if val is None else val) > best_val:
+            best_val, chosen, arrays = (-1.0 if val is None else val), name, {**start, "dltr": weights}
+    timings["dltr_s"] = time.perf_counter() - t
+    if len(candidates) > 1:
+        log.info("backbone comparison (pooled internal-validation AUC): %s; DLTR = %s", comparison, chosen)
+
+    t = time.perf_counter()
+    arrays["head"], _ = run_stage(
+        federation, run, rundir, "head", arrays, encoder, roles, run.head_rounds, run.head_lr, chosen, on_round=on_round
+    )
+    timings["head_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    arrays["clinical"], _ = run_stage(
+        federation, run, rundir, "clinical", arrays, encoder, roles, run.clinical_rounds, run.clinical_lr, chosen, on_round=on_round
+    )
+    timings["clinical_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    evaluation = federation.evaluate(arrays, encoder, ("clinical", "dltr", "dltrmlp"), True, chosen)
+    timings["evaluation_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t0
+    return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison)
+
+
+def _site_entries(result: StudyResult, model: str) -> dict[str, dict[str, Any]]:
+    return {
+        site: {"role": result.roles[site], "auc": res.get(model, {}).get("auc"), "n": res.get("n", 0), "n_pos": res.get("n-pos", 0)}
+        for site, res in sorted(result.evaluation.items())
+    }
+
+
+def summarise(results: list[StudyResult], mode: str, layout: str) -> dict[str, Any]:
+    """The run's summary.json: per model and site the role, AUC and n; pooled internal and holdout AUCs.
+
+    For a training site the AUC is on its internal-validation split; for a holdout site on its whole cohort. In
+    the leave-one-centre-out layout every site's entry comes from the fold in which it was held out.
+    """
+    models: dict[str, Any] = {}
+    for model in ("clinical", "dltr", "dltrmlp"):
+        if layout == "loco":
+            sites = {}
+            for res in results:
+                held = [s for s, r in res.roles.items() if r == "holdout"]
+                for s in held:
+                    sites[s] = _site_entries(res, model)[s]
+            pooled_holdout = None
+        else:
+            sites = _site_entries(results[0], model)
+            pooled_holdout = pooled_auc(results[0].evaluation, results[0].roles, model, "holdout")
+        models[model] = {
+            "sites": sites,
+            "pooled_internal_auc": pooled_auc(results[0].evaluation, results[0].roles, model, "train") if layout != "loco" else None,
+            "pooled_holdout_auc": pooled_holdout,
+        }
+    timings: dict[str, float] = {}
+    for res in results:
+        for k, v in res.timings.items():
+            timings[k] = round(timings.get(k, 0.0) + v, 3)
+    return {
+        "mode": mode,
+        "layout": layout,
+        "backbone": results[0].backbone,
+        "backbone_comparison": results[0].backbone_comparison,
+        "models": models,
+        "timings": timings,
+        "folds": [{"holdout": [s for s, r in res.roles.items() if r == "holdout"], "backbone": res.backbone} for res in results],
+    }
+
+
+def run_layouts(
+    federation: Federation,
+    run: RunConfig,
+    rundir: RunDir,
+    initial: Callable[[str | None], dict[str, Arrays]],
+    mode: str,
+    on_round: Callable[[str, int, int, float | None], None] | None = None,
+) -> dict[str, Any]:
+    """Run the study in the configured layout (fixed holdout sites, or leave-one-centre-out), save the final
+    models and write summary.json; returns the summary."""
+
+    results: list[StudyResult] = []
+    if run.layout == "loco":
+        sites = [s.site_id for s in federation.sites()]
+        for site in sites:
+            log.info("leave-one-centre-out: holding out %s", site)
+            federation.set_roles((site,))
+            fold_dir = RunDir(rundir.path / "folds" / site, run.to_run_config(), mode)
+            try:
+                results.append(run_study(federation, run, fold_dir, initial, on_round))
+                _save(fold_dir, results[-1], run)
+            finally:
+                fold_dir.close()
+    else:
+        results.append(run_study(federation, run, rundir, initial, on_round))
+        _save(rundir, results[-1], run)
+    summary = summarise(results, mode, run.layout)
+    rundir.write_json("summary.json", summary)
+    return summary
+
+
+def _save(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
+    rundir.save_models(result.arrays, result.backbone, len(run.preprocess.sequences), run.preprocess.shape, result.encoder.to_dict())

@@ -1,0 +1,97 @@
+"""The reference layouts, run in this process without Flower: centralised (pooled) and local-only training.
+
+`InProcessFederation` implements the coordinator workflow's `Federation` with direct calls to `SiteTask`s.
+Each *training group* trains as one unit: centralised training is one group holding every training site (their
+data pooled through the same model and training code), local training is one group holding one site.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset
+
+from tace.client.task import SiteTask, with_role
+from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+from tace.common.config import RunConfig
+from tace.common.models import StudyModels, state_dict_numpy
+from tace.common.training import TrainResult, train_image_model, train_tabular_model
+from tace.server.workflow import Arrays, SiteInfo, TrainReply
+
+
+def train_pooled(
+    tasks: list[SiteTask], stage: str, models: StudyModels, encoder: ClinicalEncoder | None, lr: float, seed: int
+) -> TrainResult:
+    """One training call of `stage` on the training splits of several sites pooled together."""
+    if len(tasks) == 1:
+        return tasks[0].train(stage, models, encoder, lr, seed)
+    settings = tasks[0].settings(stage, lr, seed)
+    labels = torch.tensor([float(r.response) for t in tasks for r in t.train_records], dtype=torch.float32)  # type: ignore[arg-type]
+    if stage == "dltr":
+        data: ConcatDataset[Any] = ConcatDataset([t.dataset(t.train_records, augment=t.run.augment, seed=seed) for t in tasks])
+        return train_image_model(models.dltr, data, settings)
+    assert encoder is not None
+    clinical = torch.from_numpy(np.concatenate([encoder.encode(t.train_records) for t in tasks]))
+    if stage == "clinical":
+        return train_tabular_model(models.clinical, [clinical], labels, settings)
+    features = torch.from_numpy(np.concatenate([t.deep_features(models.dltr, t.train_records) for t in tasks]))
+    return train_tabular_model(models.head, [features, clinical], labels, settings)
+
+
+class InProcessFederation:
+    """Sites reached by direct calls: training sites pooled into one unit (`pooled`) or each alone; all evaluate."""
+
+    def __init__(self, tasks: list[SiteTask], run: RunConfig, pooled: bool, group_name: str | None = None) -> None:
+        self.tasks = {t.site.site_id: t for t in tasks}
+        self.run = run
+        self.pooled = pooled
+        self.group_name = group_name
+
+    @property
+    def groups(self) -> list[list[str]]:
+        train = [s for s, t in sorted(self.tasks.items()) if t.role == "train"]
+        return [train] if self.pooled else [[s] for s in train]
+
+    def set_roles(self, holdout: tuple[str, ...]) -> None:
+        self.tasks = {s: with_role(t, "holdout" if s in holdout else "train") for s, t in self.tasks.items()}
+
+    def sites(self) -> list[SiteInfo]:
+        return [SiteInfo(s, t.role, len(t.train_records), len(t.eval_records)) for s, t in sorted(self.tasks.items())]
+
+    def clinical_stats(self) -> list[ClinicalStats]:
+        return [self.tasks[s].clinical_stats() for g in self.groups for s in g]
+
+    def _models(self, arrays: dict[str, Arrays], backbone: str) -> StudyModels:
+        models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES))
+        models.load(arrays)
+        return models
+
+    def train(
+        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
+    ) -> list[TrainReply]:
+        replies = []
+        for i, group in enumerate(self.groups):
+            models = self._models(arrays, backbone)
+            result = train_pooled([self.tasks[s] for s in group], stage, models, encoder, lr, seed + i)
+            name = self.group_name or "+".join(group)
+            metrics = {"train-loss": result.loss, "samples-per-s": result.samples_per_second, "local-s": result.seconds}
+            replies.append(TrainReply(name, state_dict_numpy(models.module(stage)), result.num_examples, metrics))
+        return replies
+
+    def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
+        """Sample-weighted mean (FedAvg); with one group this is that group's weights."""
+        total = sum(r.num_examples for r in replies)
+        return {k: sum(r.arrays[k] * (r.num_examples / total) for r in replies).astype(current[k].dtype) for k in current}  # type: ignore[union-attr]
+
+    def evaluate(
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+    ) -> dict[str, dict[str, Any]]:
+        study_models = self._models(arrays, backbone)
+        out = {}
+        for site, task in sorted(self.tasks.items()):
+            res = task.evaluate(study_models, encoder, models, write_predictions=final)
+            res["role"] = task.role
+            out[site] = res
+        return out
