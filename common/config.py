@@ -94,7 +94,12 @@ class RunConfig:
             box = tuple(int(v) for v in _csv(self.box_voxels))
         except ValueError:
             raise ConfigError("spacing-mm and box-voxels must be comma-separated numbers 'x,y,z'") from None
-        return PreprocessConfig(sequences=_csv(self.sequences), spacing_mm=spacing, box_voxels=box, large_tumour=self.large_tumour)  # type: ignore[arg-type]
+        try:
+            return PreprocessConfig(sequences=_csv(self.sequences), spacing_mm=spacing, box_voxels=box, large_tumour=self.large_tumour)  # type: ignore[arg-type]
+        except ConfigError as exc:
+            raise ConfigError(
+                f"run-config preprocessing keys (spacing-mm, box-voxels, sequences, large-tumour): {exc.message}", exc.hint
+            ) from None
 
     def lr_at(self, server_round: int, total_rounds: int, base: float) -> float:
         """Learning rate of a round (1-based): cosine decay to 5 % of `base` over the stage, or constant."""

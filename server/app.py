@@ -142,7 +142,8 @@ class FlowerFederation:
         }
         replies = self._send(nodes, "train", content, per)
         out = []
-        for node, reply in replies.items():
+        # Aggregate in a fixed (site) order: replies arrive in any order and float sums depend on it.
+        for node, reply in sorted(replies.items(), key=lambda kv: self.nodes[kv[0]]):
             received = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
             check_incoming(received, arrays[stage], self.nodes[node])
             metrics = dict(reply.content.metric_records[METRICS])
@@ -171,7 +172,9 @@ class FlowerFederation:
     def evaluate(
         self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
     ) -> dict[str, dict[str, Any]]:
-        nodes = self._nodes()
+        # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
+        # the end, so they can never influence model selection.
+        nodes = self._nodes() if final else self._nodes("train")
         needed = {"dltr": ("dltr",), "dltrmlp": ("dltr", "head"), "clinical": ("clinical",)}
         stages = sorted({s for m in models for s in needed[m]})
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
@@ -224,6 +227,7 @@ def _expected_sites(run: RunConfig) -> int:
     return 1
 
 
-def _print_round(stage: str, server_round: int, total: int, val_auc: float | None) -> None:
+def _print_round(stage: str, server_round: int, total: int, val_auc: float | None, sites: dict[str, str] | None = None) -> None:
     auc = "n/a" if val_auc is None else f"{val_auc:.3f}"
-    print(f"TACE-ROUND {stage} {server_round}/{total} pooled-val-auc={auc}", flush=True)
+    detail = " ".join(f"{s}:{v}" for s, v in (sites or {}).items())
+    print(f"TACE-ROUND {stage} {server_round}/{total} pooled-val-auc={auc} {detail}".rstrip(), flush=True)

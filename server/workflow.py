@@ -59,7 +59,9 @@ class Federation(Protocol):
 
     def evaluate(
         self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
-    ) -> dict[str, dict[str, Any]]: ...
+    ) -> dict[str, dict[str, Any]]:
+        """Aggregates per site; during rounds (`final` False) training sites only, at the end every site."""
+        ...
 
     def set_roles(self, holdout: tuple[str, ...]) -> None: ...
 
@@ -87,6 +89,17 @@ def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], mod
     return None if neg is None or pos is None else auc_from_histograms(neg, pos)
 
 
+def _site_progress(replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str) -> dict[str, str]:
+    """Per training site: local training loss and internal-validation AUC of the round (for progress lines)."""
+    loss = {r.site_id: r.metrics.get("train-loss") for r in replies}
+    out = {}
+    for site, res in sorted(evaluation.items()):
+        auc = res.get(model, {}).get("auc")
+        parts = [f"loss={loss[site]:.3f}" if loss.get(site) is not None else "", f"auc={auc:.3f}" if auc is not None else "auc=n/a"]
+        out[site] = ",".join(p for p in parts if p)
+    return out
+
+
 def run_stage(
     federation: Federation,
     run: RunConfig,
@@ -99,7 +112,7 @@ def run_stage(
     base_lr: float,
     backbone: str,
     label: str | None = None,
-    on_round: Callable[[str, int, int, float | None], None] | None = None,
+    on_round: Callable[..., None] | None = None,
 ) -> tuple[Arrays, float | None]:
     """Federated rounds of one stage with early stopping on pooled internal-validation AUC; returns the best weights."""
     model = STAGE_MODEL[stage]
@@ -120,7 +133,7 @@ def run_stage(
         rundir.record_round(label, r, lr, replies, evaluation, model, val_auc, train_s)
         rundir.checkpoint(label, r, current)
         if on_round:
-            on_round(label, r, rounds, val_auc)
+            on_round(label, r, rounds, val_auc, _site_progress(replies, evaluation, model))
         log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
         score = -1.0 if val_auc is None else val_auc
         if score > best_auc + 1e-9 or r == 1:
@@ -139,7 +152,7 @@ def run_study(
     run: RunConfig,
     rundir: RunDir,
     initial: Callable[[str | None], dict[str, Arrays]],
-    on_round: Callable[[str, int, int, float | None], None] | None = None,
+    on_round: Callable[..., None] | None = None,
 ) -> StudyResult:
     """The whole study on one federation layout.
 
@@ -249,14 +262,22 @@ def run_layouts(
     rundir: RunDir,
     initial: Callable[[str | None], dict[str, Arrays]],
     mode: str,
-    on_round: Callable[[str, int, int, float | None], None] | None = None,
+    on_round: Callable[..., None] | None = None,
 ) -> dict[str, Any]:
     """Run the study in the configured layout (fixed holdout sites, or leave-one-centre-out), save the final
     models and write summary.json; returns the summary."""
 
     results: list[StudyResult] = []
     if run.layout == "loco":
-        sites = [s.site_id for s in federation.sites()]
+        federation.set_roles(())
+        infos = federation.sites()
+        unable = [s.site_id for s in infos if s.n_train == 0 or s.n_eval == 0]
+        if unable:
+            raise TaceError(
+                f"leave-one-centre-out needs labelled train and val patients at every site; {', '.join(unable)} ha{'s' if len(unable) == 1 else 've'} none",
+                "use layout='holdout' with those sites in holdout-sites, or give them train/val splits in their manifests",
+            )
+        sites = [s.site_id for s in infos]
         for site in sites:
             log.info("leave-one-centre-out: holding out %s", site)
             federation.set_roles((site,))

@@ -77,14 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser(
         "demo",
-        help="the main job: generate the demo cohort (if missing), validate and preprocess every site",
+        help="the main job: the whole study on the demo cohort (generated if missing), with a results table",
         description="Generate the five-centre demo cohort if DIR has none, validate every site as `tace-client "
-        "check` would, preprocess every patient into the site caches, and print a per-site table.",
+        "check` would, preprocess every patient into the site caches, then run the study federated (three training "
+        "centres, two external ones) in Flower's simulation engine and print per model and site the AUC, with the "
+        "generator's oracle. Each run goes to DIR/runs/<time>-federated.",
     )
     demo.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="cohort preset (default %(default)s)")
     demo.add_argument("--workers", type=int, default=default_workers(), help="parallel rendering processes (default %(default)s)")
+    demo.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."', help="override run-config keys of the study run")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -113,6 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tace.common.validate import check_site
     from tace.simulation.cohort import generate_cohort, make_preset
 
+    demo_start = time.perf_counter()
     out: Path = args.out
     meta_path = out / "cohort.json"
     if meta_path.exists():
@@ -162,7 +166,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for r in [header, *rows]:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
     print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
-    return EXIT_OK if all_ok else EXIT_PROBLEMS
+    if not all_ok:
+        print("Some sites failed validation (listed above); the study was not run.")
+        return EXIT_PROBLEMS
+
+    from tace.simulation.runner import add_oracle, run_federated
+
+    run = study_config(out.resolve(), args.run_config)
+    run_dir = out / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-federated"
+    print(f"\nfederated study ({len(meta['sites'])} sites, holdout {', '.join(run.holdout)}, backbone {run.backbone}) -> {run_dir}")
+    study = add_oracle(run_federated(out.resolve(), run_dir, run, on_line=_round_printer()), out)
+    (run_dir / "summary.json").write_text(json.dumps(study, indent=2))
+    print()
+    print(results_table(study))
+    print(
+        f"\nrun folder: {run_dir}; federated run {study['timings'].get('wall_s', 0):.0f} s; demo total {time.perf_counter() - demo_start:.0f} s"
+    )
+    return EXIT_OK
 
 
 def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -> RunConfig:
@@ -206,12 +226,17 @@ def results_table(summary: dict[str, object]) -> str:
 def _round_printer() -> Callable[[str], None]:
     def show(line: str) -> None:
         if line.startswith("TACE-ROUND"):
-            _, stage, progress_, auc = line.split()
-            print(f"  {stage:<10} round {progress_:>7}  {auc}", flush=True)
+            _, stage, progress_, auc, *sites = line.split()
+            print(f"  {stage:<10} round {progress_:>7}  {auc}  {'  '.join(sites)}".rstrip(), flush=True)
         elif "ERROR" in line or "Traceback" in line or line.startswith("TaceError") or "error:" in line.lower():
             print("  " + line, flush=True)
 
     return show
+
+
+def _print_reference_round(stage: str, r: int, n: int, auc: float | None, sites: dict[str, str] | None = None) -> None:
+    detail = "  ".join(f"{s}:{v}" for s, v in (sites or {}).items())
+    print(f"  {stage:<10} round {r:>3}/{n}  pooled-val-auc={'n/a' if auc is None else f'{auc:.3f}'}  {detail}".rstrip(), flush=True)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -229,15 +254,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.mode == "federated":
         summary = run_federated(cohort, args.out, run, on_line=_round_printer())
     else:
-        summary = run_reference(
-            args.mode,
-            cohort,
-            args.out,
-            run,
-            on_round=lambda st, r, n, a: print(
-                f"  {st:<10} round {r:>3}/{n}  pooled-val-auc={'n/a' if a is None else f'{a:.3f}'}", flush=True
-            ),
-        )
+        summary = run_reference(args.mode, cohort, args.out, run, on_round=_print_reference_round)
     summary = add_oracle(summary, cohort)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()

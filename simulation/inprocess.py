@@ -91,6 +91,8 @@ class InProcessFederation:
         study_models = self._models(arrays, backbone)
         out = {}
         for site, task in sorted(self.tasks.items()):
+            if not final and task.role != "train":
+                continue  # holdout sites are evaluated once, at the end
             res = task.evaluate(study_models, encoder, models, write_predictions=final)
             res["role"] = task.role
             out[site] = res

@@ -12,9 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +93,46 @@ def _stop_superlink(flwr_home: Path) -> None:
     time.sleep(0.5)
 
 
+class MemorySampler:
+    """Peak summed resident memory of every process of one run (found by its FLWR_HOME in their environment):
+    the CLI, SuperLink, SuperExec, Ray and the ClientApp workers. Linux only (reads /proc)."""
+
+    def __init__(self, marker: str, interval_s: float = 0.5) -> None:
+        self.marker = f"FLWR_HOME={marker}".encode()
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def sample(self) -> float:
+        total = 0
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if self.marker not in (proc / "environ").read_bytes():
+                    continue
+                for line in (proc / "status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+            except OSError:
+                continue
+        return total / 1024
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self.sample())
+            self._stop.wait(self.interval_s)
+
+
 def run_federated(
     cohort: Path, out: Path, run: RunConfig, on_line: Callable[[str], None] | None = None, timeout_s: float | None = None
 ) -> dict[str, Any]:
@@ -107,7 +149,10 @@ def run_federated(
     bindir = Path(sys.executable).parent
     # flwr starts `flower-superlink` by name: the interpreter's own bin folder must come first on PATH.
     env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(flwr_home), "PATH": f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    flwr = bindir / "flwr"
+    found = bindir / "flwr" if (bindir / "flwr").exists() else shutil.which("flwr", path=env["PATH"])
+    if found is None:
+        raise TaceError("Flower's `flwr` command is not installed next to this Python nor on PATH", "install TACE-FL with its dependencies")
+    flwr = Path(found)
     cpus = max(1, run.threads)
     cmd = [str(flwr), "run", str(app), "--stream",
            "--federation-config", f"num-supernodes={len(sites)} client-resources-num-cpus={cpus} client-resources-num-gpus={_gpus_per_client(len(sites))}"]  # fmt: skip
@@ -116,8 +161,10 @@ def run_federated(
     if summary_path.exists():
         summary_path.unlink()
     start = time.monotonic()
+    sampler = MemorySampler(str(flwr_home))
+    proc: subprocess.Popen[str] | None = None
     try:
-        with open(log_path, "w") as log:
+        with sampler, open(log_path, "w") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -130,13 +177,21 @@ def run_federated(
                     raise TaceError(f"the federated run took longer than {timeout_s:.0f} s and was stopped", f"see {log_path}")
             proc.wait()
     finally:
+        if proc is not None and proc.poll() is None:  # we are leaving early (error, Ctrl-C): stop the CLI too
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         _stop_superlink(flwr_home)
     if not summary_path.exists():
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
-        raise TaceError(f"the federated run did not finish (exit status {proc.returncode}); last lines of {log_path}:\n{tail}",
+        code = proc.returncode if proc is not None else None
+        raise TaceError(f"the federated run did not finish (exit status {code}); last lines of {log_path}:\n{tail}",
                         "the lines above say what failed; fix it and run again")  # fmt: skip
     summary = json.loads(summary_path.read_text())
     summary.setdefault("timings", {})["wall_s"] = round(time.monotonic() - start, 3)
+    summary["timings"]["peak_rss_mb"] = round(sampler.peak_mb, 1)
     return summary
 
 
@@ -169,9 +224,7 @@ def site_tasks(cohort: Path, out: Path, run: RunConfig) -> list[Any]:
     return tasks
 
 
-def run_reference(
-    mode: str, cohort: Path, out: Path, run: RunConfig, on_round: Callable[[str, int, int, float | None], None] | None = None
-) -> dict[str, Any]:
+def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: Callable[..., None] | None = None) -> dict[str, Any]:
     """The centralised (pooled) or local-only reference, in this process, with the same model and training code."""
     from tace.common.clinical import FEATURES
     from tace.common.models import StudyModels

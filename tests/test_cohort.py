@@ -187,13 +187,18 @@ def test_cohort_cli(tmp_path):
 
 def test_demo_command_on_tiny(tmp_path):
     out = tmp_path / "demo"
-    first = _sim("demo", "--preset", "tiny", "--out", str(out))
-    assert first.returncode == 0, first.stderr
+    short = "rounds=2 head-rounds=2 clinical-rounds=2"
+    first = _sim("demo", "--preset", "tiny", "--out", str(out), "--run-config", short)
+    assert first.returncode == 0, first.stdout + first.stderr
     for site in ("site-a", "site-b", "site-c", "site-d", "site-e"):
         assert site in first.stdout
     assert "holdout" in first.stdout and "(0 cached)" in first.stdout and "(3, 8, 8, 8)" in first.stdout
-    second = _sim("demo", "--preset", "tiny", "--out", str(out))
-    assert second.returncode == 0 and "using the existing" in second.stdout and "(8 cached)" in second.stdout
+    assert "DLTRMLP" in first.stdout and "oracle" in first.stdout and "holdout pooled" in first.stdout
+    (run,) = (out / "runs").iterdir()
+    assert json.loads((run / "summary.json").read_text())["mode"] == "federated"
+    second = _sim("demo", "--preset", "tiny", "--out", str(out), "--run-config", "rounds=0")
+    assert "using the existing" in second.stdout and "(8 cached)" in second.stdout
+    assert second.returncode == 2 and "rounds must be at least 1" in second.stderr
     clash = _sim("demo", "--preset", "tiny", "--seed", "5", "--out", str(out))
     assert clash.returncode == 2 and "seed" in clash.stderr
 

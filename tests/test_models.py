@@ -1,0 +1,112 @@
+"""Models: shape tables per backbone, no BatchNorm, no in-place operations; clinical encoding; histogram AUC."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+from torch import nn
+
+from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+from tace.common.manifest import parse_manifest
+from tace.common.metrics import auc_from_histograms, score_histograms
+from tace.common.models import BACKBONES, DLTR, ClinicalModel, FusionHead, StudyModels
+
+
+@pytest.mark.parametrize(
+    ("backbone", "shape", "features"),
+    [
+        ("small", (2, 3, 32, 48, 48), 128),
+        ("small", (3, 1, 8, 8, 8), 128),
+        ("resnet10", (2, 3, 32, 48, 48), 256),
+        ("resnet18", (2, 3, 16, 24, 24), 256),
+        ("densenet121", (2, 3, 32, 32, 32), 1024),
+        ("densenet121", (1, 2, 32, 48, 48), 1024),
+    ],
+)
+def test_shape_table(backbone, shape, features):
+    torch.manual_seed(0)
+    model = DLTR(backbone, in_channels=shape[1]).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        assert model(x).shape == (shape[0],)
+        assert model.features(x).shape == (shape[0], features)
+    assert model.feature_dim == features
+    head = FusionHead(features, len(FEATURES))
+    assert head(torch.randn(shape[0], features), torch.randn(shape[0], len(FEATURES))).shape == (shape[0],)
+    assert ClinicalModel(len(FEATURES))(torch.randn(5, len(FEATURES))).shape == (5,)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_no_batchnorm_and_nothing_in_place(backbone):
+    model = DLTR(backbone)
+    for name, module in model.named_modules():
+        assert not isinstance(module, nn.modules.batchnorm._BatchNorm), f"BatchNorm at {name}"
+        assert not getattr(module, "inplace", False), f"in-place op at {name}"
+    assert any(isinstance(m, nn.GroupNorm) for m in model.modules())
+    # a backward pass through every layer works with autograd hooks that forbid in-place edits of views
+    x = torch.randn(2, 3, 32, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None
+
+
+def test_unknown_backbone():
+    with pytest.raises(ValueError, match="valid"):
+        DLTR("vgg")
+
+
+def test_study_models_round_trip():
+    a = StudyModels.build("small", 3, len(FEATURES), seed=1)
+    b = StudyModels.build("small", 3, len(FEATURES), seed=2)
+    assert not np.array_equal(a.arrays()["dltr"]["head.weight"], b.arrays()["dltr"]["head.weight"])
+    b.load(a.arrays())
+    for stage in ("dltr", "head", "clinical"):
+        for k, v in a.arrays()[stage].items():
+            np.testing.assert_array_equal(v, b.arrays()[stage][k])
+
+
+def test_clinical_stats_merge_equals_pooled(tiny_cohort):
+    records = [r for s in ("site-a", "site-b", "site-c") for r in parse_manifest(tiny_cohort / f"sites/{s}/manifest.csv").records]
+    per_site = [
+        ClinicalStats.from_records(parse_manifest(tiny_cohort / f"sites/{s}/manifest.csv").records) for s in ("site-a", "site-b", "site-c")
+    ]
+    merged = per_site[0].merge(per_site[1]).merge(per_site[2])
+    pooled = ClinicalStats.from_records(records)
+    assert merged.to_flat() == pytest.approx(pooled.to_flat())
+    assert ClinicalStats.from_flat(merged.to_flat()).to_flat() == merged.to_flat()
+    encoder = ClinicalEncoder.from_stats(merged)
+    x = encoder.encode(records)
+    assert x.shape == (len(records), len(FEATURES)) and np.isfinite(x).all()
+    # Standardised with the pooled statistics: every column has mean 0 and SD 1 over the pooled patients
+    # (or is constant, SD 0, when a category never occurs).
+    np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-5)
+    sd = x.std(axis=0)
+    assert np.all((np.abs(sd - 1) < 1e-4) | (sd < 1e-6))
+    assert ClinicalEncoder.from_dict(encoder.to_dict()) == encoder
+
+
+def test_imputation_uses_pooled_mean_and_mode(tiny_cohort):
+    from dataclasses import replace
+
+    records = parse_manifest(tiny_cohort / "sites/site-a/manifest.csv").records
+    encoder = ClinicalEncoder.from_stats(ClinicalStats.from_records(records))
+    blank = replace(records[0], clinical={**records[0].clinical, "afp_ng_ml": None, "tace_type": None})
+    row = encoder.encode([blank])[0]
+    assert row[FEATURES.index("afp_ng_ml")] == pytest.approx(0.0, abs=1e-6)  # the mean, standardised
+    mode = encoder.impute_categorical["tace_type"]
+    expected = (1.0 if mode == "deb" else 0.0) - encoder.mean[FEATURES.index("tace_type=deb")]
+    assert row[FEATURES.index("tace_type=deb")] == pytest.approx(expected / encoder.std[FEATURES.index("tace_type=deb")], abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_histogram_auc_matches_exact_auc_and_pools(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.random(3000) < 0.5
+    s = 1 / (1 + np.exp(-(rng.normal(size=3000) + 1.2 * y)))
+    neg, pos = score_histograms(y, s)
+    assert abs(auc_from_histograms(neg, pos) - roc_auc_score(y, s)) <= 0.001
+    halves = [score_histograms(y[i::2], s[i::2]) for i in (0, 1)]
+    pooled = auc_from_histograms(np.add(halves[0][0], halves[1][0]), np.add(halves[0][1], halves[1][1]))
+    assert pooled == pytest.approx(auc_from_histograms(neg, pos), abs=1e-12)
+    assert auc_from_histograms(neg, [0] * len(pos)) is None
