@@ -7,7 +7,10 @@ expected names and shapes before sending) and aggregate metrics, never per-patie
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -22,6 +25,7 @@ from tace.common.models import StudyModels, state_dict_numpy
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
 
 app = ClientApp()
+log = logging.getLogger("tace.client")
 
 
 def _arrays_to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -64,7 +68,41 @@ def check_outgoing(arrays: dict[str, np.ndarray], expected: dict[str, np.ndarray
             raise TaceError(f"training diverged at this site: weight {k} is not finite", "lower the learning rate (run-config lr)")
 
 
+def problem_digest(exc: ManifestError) -> str:
+    """What the coordinator may learn of a site's data problems: kinds, columns and row numbers; no file names
+    (exported folders are often named after patients) and no values."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for p in exc.problems:
+        groups.setdefault((p.kind, p.column or "-"), []).append(p.row or 0)
+    lines = [f"{len(exc.problems)} problem(s) in the site's data; the site's `tace-client check` lists them with files:"]
+    for (kind, column), rows in sorted(groups.items()):
+        shown = ", ".join(str(r) for r in rows[:10]) + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+        lines.append(f"  {kind} in column {column}, row(s) {shown}")
+    return "\n".join(lines)
+
+
+def site_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Errors raised at the site are logged there in full; the coordinator gets a message without file names."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except ManifestError as exc:
+            log.error("%s", exc)
+            raise RuntimeError(problem_digest(exc)) from None
+        except TaceError as exc:
+            log.error("%s", exc)
+            raise RuntimeError(f"{exc.message}" + (f" ({exc.hint})" if exc.hint else "")) from None
+        except Exception as exc:
+            log.exception("site error")
+            raise RuntimeError(f"internal error at the site ({type(exc).__name__}); the site's log has the details") from None
+
+    return wrapped
+
+
 @app.query()
+@site_errors
 def query(msg: Message, context: Context) -> Message:
     """`info`: who this site is, its counts, and whether its data pass validation; `stats`: clinical statistics."""
     kind = str(msg.content.config_records[CONFIG]["query"])
@@ -72,10 +110,12 @@ def query(msg: Message, context: Context) -> Message:
         try:
             task, run, _ = _site(msg, context, validate=True)
         except ManifestError as exc:
-            # Only row numbers, column names and file names: the coordinator learns what to ask the site to fix.
+            log.error("%s", exc)  # the full list, with files, stays in the site's own log
             run = RunConfig.from_run_config(context.run_config)
             site = SiteConfig.from_node_config(context.node_config, run)
-            return Message(RecordDict({SITE: ConfigRecord({"site-id": site.site_id, "ok": False, "problems": str(exc)})}), reply_to=msg)
+            return Message(
+                RecordDict({SITE: ConfigRecord({"site-id": site.site_id, "ok": False, "problems": problem_digest(exc)})}), reply_to=msg
+            )
         info = {k: v for k, v in task.info().items()}
         return Message(RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version()})}), reply_to=msg)
     if kind == QUERY_STATS:
@@ -93,6 +133,7 @@ def query(msg: Message, context: Context) -> Message:
 
 
 @app.train()
+@site_errors
 def train(msg: Message, context: Context) -> Message:
     """One local training call of the stage named in the config; replies with that stage's weights."""
     task, run, config = _site(msg, context)
@@ -115,12 +156,15 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@site_errors
 def evaluate(msg: Message, context: Context) -> Message:
     """Aggregates (AUC, class-conditional score histograms) of the requested models on the site's evaluation set."""
     task, run, config = _site(msg, context)
     models = _models(run, config, msg)
     wanted = tuple(str(config["models"]).split(","))
-    result = task.evaluate(models, _encoder(config), wanted, write_predictions=bool(config.get("final", False)))
+    result = task.evaluate(
+        models, _encoder(config), wanted, write_predictions=bool(config.get("final", False)), tag=str(config.get("tag", ""))
+    )
     return Message(
         RecordDict(
             {METRICS: MetricRecord(flatten_evaluation(result)), SITE: ConfigRecord({"site-id": task.site.site_id, "role": task.role})}

@@ -20,9 +20,9 @@ from tace.client.cache import PreprocessCache
 from tace.client.data import SiteDataset
 from tace.common.clinical import ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig, SiteConfig
-from tace.common.errors import ManifestError
+from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import PatientRecord, parse_manifest
-from tace.common.metrics import auc, score_histograms
+from tace.common.metrics import auc, merge_small_cells, score_histograms
 from tace.common.models import DLTR, StudyModels
 from tace.common.training import (
     TrainResult,
@@ -55,9 +55,8 @@ class SiteTask:
         self.run = run
         self.role = role
         manifest = parse_manifest(site.manifest)
-        problems = list(manifest.problems)
-        if validate and not problems:
-            problems = check_site(manifest).problems
+        # check_site reports the CSV's problems and every image's, all at once.
+        problems = check_site(manifest).problems if validate else list(manifest.problems)
         if problems:
             raise ManifestError(problems, f"{site.manifest} (site {site.site_id})")
         self.manifest = manifest
@@ -87,9 +86,20 @@ class SiteTask:
             out[f"n-{split}"] = sum(r.split == split for r in recs)
             out[f"labelled-{split}"] = sum(r.split == split and r.response is not None for r in recs)
         out["labelled-all"] = sum(r.response is not None for r in recs)
+        out["val-responders"] = sum(r.split == "val" and r.response == 1 for r in recs)
         return out
 
+    def require_enough_patients(self) -> None:
+        """A training site with very few patients would reveal individuals through its statistics and updates."""
+        n = len(self.train_records)
+        if n < self.site.min_patients:
+            raise TaceError(
+                f"site {self.site.site_id} has {n} labelled training patients, fewer than its minimum of {self.site.min_patients}",
+                "add patients to the train split, or run the site as a holdout site (node-config min-patients sets the minimum)",
+            )
+
     def clinical_stats(self) -> ClinicalStats:
+        self.require_enough_patients()
         return ClinicalStats.from_records(self.train_records)
 
     def dataset(self, records: list[PatientRecord], augment: bool, seed: int) -> SiteDataset:
@@ -118,7 +128,7 @@ class SiteTask:
         path = self.site.cache_dir / "features" / f"{digest.hexdigest()[:32]}.npy"
         if path.exists():
             return np.load(path)
-        _, feats = predict_images(dltr, self.dataset(records, augment=False, seed=0), device=self.device)
+        _, feats = predict_images(dltr, self.dataset(records, augment=False, seed=0), device=self.device, amp=self.run.amp)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{id(self)}.tmp.npy")
         np.save(tmp, feats)
@@ -127,6 +137,7 @@ class SiteTask:
 
     def train(self, stage: str, models: StudyModels, encoder: ClinicalEncoder | None, lr: float, seed: int) -> TrainResult:
         """One local training call of `stage` ('dltr', 'head' or 'clinical') on the site's training split."""
+        self.require_enough_patients()
         records = self.train_records
         settings = self.settings(stage, lr, seed)
         labels = torch.tensor([float(r.response) for r in records], dtype=torch.float32)  # type: ignore[arg-type]
@@ -147,7 +158,7 @@ class SiteTask:
         out: dict[str, np.ndarray] = {}
         need_images = "dltr" in stages or "dltrmlp" in stages
         if need_images:
-            probs, feats = predict_images(models.dltr, self.dataset(records, augment=False, seed=0), device=self.device)
+            probs, feats = predict_images(models.dltr, self.dataset(records, augment=False, seed=0), device=self.device, amp=self.run.amp)
             if "dltr" in stages:
                 out["dltr"] = probs
         if encoder is not None and ("clinical" in stages or "dltrmlp" in stages):
@@ -159,7 +170,7 @@ class SiteTask:
         return out
 
     def evaluate(
-        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], write_predictions: bool = False
+        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], write_predictions: bool = False, tag: str = ""
     ) -> dict[str, Any]:
         """Aggregates of the requested models on the site's evaluation set: AUC, n, score histograms per class."""
         records = self.eval_records
@@ -167,16 +178,17 @@ class SiteTask:
         scores = self.predict(models, encoder, stages, records)
         result: dict[str, Any] = {"n": len(records), "n-pos": int(y.sum())}
         for name, s in scores.items():
-            neg, pos = score_histograms(y, s, self.run.hist_bins)
+            neg, pos = merge_small_cells(*score_histograms(y, s, self.run.hist_bins), self.site.min_cell_count)
             result[name] = {"auc": auc(y, s), "hist-neg": neg, "hist-pos": pos}
         if write_predictions:
-            self.write_predictions(records, scores)
+            self.write_predictions(records, scores, tag)
         return result
 
-    def write_predictions(self, records: list[PatientRecord], scores: dict[str, np.ndarray]) -> Path:
-        """Per-patient predictions into the site's own output folder (they stay at the site)."""
+    def write_predictions(self, records: list[PatientRecord], scores: dict[str, np.ndarray], tag: str = "") -> Path:
+        """Per-patient predictions into the site's own output folder (they stay at the site); `tag` names the fold
+        or local model in layouts that evaluate a site more than once."""
         self.site.output_dir.mkdir(parents=True, exist_ok=True)
-        path = self.site.output_dir / "predictions.csv"
+        path = self.site.output_dir / (f"predictions-{tag}.csv" if tag else "predictions.csv")
         names = [m for m in MODELS if m in scores]
         with open(path, "w", newline="") as fh:
             w = csv.writer(fh)

@@ -59,6 +59,7 @@ class RunConfig:
     amp: bool = True
     threads: int = 1
     hist_bins: int = 1000
+    expected_sites: int = 0
     cohort: str = ""
     run_dir: str = ""
 
@@ -72,9 +73,20 @@ class RunConfig:
         for name in (self.backbone, *self.backbone_candidates):
             if name not in BACKBONES:
                 raise ConfigError(f"unknown backbone {name!r}", f"valid backbones: {', '.join(BACKBONES)}")
-        for key in ("rounds", "local_epochs", "batch_size", "head_local_epochs", "clinical_local_epochs", "threads", "hist_bins"):
+        for key in ("rounds", "local_epochs", "batch_size", "head_local_epochs", "clinical_local_epochs", "threads", "hist_bins",
+                    "head_rounds", "clinical_rounds"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
+        for key in ("lr", "head_lr", "clinical_lr", "server_lr"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key.replace('_', '-')} must be positive")
+        for key in ("patience", "expected_sites", "proximal_mu", "weight_decay"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key.replace('_', '-')} must not be negative")
+        if not 0 <= self.seed < 2**31:
+            raise ConfigError("seed must be between 0 and 2147483647")
+        if self.hist_bins > 100_000:
+            raise ConfigError("hist-bins must be at most 100000")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         _ = self.preprocess  # validates the preprocessing keys
@@ -158,7 +170,11 @@ def parse_overrides(text: str) -> dict[str, Any]:
     import tomllib
 
     out: dict[str, Any] = {}
-    for item in shlex.split(text or ""):
+    try:
+        items = shlex.split(text or "")
+    except ValueError as exc:
+        raise ConfigError(f"cannot read the run-config overrides ({exc})", "write them as \"key=value key2='text'\"") from None
+    for item in items:
         if "=" not in item:
             raise ConfigError(f"run-config override {item!r} is not key=value")
         key, _, raw = item.partition("=")
@@ -177,6 +193,8 @@ class SiteConfig:
     manifest: Path
     cache_dir: Path
     output_dir: Path
+    min_patients: int = 5
+    min_cell_count: int = 0
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -189,7 +207,7 @@ class SiteConfig:
             manifest = Path(str(node["manifest-path"]))
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
-            return cls(site_id, manifest, cache, output)
+            return cls(site_id, manifest, cache, output, *_privacy(node))
         if "partition-id" in node:
             if not run.cohort:
                 raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
@@ -200,8 +218,24 @@ class SiteConfig:
                 raise ConfigError(f"partition {pid} has no site: the cohort has {len(sites)} sites", "run with as many supernodes as sites")
             site = sites[pid]
             run_dir = Path(run.run_dir) if run.run_dir else cohort / "runs"
-            return cls(site["site_id"], cohort / site["manifest"], cohort / "cache" / site["site_id"], run_dir / "sites" / site["site_id"])
+            return cls(
+                site["site_id"],
+                cohort / site["manifest"],
+                cohort / "cache" / site["site_id"],
+                run_dir / "sites" / site["site_id"],
+                *_privacy(node),
+            )
         raise ConfigError(
             "node configuration has neither 'manifest-path' (a hospital's site) nor 'partition-id' (simulation)",
             "start the site with --node-config \"site-id='...' manifest-path='...'\"",
         )
+
+
+def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:
+    """The site's own privacy minimums from its node configuration: `min-patients` (default 5: a site with fewer
+    labelled training patients does not train, since its statistics and updates would reveal individuals) and
+    `min-cell-count` (default 0, off: score-histogram cells with fewer patients are merged before they leave)."""
+    try:
+        return int(node.get("min-patients", 5)), int(node.get("min-cell-count", 0))
+    except (TypeError, ValueError):
+        raise ConfigError("node-config keys min-patients and min-cell-count must be integers") from None

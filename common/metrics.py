@@ -27,6 +27,37 @@ def score_histograms(
     return [int(v) for v in neg], [int(v) for v in pos]
 
 
+def merge_small_cells(negatives: Sequence[int], positives: Sequence[int], min_count: int) -> tuple[list[int], list[int]]:
+    """Merge adjacent bins until every non-empty cell holds at least `min_count` patients (both classes together).
+
+    A merged cell's counts are placed in its lowest bin, so the result keeps the grid and still adds up across
+    sites; patients of one cell become ties, which widens the AUC's error by the share of pairs they form.
+    `min_count` <= 1 returns the histograms unchanged.
+    """
+    neg, pos = [int(v) for v in negatives], [int(v) for v in positives]
+    if min_count <= 1:
+        return neg, pos
+    out_neg, out_pos = [0] * len(neg), [0] * len(pos)
+    start, acc_n, acc_p = 0, 0, 0
+    groups: list[tuple[int, int, int]] = []
+    for i, (n, p) in enumerate(zip(neg, pos, strict=True)):
+        if acc_n + acc_p == 0:
+            start = i
+        acc_n, acc_p = acc_n + n, acc_p + p
+        if acc_n + acc_p >= min_count:
+            groups.append((start, acc_n, acc_p))
+            acc_n = acc_p = 0
+    if acc_n + acc_p:  # a last cell that is too small joins the one before it
+        if groups:
+            s0, n0, p0 = groups.pop()
+            groups.append((s0, n0 + acc_n, p0 + acc_p))
+        else:
+            groups.append((start, acc_n, acc_p))
+    for s0, n0, p0 in groups:
+        out_neg[s0], out_pos[s0] = n0, p0
+    return out_neg, out_pos
+
+
 def auc_from_histograms(negatives: Sequence[int] | np.ndarray, positives: Sequence[int] | np.ndarray) -> float | None:
     """Mann-Whitney AUC from binned scores (ties within a bin count one half); None if a class is absent."""
     neg = np.asarray(negatives, dtype=float)

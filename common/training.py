@@ -144,12 +144,14 @@ def train_tabular_model(model: nn.Module, inputs: Sequence[torch.Tensor], labels
 
 
 @torch.no_grad()
-def predict_images(model: nn.Module, dataset: Dataset[Any], batch_size: int = 16, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+def predict_images(
+    model: nn.Module, dataset: Dataset[Any], batch_size: int = 16, device: str = "cpu", amp: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
     """DLTR probabilities ``(N,)`` and deep features ``(N, F)`` for every item, in dataset order (no augmentation)."""
     model.to(device).eval()
     probs, feats = [], []
     for batch in image_loader(dataset, batch_size, shuffle=False, seed=0):
-        with _autocast(device, amp=True):
+        with _autocast(device, amp):
             features = model.features(batch["image"].to(device))  # type: ignore[operator]
             logits = model.head(features).squeeze(-1)  # type: ignore[operator]
         probs.append(torch.sigmoid(logits.float()).cpu().numpy())

@@ -71,12 +71,17 @@ class FlowerFederation:
             site = dict(reply.content.config_records[SITE])
             if not site.get("ok", False):
                 failed.append(f"site {site['site-id']!s}:\n{site.get('problems', '')!s}")
-            self.nodes[node_id] = str(site["site-id"])
-            self.info[str(site["site-id"])] = site
+            site_id = str(site["site-id"])
+            if site_id in self.info:
+                raise TaceError(
+                    f"two connected sites both call themselves {site_id!r}", "give every site its own site-id in its node configuration"
+                )
+            self.nodes[node_id] = site_id
+            self.info[site_id] = site
         if failed:
             raise TaceError("site data failed validation; no training was started\n" + "\n".join(failed),
                             "each site runs `tace-client check --manifest ...`, fixes what it lists, and rejoins")  # fmt: skip
-        self.set_roles(run.holdout)
+        self.set_roles(() if run.layout == "loco" else run.holdout)
 
     def set_roles(self, holdout: tuple[str, ...]) -> None:
         unknown = [s for s in holdout if s not in self.info]
@@ -119,14 +124,17 @@ class FlowerFederation:
             role = self.roles[site]
             n_train = int(info["labelled-train"]) if role == "train" else 0
             n_eval = int(info["labelled-val"]) if role == "train" else int(info["labelled-all"])
-            out.append(SiteInfo(site, role, n_train, n_eval))
+            pos = int(info["val-responders"]) if role == "train" else 0
+            out.append(SiteInfo(site, role, n_train, n_eval, pos))
         return out
 
     def clinical_stats(self) -> list[ClinicalStats]:
         nodes = self._nodes("train")
         per = {n: ConfigRecord({"query": QUERY_STATS, "role": "train"}) for n in nodes}
         replies = self._send(nodes, "query", RecordDict(), per)
-        return [ClinicalStats.from_flat(dict(r.content.metric_records[METRICS])) for r in replies.values()]
+        # Merge in site order: float sums depend on the order, and the encoder feeds training.
+        ordered = sorted(replies.items(), key=lambda kv: self.nodes[kv[0]])
+        return [ClinicalStats.from_flat(dict(r.content.metric_records[METRICS])) for _, r in ordered]
 
     def _config(self, node: int, extra: dict[str, Any], encoder: ClinicalEncoder | None) -> ConfigRecord:
         return ConfigRecord({**extra, "role": self.roles[self.nodes[node]], "encoder": json.dumps(encoder.to_dict()) if encoder else ""})
@@ -159,6 +167,9 @@ class FlowerFederation:
         return out
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
+        if server_round == 1:
+            # A new stage (or a new candidate backbone): FedAdam's moments must not carry over.
+            self.strategies[stage] = _strategy(self.run)
         strategy = self.strategies[stage]
         if hasattr(strategy, "current_arrays"):
             # FedOpt strategies keep the global weights they set in configure_train; our server sends its own
@@ -170,7 +181,7 @@ class FlowerFederation:
         return {k: v.numpy() for k, v in aggregated.items()}
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
     ) -> dict[str, dict[str, Any]]:
         # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
         # the end, so they can never influence model selection.
@@ -178,7 +189,7 @@ class FlowerFederation:
         needed = {"dltr": ("dltr",), "dltrmlp": ("dltr", "head"), "clinical": ("clinical",)}
         stages = sorted({s for m in models for s in needed[m]})
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
-        per = {n: self._config(n, {"models": ",".join(models), "final": final, "backbone": backbone}, encoder) for n in nodes}
+        per = {n: self._config(n, {"models": ",".join(models), "final": final, "backbone": backbone, "tag": tag}, encoder) for n in nodes}
         replies = self._send(nodes, "evaluate", content, per)
         out: dict[str, dict[str, Any]] = {}
         for node, reply in replies.items():
@@ -217,14 +228,22 @@ def main(grid: Grid, context: Context) -> None:
         summary = run_layouts(federation, run, rundir, initial, mode="federated", on_round=_print_round)
         print(f"TACE-SUMMARY {rundir.path / 'summary.json'}", flush=True)
         log.info("summary: %s", json.dumps(summary.get("models", {}))[:2000])
+    except TaceError as exc:
+        # The run's own account of what went wrong, for `tace-sim` and the coordinator's operator.
+        (rundir.path / "error.txt").write_text(str(exc) + "\n")
+        log.error("%s", exc)
+        raise
     finally:
         rundir.close()
 
 
 def _expected_sites(run: RunConfig) -> int:
+    """How many sites to wait for: `expected-sites`, or in simulation every site of the cohort."""
+    if run.expected_sites:
+        return run.expected_sites
     if run.cohort:
         return len(json.loads((Path(run.cohort) / "cohort.json").read_text())["sites"])
-    return 1
+    raise TaceError("run-config key 'expected-sites' is required outside simulation", "set it to the number of sites in the study")
 
 
 def _print_round(stage: str, server_round: int, total: int, val_auc: float | None, sites: dict[str, str] | None = None) -> None:

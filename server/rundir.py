@@ -87,21 +87,10 @@ class RunDir:
                 stage, server_round, site, res.get("role", ""), f"{lr:.6g}", _fmt(m.get("train-loss")), reply.num_examples if reply else "",
                 _fmt(m.get("samples-per-s")), _fmt(m.get("local-s")), _fmt(res.get(model, {}).get("auc")), res.get("n", ""), "",
             ])  # fmt: skip
+        total = sum(r.num_examples for r in replies)
+        loss = sum(r.metrics.get("train-loss", 0.0) * r.num_examples for r in replies) / total if total else None
         rows.append(
-            [
-                stage,
-                server_round,
-                "pooled",
-                "train",
-                f"{lr:.6g}",
-                "",
-                sum(r.num_examples for r in replies),
-                "",
-                "",
-                _fmt(pooled_auc),
-                "",
-                f"{round_s:.3f}",
-            ]
+            [stage, server_round, "pooled", "train", f"{lr:.6g}", _fmt(loss), total, "", "", _fmt(pooled_auc), "", f"{round_s:.3f}"]
         )
         with open(self._metrics, "a", newline="") as fh:
             csv.writer(fh).writerows(rows)

@@ -42,6 +42,7 @@ class SiteInfo:
     role: str
     n_train: int
     n_eval: int
+    val_responders: int = 0
 
 
 class Federation(Protocol):
@@ -58,7 +59,7 @@ class Federation(Protocol):
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
     ) -> dict[str, dict[str, Any]]:
         """Aggregates per site; during rounds (`final` False) training sites only, at the end every site."""
         ...
@@ -135,7 +136,12 @@ def run_stage(
         if on_round:
             on_round(label, r, rounds, val_auc, _site_progress(replies, evaluation, model))
         log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
-        score = -1.0 if val_auc is None else val_auc
+        if val_auc is None:
+            # Nothing to select on (a single-class validation set, allowed only for the local reference): keep the
+            # latest weights and do not stop early.
+            best = current
+            continue
+        score = val_auc
         if score > best_auc + 1e-9 or r == 1:
             best, best_auc, since_best = current, score, 0
         else:
@@ -153,6 +159,8 @@ def run_study(
     rundir: RunDir,
     initial: Callable[[str | None], dict[str, Arrays]],
     on_round: Callable[..., None] | None = None,
+    tag: str = "",
+    require_both_classes: bool = True,
 ) -> StudyResult:
     """The whole study on one federation layout.
 
@@ -171,6 +179,13 @@ def run_study(
         if s.role == "train" and (s.n_train == 0 or s.n_eval == 0):
             raise TaceError(f"training site {s.site_id} has {s.n_train} labelled train and {s.n_eval} labelled val patients",
                             "each training site needs labelled patients in both the train and val splits")  # fmt: skip
+    trainers = [s for s in infos if s.role == "train"]
+    pos = sum(s.val_responders for s in trainers)
+    if require_both_classes and (pos == 0 or pos == sum(s.n_eval for s in trainers)):
+        raise TaceError(
+            "the training sites' pooled validation split holds only one class: no AUC to select models on",
+            "put both responders and non-responders in the val splits of the training sites",
+        )
     stats = ClinicalStats()
     for st in federation.clinical_stats():
         stats = stats.merge(st)
@@ -205,7 +220,7 @@ def run_study(
     timings["clinical_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = federation.evaluate(arrays, encoder, ("clinical", "dltr", "dltrmlp"), True, chosen)
+    evaluation = federation.evaluate(arrays, encoder, ("clinical", "dltr", "dltrmlp"), True, chosen, tag)
     timings["evaluation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison)
@@ -283,17 +298,17 @@ def run_layouts(
             federation.set_roles((site,))
             fold_dir = RunDir(rundir.path / "folds" / site, run.to_run_config(), mode)
             try:
-                results.append(run_study(federation, run, fold_dir, initial, on_round))
-                _save(fold_dir, results[-1], run)
+                results.append(run_study(federation, run, fold_dir, initial, on_round, tag=f"fold-{site}"))
+                save_models(fold_dir, results[-1], run)
             finally:
                 fold_dir.close()
     else:
         results.append(run_study(federation, run, rundir, initial, on_round))
-        _save(rundir, results[-1], run)
+        save_models(rundir, results[-1], run)
     summary = summarise(results, mode, run.layout)
     rundir.write_json("summary.json", summary)
     return summary
 
 
-def _save(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
+def save_models(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
     rundir.save_models(result.arrays, result.backbone, len(run.preprocess.sequences), run.preprocess.shape, result.encoder.to_dict())

@@ -228,8 +228,6 @@ def _round_printer() -> Callable[[str], None]:
         if line.startswith("TACE-ROUND"):
             _, stage, progress_, auc, *sites = line.split()
             print(f"  {stage:<10} round {progress_:>7}  {auc}  {'  '.join(sites)}".rstrip(), flush=True)
-        elif "ERROR" in line or "Traceback" in line or line.startswith("TaceError") or "error:" in line.lower():
-            print("  " + line, flush=True)
 
     return show
 
@@ -246,8 +244,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not (cohort / "cohort.json").exists():
         raise TaceError(f"{cohort} is not a cohort folder (no cohort.json)", "generate one with `tace-sim cohort --out DIR`")
     run = study_config(cohort, args.run_config, args.rounds)
-    if args.out.exists() and (args.out / "summary.json").exists():
-        raise TaceError(f"{args.out} already holds a finished run", "choose a new --out folder")
+    if args.out.exists() and any(args.out.iterdir()):
+        raise TaceError(f"{args.out} is not empty (an earlier run?)", "choose a new --out folder; runs are never overwritten")
     print(
         f"{args.mode} run on {cohort.name}: holdout sites {', '.join(run.holdout) or 'none'}, backbone {run.backbone}, {run.rounds} DLTR rounds"
     )

@@ -36,7 +36,7 @@ from tace.simulation.phantom import PHASES, Acquisition, Anatomy, TumourSpec, re
 
 W_IMG = 1.4
 W_CLIN = 1.4
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 _FLIP_XY = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 _FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
@@ -307,12 +307,7 @@ def _plan_centre(
     u = rng.normal(size=n)
     pheno = _phenotype(rng, u)
     out = _outcomes(rng, u, c_std, centre.intercept)
-    if centre.role == "train":
-        n_val = max(1, round(val_fraction * n)) if n > 1 else 0
-        splits = np.array(["train"] * (n - n_val) + ["val"] * n_val)
-        rng.shuffle(splits)
-    else:
-        splits = np.array(["test"] * n)
+    splits = _stratified_split(rng, out["response"], val_fraction) if centre.role == "train" else np.array(["test"] * n)
     manifest_rows, truth_rows, plans = [], [], []
     for i in range(n):
         pid = f"{centre.site_id}-{i + 1:04d}"
@@ -354,6 +349,19 @@ def _plan_centre(
             "n_tumours": len(anatomy.tumours),
         })  # fmt: skip
     return manifest_rows, truth_rows, plans
+
+
+def _stratified_split(rng: np.random.Generator, response: np.ndarray, val_fraction: float) -> np.ndarray:
+    """'train'/'val' per patient, the val share taken within responders and non-responders separately (as a
+    development centre splits its data), so that a small val split still holds both classes."""
+    splits = np.array(["train"] * len(response), dtype=object)
+    for cls in (0, 1):
+        idx = np.flatnonzero(response == cls)
+        if len(idx) < 2:
+            continue
+        n_val = max(1, round(val_fraction * len(idx)))
+        splits[rng.permutation(idx)[:n_val]] = "val"
+    return splits.astype(str)
 
 
 def render_patient(plan: PatientPlan, site_dir: str) -> None:

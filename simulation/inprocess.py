@@ -16,6 +16,7 @@ from torch.utils.data import ConcatDataset
 from tace.client.task import SiteTask, with_role
 from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
+from tace.common.errors import TaceError
 from tace.common.models import StudyModels, state_dict_numpy
 from tace.common.training import TrainResult, train_image_model, train_tabular_model
 from tace.server.workflow import Arrays, SiteInfo, TrainReply
@@ -40,6 +41,12 @@ def train_pooled(
     return train_tabular_model(models.head, [features, clinical], labels, settings)
 
 
+def check_holdout(holdout: tuple[str, ...], sites: list[str]) -> None:
+    unknown = [s for s in holdout if s not in sites]
+    if unknown:
+        raise TaceError(f"holdout-sites names unknown site(s) {', '.join(unknown)}", f"sites: {', '.join(sorted(sites))}")
+
+
 class InProcessFederation:
     """Sites reached by direct calls: training sites pooled into one unit (`pooled`) or each alone; all evaluate."""
 
@@ -55,10 +62,20 @@ class InProcessFederation:
         return [train] if self.pooled else [[s] for s in train]
 
     def set_roles(self, holdout: tuple[str, ...]) -> None:
+        check_holdout(holdout, list(self.tasks))
         self.tasks = {s: with_role(t, "holdout" if s in holdout else "train") for s, t in self.tasks.items()}
 
     def sites(self) -> list[SiteInfo]:
-        return [SiteInfo(s, t.role, len(t.train_records), len(t.eval_records)) for s, t in sorted(self.tasks.items())]
+        return [
+            SiteInfo(
+                s,
+                t.role,
+                len(t.train_records),
+                len(t.eval_records),
+                sum(r.response == 1 for r in t.eval_records) if t.role == "train" else 0,
+            )
+            for s, t in sorted(self.tasks.items())
+        ]
 
     def clinical_stats(self) -> list[ClinicalStats]:
         return [self.tasks[s].clinical_stats() for g in self.groups for s in g]
@@ -86,14 +103,14 @@ class InProcessFederation:
         return {k: sum(r.arrays[k] * (r.num_examples / total) for r in replies).astype(current[k].dtype) for k in current}  # type: ignore[union-attr]
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str
+        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
     ) -> dict[str, dict[str, Any]]:
         study_models = self._models(arrays, backbone)
         out = {}
         for site, task in sorted(self.tasks.items()):
             if not final and task.role != "train":
                 continue  # holdout sites are evaluated once, at the end
-            res = task.evaluate(study_models, encoder, models, write_predictions=final)
+            res = task.evaluate(study_models, encoder, models, write_predictions=final, tag=tag)
             res["role"] = task.role
             out[site] = res
         return out

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +185,9 @@ def run_federated(
             except subprocess.TimeoutExpired:
                 proc.kill()
         _stop_superlink(flwr_home)
+    error_path = out / "error.txt"
+    if not summary_path.exists() and error_path.exists():
+        raise TaceError(error_path.read_text().rstrip(), f"the whole log is {log_path}")
     if not summary_path.exists():
         tail = "\n".join(log_path.read_text().splitlines()[-25:])
         code = proc.returncode if proc is not None else None
@@ -207,16 +211,16 @@ def _gpus_per_client(n_sites: int) -> float:
 
 
 def _with_paths(run: RunConfig, cohort: Path, out: Path) -> RunConfig:
-    from dataclasses import replace
-
     return replace(run, cohort=str(cohort.resolve()), run_dir=str(out.resolve()))
 
 
 def site_tasks(cohort: Path, out: Path, run: RunConfig) -> list[Any]:
     """SiteTasks for every site of a cohort, roles from `run.holdout`; each site validates its data first."""
     from tace.client.task import SiteTask
+    from tace.simulation.inprocess import check_holdout
 
     sites = json.loads((cohort / "cohort.json").read_text())["sites"]
+    check_holdout(run.holdout, [s["site_id"] for s in sites])
     tasks = []
     for i, s in enumerate(sites):
         config = SiteConfig.from_node_config({"partition-id": i}, run)
@@ -229,11 +233,12 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
     from tace.common.clinical import FEATURES
     from tace.common.models import StudyModels
     from tace.server.rundir import RunDir
-    from tace.server.workflow import run_layouts, run_study, summarise
+    from tace.server.workflow import run_layouts
     from tace.simulation.inprocess import InProcessFederation
 
     out = out.resolve()
-    run = _with_paths(run, cohort, out)
+    # The references are plain (pooled or site-alone) training: no FedProx term, whatever the federated run uses.
+    run = replace(_with_paths(run, cohort, out), strategy="fedavg")
     tasks = site_tasks(cohort, out, run)
 
     def initial(backbone: str | None) -> dict[str, Any]:
@@ -245,7 +250,7 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
         if mode == "centralized":
             summary = run_layouts(InProcessFederation(tasks, run, pooled=True), run, rundir, initial, mode, on_round)
         elif mode == "local":
-            summary = _run_local(tasks, run, rundir, initial, on_round, run_study, summarise, InProcessFederation)
+            summary = _run_local(tasks, run, rundir, initial, on_round)
         else:
             raise TaceError(f"unknown mode {mode!r}", "valid modes: federated, centralized, local")
     finally:
@@ -255,12 +260,12 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
     return summary
 
 
-def _run_local(
-    tasks: list[Any], run: RunConfig, rundir: Any, initial: Any, on_round: Any, run_study: Any, summarise: Any, federation_cls: Any
-) -> dict[str, Any]:
+def _run_local(tasks: list[Any], run: RunConfig, rundir: Any, initial: Any, on_round: Any) -> dict[str, Any]:
     """Each training site trains alone; its model is evaluated on its own validation split and on every holdout
     site. A holdout site's AUC is the mean over the local models (each model's AUC is listed too)."""
     from tace.server.rundir import RunDir
+    from tace.server.workflow import run_study, save_models, summarise
+    from tace.simulation.inprocess import InProcessFederation
 
     train = [t for t in tasks if t.role == "train"]
     holdout = [t for t in tasks if t.role == "holdout"]
@@ -268,7 +273,10 @@ def _run_local(
     for t in train:
         sub = RunDir(rundir.path / "local" / t.site.site_id, run.to_run_config(), "local")
         try:
-            result = run_study(federation_cls([t, *holdout], run, pooled=True), run, sub, initial, on_round)
+            fed = InProcessFederation([t, *holdout], run, pooled=True)
+            # A single site's val split may hold one class: then its local model keeps its last round.
+            result = run_study(fed, run, sub, initial, on_round, tag=f"local-{t.site.site_id}", require_both_classes=False)
+            save_models(sub, result, run)
         finally:
             sub.close()
         per_site[t.site.site_id] = summarise([result], "local", "holdout")

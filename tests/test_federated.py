@@ -282,7 +282,8 @@ def test_federated_run_with_an_invalid_site_fails_clearly(tiny_cohort, tmp_path)
     out = tmp_path / "fed"
     result = _sim("run", "--cohort", str(cohort), "--out", str(out), "--run-config", TINY_RUN, timeout=300)
     assert result.returncode != 0
-    assert "site-c" in result.stderr and "missing-file" in result.stderr and "row 3" in result.stderr
+    assert "site site-c" in result.stderr and "missing-file in column arterial_path, row(s) 3" in result.stderr
+    assert "site-c-0002" not in result.stderr  # no file names leave the site
     assert "no training was started" in result.stderr
     assert _flower_processes(out) == []
 
@@ -340,3 +341,23 @@ def test_regular_install_runs_from_any_folder(tiny_cohort, tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert (elsewhere / "run/summary.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"seed": 2**40}, "seed must be between"),
+        ({"lr": 0.0}, "lr must be positive"),
+        ({"patience": -1}, "patience must not be negative"),
+        ({"hist-bins": 10**8}, "at most 100000"),
+        ({"head-rounds": 0}, "head-rounds must be at least 1"),
+    ],
+)
+def test_config_ranges(overrides, words):
+    with pytest.raises(ConfigError, match=words):
+        RunConfig.from_run_config(overrides)
+
+
+def test_override_syntax_error_is_a_config_error():
+    with pytest.raises(ConfigError, match="cannot read the run-config overrides"):
+        parse_overrides("rounds=1 holdout-sites='site-d")

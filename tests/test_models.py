@@ -110,3 +110,21 @@ def test_histogram_auc_matches_exact_auc_and_pools(seed):
     pooled = auc_from_histograms(np.add(halves[0][0], halves[1][0]), np.add(halves[0][1], halves[1][1]))
     assert pooled == pytest.approx(auc_from_histograms(neg, pos), abs=1e-12)
     assert auc_from_histograms(neg, [0] * len(pos)) is None
+
+
+def test_merge_small_cells_keeps_counts_and_bounds_cells():
+    from tace.common.metrics import merge_small_cells
+
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.5
+    s = rng.random(60)
+    neg, pos = score_histograms(y, s, bins=1000)
+    for k in (0, 1, 3, 7):
+        mneg, mpos = merge_small_cells(neg, pos, k)
+        assert sum(mneg) == sum(neg) and sum(mpos) == sum(pos) and len(mneg) == 1000
+        cells = [a + b for a, b in zip(mneg, mpos, strict=True) if a + b]
+        assert min(cells) >= max(k, 1)
+        if k <= 1:
+            assert (mneg, mpos) == (neg, pos)
+        # merging makes ties: the AUC moves, boundedly
+        assert abs(auc_from_histograms(mneg, mpos) - roc_auc_score(y, s)) < 0.05 * max(k, 1)
