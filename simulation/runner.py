@@ -214,7 +214,7 @@ def _with_paths(run: RunConfig, cohort: Path, out: Path) -> RunConfig:
     return replace(run, cohort=str(cohort.resolve()), run_dir=str(out.resolve()))
 
 
-def site_tasks(cohort: Path, out: Path, run: RunConfig) -> list[Any]:
+def site_tasks(cohort: Path, run: RunConfig) -> list[Any]:
     """SiteTasks for every site of a cohort, roles from `run.holdout`; each site validates its data first."""
     from tace.client.task import SiteTask
     from tace.simulation.inprocess import check_holdout
@@ -239,7 +239,7 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
     out = out.resolve()
     # The references are plain (pooled or site-alone) training: no FedProx term, whatever the federated run uses.
     run = replace(_with_paths(run, cohort, out), strategy="fedavg")
-    tasks = site_tasks(cohort, out, run)
+    tasks = site_tasks(cohort, run)
 
     def initial(backbone: str | None) -> dict[str, Any]:
         return StudyModels.build(backbone or run.backbone, len(run.preprocess.sequences), len(FEATURES), seed=run.seed).arrays()
