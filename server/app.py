@@ -108,7 +108,7 @@ class FlowerFederation:
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                errors.append(f"site {self.nodes.get(node, node)}: {reply.error.reason}")
+                errors.append(f"site {self.nodes.get(node, node)}: {clean_reason(reply.error.reason)}")
             else:
                 out[node] = reply
         missing = [n for n in node_ids if n not in out and not any(str(self.nodes.get(n, n)) in e for e in errors)]
@@ -197,6 +197,16 @@ class FlowerFederation:
             res["role"] = self.roles[self.nodes[node]]
             out[self.nodes[node]] = res
         return out
+
+
+def clean_reason(reason: str | None) -> str:
+    """The site's own message from a Flower error reason, without the traceback text Ray wraps around it."""
+    text = (reason or "no reason given").strip()
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    elif "Traceback" in text or 'File "' in text:
+        text = [line for line in text.splitlines() if line.strip()][-1]
+    return text.rstrip("'>\n ").strip()
 
 
 def check_incoming(received: Arrays, expected: Arrays, site: str) -> None:

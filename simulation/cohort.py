@@ -119,7 +119,10 @@ def make_preset(name: str, n_sites: int | None = None, patients_per_site: int | 
         centres = []
         for i in range(n_sites):
             role = "holdout" if n_sites >= 3 and i >= n_sites - 2 else "train"
-            centres.append(replace(base[i % len(base)], site_id=f"site-{_letters(i)}", role=role))
+            profile = base[i % len(base)]
+            # A training centre needs patients enough to train (and to clear sites' minimum): holdout profiles are small.
+            n = max(profile.n_patients, base[0].n_patients) if role == "train" else profile.n_patients
+            centres.append(replace(profile, site_id=f"site-{_letters(i)}", role=role, n_patients=n))
     if patients_per_site is not None:
         if patients_per_site < 2:
             raise TaceError("--patients-per-site must be at least 2")

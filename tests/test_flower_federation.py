@@ -170,3 +170,17 @@ def test_expected_sites_required_outside_simulation():
     with pytest.raises(TaceError, match="expected-sites"):
         _expected_sites(RunConfig())
     assert _expected_sites(RunConfig(expected_sites=4)) == 4
+
+
+def test_clean_reason_strips_ray_tracebacks():
+    from tace.server.app import clean_reason
+
+    ray = (
+        "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"
+        '  File "/x/flwr/clientapp/client_app.py", line 161, in __call__\n'
+        "RuntimeError: site site-e has 4 labelled training patients\n"
+        "Exception ClientAppException occurred. Message: site site-e has 4 labelled training patients'>"
+    )
+    assert clean_reason(ray) == "site site-e has 4 labelled training patients"
+    assert clean_reason('Traceback (most recent call last):\n  File "a.py", line 1\nValueError: boom') == "ValueError: boom"
+    assert clean_reason(None) == "no reason given"
