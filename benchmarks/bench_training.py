@@ -34,7 +34,7 @@ def study_config(cohort: Path, overrides: str) -> RunConfig:
     return cli_config(cohort, overrides)
 
 
-def holdout_table(name: str, summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
+def holdout_table(summary: dict[str, Any]) -> dict[str, dict[str, float | None]]:
     out: dict[str, dict[str, float | None]] = {}
     for site, entry in summary["models"]["dltrmlp"]["sites"].items():
         if entry["role"] == "holdout":
@@ -103,10 +103,10 @@ def main() -> None:
         print(f"{mode}: {figures[f'{mode}_wall_s']} s", flush=True)
     oracle = {s: v["auc"] for s, v in summaries["federated"]["oracle"]["sites"].items()}
     quality: dict[str, Any] = {}
-    for site in holdout_table("federated", summaries["federated"]):
+    for site in holdout_table(summaries["federated"]):
         row: dict[str, Any] = {"oracle": oracle.get(site)}
         for mode, summary in summaries.items():
-            for model, value in holdout_table(mode, summary)[site].items():
+            for model, value in holdout_table(summary)[site].items():
                 row[f"{mode}.{model}"] = value
         fed, cen, loc = row["federated.dltrmlp"], row["centralized.dltrmlp"], row["local.dltrmlp"]
         row["fed_over_central"] = round(fed / cen, 3) if fed and cen else None

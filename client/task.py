@@ -7,9 +7,9 @@ output folder; what these functions return for the coordinator is weights and ag
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.metrics import auc, merge_small_cells, score_histograms
 from tace.common.models import DLTR, StudyModels
+from tace.common.protocol import MODELS
 from tace.common.training import (
     TrainResult,
     TrainSettings,
@@ -34,8 +35,6 @@ from tace.common.training import (
     train_tabular_model,
 )
 from tace.common.validate import check_site
-
-MODELS = ("clinical", "dltr", "dltrmlp")
 
 
 class SiteTask:
@@ -200,8 +199,6 @@ class SiteTask:
 
 def with_role(task: SiteTask, role: str) -> SiteTask:
     """The same site under another role (leave-one-centre-out reuses parsed manifests and caches)."""
-    clone = object.__new__(SiteTask)
-    clone.__dict__.update(task.__dict__)
+    clone = copy.copy(task)
     clone.role = role
-    clone.site = replace(task.site)
     return clone

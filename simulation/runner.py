@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -78,12 +78,15 @@ clientapp = "tace.client.app:app"
     return folder
 
 
+def processes() -> Iterator[Path]:
+    """The /proc folders of the running processes (Linux)."""
+    return (p for p in Path("/proc").iterdir() if p.name.isdigit())
+
+
 def _stop_superlink(flwr_home: Path) -> None:
     """Stop the local SuperLink `flwr run` started for this FLWR_HOME (it outlives the run otherwise)."""
     marker = str(flwr_home / "local-superlink")
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for proc in processes():
         try:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
@@ -115,9 +118,7 @@ class MemorySampler:
 
     def sample(self) -> float:
         total = 0
-        for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit():
-                continue
+        for proc in processes():
             try:
                 if self.marker not in (proc / "environ").read_bytes():
                     continue

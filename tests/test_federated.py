@@ -18,7 +18,7 @@ from tace.common.config import RunConfig, SiteConfig, parse_overrides
 from tace.common.errors import ConfigError, ManifestError, TaceError
 from tace.common.manifest import parse_manifest
 from tace.simulation.cohort import generate_cohort, make_preset
-from tace.simulation.runner import run_reference
+from tace.simulation.runner import processes, run_reference
 from tests.helpers import set_cell
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,14 +244,13 @@ def _sim(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
 
 def _flower_processes(run_dir: Path) -> list[str]:
     found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(run_dir) in cmd and "flower" in cmd:
-                found.append(cmd)
+    for proc in processes():
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(run_dir) in cmd and "flower" in cmd:
+            found.append(cmd)
     return found
 
 
