@@ -162,15 +162,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, run, config = _site(msg, context)
     models = _models(run, config, msg)
     wanted = tuple(str(config["models"]).split(","))
+    final = bool(config.get("final", False))
+    cutoffs = json.loads(str(config.get("cutoffs", "") or "{}"))
     result = task.evaluate(
-        models, _encoder(config), wanted, write_predictions=bool(config.get("final", False)), tag=str(config.get("tag", ""))
+        models, _encoder(config), wanted, write_predictions=final, tag=str(config.get("tag", "")), summary=final, cutoffs=cutoffs
     )
-    return Message(
-        RecordDict(
-            {METRICS: MetricRecord(flatten_evaluation(result)), SITE: ConfigRecord({"site-id": task.site.site_id, "role": task.role})}
-        ),
-        reply_to=msg,
-    )
+    site: dict[str, Any] = {"site-id": task.site.site_id, "role": task.role}
+    if final:
+        site["summary"] = json.dumps(result["summary"])
+    return Message(RecordDict({METRICS: MetricRecord(flatten_evaluation(result)), SITE: ConfigRecord(site)}), reply_to=msg)
 
 
 def _version() -> str:

@@ -25,6 +25,7 @@ from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.metrics import auc, merge_small_cells, score_histograms
 from tace.common.models import DLTR, StudyModels
 from tace.common.protocol import MODELS
+from tace.common.summaries import site_summary
 from tace.common.training import (
     TrainResult,
     TrainSettings,
@@ -169,9 +170,21 @@ class SiteTask:
         return out
 
     def evaluate(
-        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], write_predictions: bool = False, tag: str = ""
+        self,
+        models: StudyModels,
+        encoder: ClinicalEncoder | None,
+        stages: tuple[str, ...],
+        write_predictions: bool = False,
+        tag: str = "",
+        summary: bool = False,
+        cutoffs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Aggregates of the requested models on the site's evaluation set: AUC, n, score histograms per class."""
+        """Aggregates of the requested models on the site's evaluation set: AUC, n, score histograms per class.
+
+        With `summary` (the final evaluation) the result also holds the site's analysis summary under
+        ``"summary"`` (`tace.common.summaries.site_summary`): the joint score table, PFS event tables grouped with
+        the coordinator's `cutoffs` when given, and patient-level rows only if this site opted in.
+        """
         records = self.eval_records
         y = np.array([r.response for r in records], dtype=float)
         scores = self.predict(models, encoder, stages, records)
@@ -181,7 +194,33 @@ class SiteTask:
             result[name] = {"auc": auc(y, s), "hist-neg": neg, "hist-pos": pos}
         if write_predictions:
             self.write_predictions(records, scores, tag)
+        if summary:
+            result["summary"] = site_summary(
+                site_id=self.site.site_id, role=self.role, patient_ids=[r.patient_id for r in records], labels=y, scores=scores,
+                pfs_days=[r.pfs_days for r in records], pfs_event=[r.pfs_event for r in records], bins=self.run.analysis_bins,
+                min_cell_count=self.site.min_cell_count, cutoffs=cutoffs, share_patient_level=self.site.share_patient_level,
+                pseudonym_key=self.pseudonym_key() if self.site.share_patient_level else b"",
+            )  # fmt: skip
         return result
+
+    def pseudonym_key(self) -> bytes:
+        """The site's secret key for pseudonyms (created once in its output folder; it never leaves the site)."""
+        import os
+        import secrets
+
+        path = self.site.output_dir / "pseudonym.key"
+        if not path.exists():
+            self.site.output_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(secrets.token_hex(32).encode())
+            tmp.chmod(0o600)
+            try:
+                os.link(tmp, path)  # atomic: never overwrite a key another process created first
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink()
+        return path.read_bytes().strip()
 
     def write_predictions(self, records: list[PatientRecord], scores: dict[str, np.ndarray], tag: str = "") -> Path:
         """Per-patient predictions into the site's own output folder (they stay at the site); `tag` names the fold

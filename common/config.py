@@ -59,6 +59,9 @@ class RunConfig:
     amp: bool = True
     threads: int = 1
     hist_bins: int = 1000
+    analysis_bins: int = 10_000
+    risk_groups: int = 3
+    share_patient_level: str = ""
     expected_sites: int = 0
     cohort: str = ""
     run_dir: str = ""
@@ -85,6 +88,10 @@ class RunConfig:
                 raise ConfigError(f"{key.replace('_', '-')} must not be negative")
         if not 0 <= self.seed < 2**31:
             raise ConfigError("seed must be between 0 and 2147483647")
+        if not 100 <= self.analysis_bins <= 1_000_000:
+            raise ConfigError("analysis-bins must be between 100 and 1000000")
+        if not 2 <= self.risk_groups <= 10:
+            raise ConfigError("risk-groups must be between 2 and 10")
         if self.hist_bins > 100_000:
             raise ConfigError("hist-bins must be at most 100000")
         if self.lr_schedule not in ("cosine", "constant"):
@@ -195,6 +202,7 @@ class SiteConfig:
     output_dir: Path
     min_patients: int = 5
     min_cell_count: int = 0
+    share_patient_level: bool = False
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -207,7 +215,7 @@ class SiteConfig:
             manifest = Path(str(node["manifest-path"]))
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
-            return cls(site_id, manifest, cache, output, *_privacy(node))
+            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)))
         if "partition-id" in node:
             if not run.cohort:
                 raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
@@ -218,17 +226,30 @@ class SiteConfig:
                 raise ConfigError(f"partition {pid} has no site: the cohort has {len(sites)} sites", "run with as many supernodes as sites")
             site = sites[pid]
             run_dir = Path(run.run_dir) if run.run_dir else cohort / "runs"
+            # In simulation the researcher stands in for every site: the run config says which sites opt in.
+            share = run.share_patient_level.strip() == "all" or site["site_id"] in _csv(run.share_patient_level)
             return cls(
                 site["site_id"],
                 cohort / site["manifest"],
                 cohort / "cache" / site["site_id"],
                 run_dir / "sites" / site["site_id"],
                 *_privacy(node),
+                share,
             )
         raise ConfigError(
             "node configuration has neither 'manifest-path' (a hospital's site) nor 'partition-id' (simulation)",
             "start the site with --node-config \"site-id='...' manifest-path='...'\"",
         )
+
+
+def _flag(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"node-config key share-patient-level must be true or false, not {value!r}")
 
 
 def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:

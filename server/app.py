@@ -181,22 +181,42 @@ class FlowerFederation:
         return {k: v.numpy() for k, v in aggregated.items()}
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
+        self,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        models: tuple[str, ...],
+        final: bool,
+        backbone: str,
+        tag: str = "",
+        role: str | None = None,
+        cutoffs: dict[str, Any] | None = None,
     ) -> dict[str, dict[str, Any]]:
         # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
         # the end, so they can never influence model selection.
-        nodes = self._nodes() if final else self._nodes("train")
+        nodes = self._nodes(role) if final else self._nodes("train")
         needed = {"dltr": ("dltr",), "dltrmlp": ("dltr", "head"), "clinical": ("clinical",)}
         stages = sorted({s for m in models for s in needed[m]})
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
-        per = {n: self._config(n, {"models": ",".join(models), "final": final, "backbone": backbone, "tag": tag}, encoder) for n in nodes}
+        extra = {"models": ",".join(models), "final": final, "backbone": backbone, "tag": tag, "cutoffs": json.dumps(cutoffs or {})}
+        per = {n: self._config(n, extra, encoder) for n in nodes}
         replies = self._send(nodes, "evaluate", content, per)
         out: dict[str, dict[str, Any]] = {}
         for node, reply in replies.items():
             res = unflatten_evaluation(dict(reply.content.metric_records[METRICS]))
             res["role"] = self.roles[self.nodes[node]]
+            if final:
+                res["summary"] = _summary(reply, self.nodes[node])
             out[self.nodes[node]] = res
         return out
+
+
+def _summary(reply: Message, site: str) -> Any:
+    text = reply.content.config_records[SITE].get("summary", "") if SITE in reply.content.config_records else ""
+    try:
+        return json.loads(str(text))
+    except json.JSONDecodeError:
+        raise TaceError(f"site {site} sent an analysis summary that is not valid JSON",
+                        "the site may run another TACE-FL version; ask it to update") from None  # fmt: skip
 
 
 def clean_reason(reason: str | None) -> str:

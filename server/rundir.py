@@ -53,6 +53,7 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.mode = mode
+        self.rounds: dict[str, int] = {}  # rounds recorded per stage
         self.write_json("run_config.json", {"mode": mode, "run_config": run_config})
         self._metrics = self.path / "metrics.csv"
         if not self._metrics.exists():
@@ -78,6 +79,7 @@ class RunDir:
         self, stage: str, server_round: int, lr: float, replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str,
         pooled_auc: float | None, round_s: float,
     ) -> None:  # fmt: skip
+        self.rounds[stage] = max(self.rounds.get(stage, 0), server_round)
         by_site = {r.site_id: r for r in replies}
         rows = []
         for site, res in sorted(evaluation.items()):

@@ -19,6 +19,8 @@ from tace.common.clinical import ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.metrics import auc_from_histograms
+from tace.common.protocol import MODELS
+from tace.common.summaries import check_summary, fix_cutoffs
 from tace.server.rundir import RunDir
 
 log = logging.getLogger("tace.server")
@@ -59,9 +61,19 @@ class Federation(Protocol):
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
+        self,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        models: tuple[str, ...],
+        final: bool,
+        backbone: str,
+        tag: str = "",
+        role: str | None = None,
+        cutoffs: dict[str, Any] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Aggregates per site; during rounds (`final` False) training sites only, at the end every site."""
+        """Aggregates per site. During rounds (`final` False) training sites only. The final evaluation reaches
+        the sites of `role` (every site when None) and each result also holds the site's analysis summary under
+        ``"summary"``, its survival event tables grouped with `cutoffs` when given."""
         ...
 
     def set_roles(self, holdout: tuple[str, ...]) -> None: ...
@@ -76,6 +88,7 @@ class StudyResult:
     timings: dict[str, float] = field(default_factory=dict)
     backbone: str = ""
     backbone_comparison: dict[str, float | None] = field(default_factory=dict)
+    cutoffs: dict[str, Any] = field(default_factory=dict)
 
 
 def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train") -> float | None:
@@ -220,10 +233,62 @@ def run_study(
     timings["clinical_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    evaluation = federation.evaluate(arrays, encoder, ("clinical", "dltr", "dltrmlp"), True, chosen, tag)
+    evaluation, cutoffs = final_evaluation(federation, run, rundir, arrays, encoder, roles, chosen, tag)
     timings["evaluation_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison)
+    return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison, cutoffs)
+
+
+def final_evaluation(
+    federation: Federation,
+    run: RunConfig,
+    rundir: RunDir,
+    arrays: dict[str, Arrays],
+    encoder: ClinicalEncoder,
+    roles: dict[str, str],
+    backbone: str,
+    tag: str,
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """Evaluate the final models: the training sites first, whose pooled score tables fix the cut-offs (Youden,
+    risk groups), then the holdout sites, which group their PFS event tables with those cut-offs.
+
+    Writes what every site returned to ``site_returns/<site>.json``, the cut-offs to ``cutoffs.json`` and what
+    left each site during the run to ``data_sharing.json``.
+    """
+    evaluation = federation.evaluate(arrays, encoder, MODELS, True, backbone, tag, role="train")
+    for site, res in evaluation.items():
+        res["summary"] = check_summary(res.get("summary"), site, MODELS)
+    cutoffs = fix_cutoffs([res["summary"]["scores"] for res in evaluation.values()], run.risk_groups)
+    rundir.write_json("cutoffs.json", cutoffs)
+    if any(r == "holdout" for r in roles.values()):
+        external = federation.evaluate(arrays, encoder, MODELS, True, backbone, tag, role="holdout", cutoffs=cutoffs)
+        for site, res in external.items():
+            res["summary"] = check_summary(res.get("summary"), site, MODELS)
+        evaluation.update(external)
+    for site, res in sorted(evaluation.items()):
+        rundir.write_json(f"site_returns/{site}.json", res["summary"])
+    rundir.write_json("data_sharing.json", data_sharing(evaluation, rundir.rounds))
+    return evaluation, cutoffs
+
+
+def data_sharing(evaluation: dict[str, dict[str, Any]], rounds: dict[str, int]) -> dict[str, Any]:
+    """What left each site during the run, and in which mode it shared its final evaluation."""
+    out: dict[str, Any] = {}
+    for site, res in sorted(evaluation.items()):
+        summary = res["summary"]
+        sent = []
+        if summary["role"] == "train":
+            sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
+            sent += [f"model weights after local training: {n} round(s) of stage {stage}" for stage, n in sorted(rounds.items())]
+            sent.append("per round: number of training samples, training loss, speed; internal-validation AUC and score histograms")
+        sent.append(f"final evaluation: joint score table of {len(summary['scores']['cells'])} non-empty cells "
+                    f"({summary['n']} patients, {summary['n_pos']} responders)")  # fmt: skip
+        for name, table in summary.get("survival", {}).get("tables", {}).items():
+            sent.append(f"PFS event table {name}: {len(table['rows'])} rows")
+        if "patients" in summary:
+            sent.append(f"patient-level rows (pseudonymous id, label, scores, PFS): {len(summary['patients']['label'])}")
+        out[site] = {"role": summary["role"], "sharing": summary["sharing"], "min_cell_count": summary["min_cell_count"], "sent": sent}
+    return out
 
 
 def _site_entries(result: StudyResult, model: str) -> dict[str, dict[str, Any]]:

@@ -103,14 +103,22 @@ class InProcessFederation:
         return {k: sum(r.arrays[k] * (r.num_examples / total) for r in replies).astype(current[k].dtype) for k in current}  # type: ignore[union-attr]
 
     def evaluate(
-        self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, models: tuple[str, ...], final: bool, backbone: str, tag: str = ""
+        self,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        models: tuple[str, ...],
+        final: bool,
+        backbone: str,
+        tag: str = "",
+        role: str | None = None,
+        cutoffs: dict[str, Any] | None = None,
     ) -> dict[str, dict[str, Any]]:
         study_models = self._models(arrays, backbone)
         out = {}
         for site, task in sorted(self.tasks.items()):
-            if not final and task.role != "train":
+            if (not final and task.role != "train") or (role is not None and task.role != role):
                 continue  # holdout sites are evaluated once, at the end
-            res = task.evaluate(study_models, encoder, models, write_predictions=final, tag=tag)
+            res = task.evaluate(study_models, encoder, models, write_predictions=final, tag=tag, summary=final, cutoffs=cutoffs)
             res["role"] = task.role
             out[site] = res
         return out

@@ -1,0 +1,157 @@
+"""Figures of the analysis (matplotlib, no display needed), each written as PNG and SVG.
+
+ROC curves with 95 % bootstrap bands per external site and pooled; calibration curves; decision curves;
+Kaplan-Meier curves with the numbers at risk below, log-rank p and hazard ratio.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+COLORS = {"dltrmlp": "#c0392b", "dltr": "#2471a3", "clinical": "#7f8c8d"}
+NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
+GROUP_COLORS = ["#c0392b", "#f39c12", "#27ae60", "#2471a3", "#8e44ad", "#16a085", "#7f8c8d", "#d35400", "#2c3e50", "#e84393"]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _save(fig: Any, folder: Path, name: str) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for ext in ("png", "svg"):
+        path = folder / f"{name}.{ext}"
+        fig.savefig(path, dpi=130, bbox_inches="tight", metadata={"Date": None} if ext == "svg" else None)
+        out.append(path.name)
+    plt.close(fig)
+    return out
+
+
+def _p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def roc(block: dict[str, Any], title: str) -> Any:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for model, e in block["models"].items():
+        if "roc" not in e:
+            continue
+        r = e["roc"]
+        ax.fill_between(r["band_fpr"], r["band_low"], r["band_high"], color=COLORS[model], alpha=0.15, linewidth=0)
+        ax.plot(r["fpr"], r["tpr"], color=COLORS[model], lw=2,
+                label=f"{NAMES[model]}  AUC {e['auc']:.3f} ({e['ci_low']:.3f}-{e['ci_high']:.3f})")  # fmt: skip
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1)
+    ax.set(
+        xlabel="1 - specificity",
+        ylabel="sensitivity",
+        title=f"{title} (n={block['n']}, responders {block['n_pos']})",
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def calibration(block: dict[str, Any], title: str) -> Any:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for model, e in block["models"].items():
+        c = e["calibration_curve"]
+        xs = [g["predicted"] for g in c]
+        ys = [g["observed"] for g in c]
+        err = [[y - g["observed_low"] for y, g in zip(ys, c, strict=True)], [g["observed_high"] - y for y, g in zip(ys, c, strict=True)]]
+        hl = e["hosmer_lemeshow"]
+        ax.errorbar(xs, ys, yerr=err, marker="o", ms=4, color=COLORS[model], capsize=2, lw=1.5,
+                    label=f"{NAMES[model]}  Brier {e['brier']:.3f}, HL p {_p(hl['p'])}")  # fmt: skip
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1)
+    ax.set(
+        xlabel="predicted probability of response", ylabel="observed response rate", title=f"Calibration: {title}", xlim=(0, 1), ylim=(0, 1)
+    )
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def decision(block: dict[str, Any], title: str) -> Any:
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    first = next(iter(block["models"].values()))["decision_curve"]
+    ax.plot(first["threshold"], first["treat_all"], color="#555", lw=1, ls="--", label="treat all")
+    ax.plot(first["threshold"], first["treat_none"], color="#000", lw=1, label="treat none")
+    top = max(max(first["treat_all"]), 0.05)
+    for model, e in block["models"].items():
+        d = e["decision_curve"]
+        ax.plot(d["threshold"], d["model"], color=COLORS[model], lw=2, label=NAMES[model])
+        top = max(top, max(d["model"]))
+    ax.set(xlabel="threshold probability", ylabel="net benefit", title=f"Decision curve: {title}", xlim=(0, 1), ylim=(-0.05, top * 1.1))
+    ax.legend(fontsize=8)
+    return fig
+
+
+def kaplan_meier(block: dict[str, Any], title: str) -> Any:
+    fig, (ax, table) = plt.subplots(2, 1, figsize=(6.5, 5.5), gridspec_kw={"height_ratios": [4, 1.2]}, sharex=True)
+    times = block["at_risk_times"]
+    names = list(block["km"])
+    for i, (name, km) in enumerate(block["km"].items()):
+        color = GROUP_COLORS[i % len(GROUP_COLORS)]
+        ax.step([0, *km["time"]], [1.0, *km["survival"]], where="post", color=color, lw=2,
+                label=f"{name} (n={km['n']}, events {km['events']})")  # fmt: skip
+        ax.fill_between([0, *km["time"]], [1.0, *km["low"]], [1.0, *km["high"]], step="post", color=color, alpha=0.12, linewidth=0)
+    text = []
+    if "logrank" in block:
+        text.append(f"log-rank p {_p(block['logrank']['p'])}")
+    for name, hr in block.get("cox", {}).get("hazard_ratios", {}).items():
+        text.append(f"HR {name} vs {block['cox']['reference']}: {hr['hr']:.2f} ({hr['low']:.2f}-{hr['high']:.2f})")
+    if text:
+        ax.text(0.98, 0.97, "\n".join(text), transform=ax.transAxes, ha="right", va="top", fontsize=8,
+                bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})  # fmt: skip
+    ax.set(ylabel="progression-free survival", ylim=(0, 1.02), title=title)
+    ax.legend(loc="lower left", fontsize=8)
+    table.set_ylim(-0.5, len(names) - 0.5)
+    for i, name in enumerate(names):
+        row = len(names) - 1 - i
+        for t in times:
+            table.text(t, row, str(block["km"][name]["at_risk"].get(str(t), "")), ha="center", va="center", fontsize=7,
+                       color=GROUP_COLORS[i % len(GROUP_COLORS)])  # fmt: skip
+    table.set_yticks(range(len(names)), [n[:22] for n in reversed(names)], fontsize=7)
+    table.set_xticks(times)
+    table.set_xlabel("days since first TACE  (numbers at risk)")
+    table.tick_params(axis="y", length=0)
+    for side in ("top", "right", "left"):
+        table.spines[side].set_visible(False)
+    fig.tight_layout()
+    return fig
+
+
+def draw(analysis: dict[str, Any], folder: Path) -> dict[str, list[str]]:
+    """Every figure of the analysis; returns {figure: [file names]} (relative to `folder`)."""
+    out: dict[str, list[str]] = {}
+    v = analysis.get("validation")
+    if v:
+        populations = [*v["sites"].items()]
+        if len(v["sites"]) > 1:
+            populations.append(("pooled external", v["pooled"]))
+        for where, block in populations:
+            if any("roc" in e for e in block["models"].values()):
+                out[f"roc-{_slug(where)}"] = _save(roc(block, f"ROC: {where}"), folder, f"roc-{_slug(where)}")
+            out[f"calibration-{_slug(where)}"] = _save(calibration(block, where), folder, f"calibration-{_slug(where)}")
+            out[f"decision-{_slug(where)}"] = _save(decision(block, where), folder, f"decision-{_slug(where)}")
+    s = analysis.get("survival")
+    if s:
+        for grouping, entry in s["groupings"].items():
+            model, _, kind = grouping.partition(":")
+            populations = [("pooled external", entry["pooled"])] if "pooled" in entry else []
+            if model == "dltrmlp" and len(entry["sites"]) > 1:
+                populations += list(entry["sites"].items())
+            for where, block in populations:
+                name = f"km-{_slug(model)}-{kind}-{_slug(where)}"
+                title = f"PFS by {NAMES.get(model, model)} {'predicted response' if kind == 'response' else 'risk group'}: {where}"
+                out[name] = _save(kaplan_meier(block, title), folder, name)
+    return out

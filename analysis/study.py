@@ -1,0 +1,376 @@
+"""The study's statistics on a finished run: external validation and survival, per external site and pooled.
+
+`validate` and `survival` compute every number from what the sites returned (`tace.analysis.data`) and return
+plain dicts; `write_analysis` merges them into ``analysis.json``, writes CSV tables under ``tables/`` and figures
+under ``figures/``. Nothing here needs patient-level data: ``source="patient-level"`` recomputes the same
+statistics from the rows of sites that opted in, and `equivalence` puts both next to the reference libraries.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tace.analysis import calibration, discrimination, survival
+from tace.analysis.data import RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
+from tace.common.errors import TaceError
+from tace.common.summaries import bin_index
+
+MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
+PAIRS = (("dltrmlp", "dltr"), ("dltrmlp", "clinical"), ("dltr", "clinical"))
+POOLED = "pooled external"
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _predicted(df: pd.DataFrame, sites: list[SiteReturn], model: str) -> np.ndarray:
+    """Predicted responder (1) at the Youden cut-off fixed on the training sites (per fold in leave-one-out)."""
+    out = np.zeros(len(df), dtype=int)
+    for s in sites:
+        m = (df["site"] == s.site_id).to_numpy()
+        cut = s.cutoffs.get(model)
+        if cut is None:
+            continue
+        bins = int(s.summary["scores"]["bins"])
+        out[m] = (bin_index(df.loc[m, model].to_numpy(), bins) >= int(cut["youden_bin"])).astype(int)
+    return out
+
+
+def _discrimination(
+    df: pd.DataFrame,
+    sites: list[SiteReturn],
+    models: tuple[str, ...],
+    reps: int,
+    seed: int,
+    notes: list[str],
+    where: str,
+    curves: bool = True,
+) -> dict[str, Any]:
+    y = df["label"].to_numpy(dtype=int)
+    strata = df["site"].to_numpy()
+    n_pos = int(y.sum())
+    block: dict[str, Any] = {"n": len(y), "n_pos": n_pos, "models": {}, "paired": {}}
+    both = 0 < n_pos < len(y)
+    if not both:
+        notes.append(f"{where}: only {'responders' if n_pos else 'non-responders'} in the evaluation set, so no AUC, ROC or paired "
+                     "test; threshold metrics, calibration and decision curves were still computed")  # fmt: skip
+    scores = df[list(models)].to_numpy(dtype=float)
+    dl = discrimination.delong(y, scores) if both else None
+    boot = discrimination.bootstrap_aucs(y, scores, strata, reps, seed) if both else None
+    bins = int(sites[0].summary["scores"]["bins"])
+    for j, model in enumerate(models):
+        entry: dict[str, Any] = {}
+        if dl is not None and boot is not None:
+            lo, hi = dl.ci(j)
+            blo, bhi = discrimination.percentile_ci(boot[:, j])
+            degenerate = dl.cov[j, j] <= 1e-15
+            entry.update({
+                "auc": float(dl.aucs[j]), "ci_low": blo if degenerate else lo, "ci_high": bhi if degenerate else hi,
+                "ci_method": "stratified bootstrap (DeLong variance is zero)" if degenerate else "DeLong",
+                "delong_se": math.sqrt(max(float(dl.cov[j, j]), 0.0)), "bootstrap_ci_low": blo, "bootstrap_ci_high": bhi,
+                "grid_error_bound": discrimination.grid_error_bound(y, scores[:, j], bins),
+            })  # fmt: skip
+        p = df[model].to_numpy(dtype=float)
+        entry["threshold"] = discrimination.threshold_metrics(y, _predicted(df, sites, model))
+        if not curves:
+            block["models"][model] = entry
+            continue
+        entry["brier"] = calibration.brier(y, p)
+        entry["hosmer_lemeshow"] = calibration.hosmer_lemeshow(y, p)
+        entry["calibration_curve"] = calibration.calibration_curve(y, p)
+        entry["decision_curve"] = calibration.decision_curve(y, p)
+        if both:
+            entry["roc"] = discrimination.roc_band(y, p, strata, reps=min(reps, 500), seed=seed + j)
+        block["models"][model] = entry
+    if dl is not None and boot is not None:
+        for a, b in PAIRS:
+            if a in models and b in models:
+                ia, ib = models.index(a), models.index(b)
+                z, pval = dl.paired(ia, ib)
+                dlo, dhi = discrimination.percentile_ci(boot[:, ia] - boot[:, ib])
+                block["paired"][f"{a} vs {b}"] = {"difference": float(dl.aucs[ia] - dl.aucs[ib]), "z": _finite(z), "p": pval,
+                                                  "bootstrap_ci_low": dlo, "bootstrap_ci_high": dhi}  # fmt: skip
+    return block
+
+
+def validate(run: RunData, source: str = "aggregate", reps: int = 2000, seed: int = 0, curves: bool = True) -> dict[str, Any]:
+    """External validation: discrimination, threshold metrics, calibration and decision curves per external site
+    and pooled; the training sites' pooled internal validation for comparison."""
+    external = run.external
+    if not external:
+        raise TaceError("this run has no external (holdout) site to validate on", "set holdout-sites, or use layout='loco'")
+    if source == "patient-level":
+        missing = [s.site_id for s in external if not s.has_patients]
+        if missing:
+            raise TaceError(f"site(s) {', '.join(missing)} did not share patient-level data", "use --source aggregate (the default)")
+    notes: list[str] = []
+    models = run.models
+    out: dict[str, Any] = {"source": source, "bins": int(external[0].summary["scores"]["bins"]), "bootstrap_reps": reps, "seed": seed,
+                           "sites": {}, "notes": notes}  # fmt: skip
+    rows = score_rows(external, source)
+    for s in external:
+        df = rows[rows["site"] == s.site_id]
+        block = _discrimination(df, [s], models, reps, seed, notes, f"site {s.site_id}", curves)
+        out["sites"][s.site_id] = {"role": s.role, "sharing": s.sharing, "fold": s.fold, **block}
+    out["pooled"] = (
+        _discrimination(rows, external, models, reps, seed, notes, POOLED, curves)
+        if len(external) > 1
+        else out["sites"][external[0].site_id]
+    )
+    if run.training:
+        internal = score_rows(run.training, "aggregate")
+        y = internal["label"].to_numpy(dtype=int)
+        if 0 < y.sum() < len(y):
+            dl = discrimination.delong(y, internal[list(models)].to_numpy(dtype=float))
+            out["internal"] = {m: {"auc": float(dl.aucs[j]), "ci_low": dl.ci(j)[0], "ci_high": dl.ci(j)[1]} for j, m in enumerate(models)}
+            out["internal"]["n"] = len(y)
+    out["cutoffs"] = {s.fold or "all": s.cutoffs for s in external}
+    return out
+
+
+def _at_risk_times(t: np.ndarray) -> list[float]:
+    top = float(t.max()) if len(t) else 0.0
+    step = next((s for s in (30, 90, 180, 365, 730) if top / s <= 7), 1825)
+    return [float(v) for v in np.arange(0, top + 1e-9, step)]
+
+
+def _survival_block(df: pd.DataFrame, names: list[str], where: str, notes: list[str], grouping: str) -> dict[str, Any]:
+    t, e, g = df["time"].to_numpy(float), df["event"].to_numpy(int), df["group"].to_numpy(int)
+    block: dict[str, Any] = {"n": len(t), "events": int(e.sum()), "km": {}, "at_risk_times": _at_risk_times(t)}
+    for lv in sorted(set(g.tolist())):
+        m = g == lv
+        block["km"][names[lv]] = survival.kaplan_meier(t[m], e[m], block["at_risk_times"])
+    present = sorted(set(g.tolist()))
+    if len(present) < 2:
+        notes.append(f"{where}, {grouping}: every patient is in group '{names[present[0]] if present else '-'}'; no log-rank test or "
+                     "hazard ratio (Kaplan-Meier still drawn)")  # fmt: skip
+        return block
+    if e.sum() == 0:
+        notes.append(f"{where}, {grouping}: no progression events; no log-rank test or hazard ratio")
+        return block
+    block["logrank"] = survival.logrank(t, e, g)
+    # The worst-predicted group is the reference: HRs < 1 mean the better-predicted group progresses later.
+    cox = survival.cox_groups(t, e, g, names, reference=present[0])
+    if "error" in cox:
+        notes.append(f"{where}, {grouping}: hazard ratio not estimable: {cox['error']}")
+    block["cox"] = cox
+    block["c_index"] = survival.c_index(t, e, g)
+    return block
+
+
+def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]:
+    """PFS by predicted group (responders vs non-responders, and risk groups; every model) per external site,
+    pooled, and pooled stratified by site."""
+    external = run.external
+    if not external:
+        raise TaceError("this run has no external (holdout) site", "set holdout-sites, or use layout='loco'")
+    with_tables = [s for s in external if s.summary.get("survival", {}).get("tables")]
+    if not any(s.summary.get("n_with_pfs", 0) for s in with_tables):
+        raise TaceError(
+            "no external site returned PFS data: the manifests' pfs_days and pfs_event columns are empty or absent",
+            "fill in pfs_days and pfs_event at the external sites and rerun; the validation analysis does not need them",
+        )
+    notes: list[str] = []
+    out: dict[str, Any] = {"source": source, "groupings": {}, "notes": notes}
+    names_all = sorted({name for s in with_tables for name in s.summary["survival"]["tables"]})
+    for grouping in names_all:
+        df, names, more = survival_rows(external, grouping, source)
+        notes.extend(more)
+        entry: dict[str, Any] = {"groups": names, "sites": {}}
+        for s in external:
+            sub = df[df["site"] == s.site_id]
+            if len(sub):
+                entry["sites"][s.site_id] = _survival_block(sub, names, f"site {s.site_id}", notes, grouping)
+        if len(external) > 1 and len(df):
+            entry["pooled"] = _survival_block(df, names, POOLED, notes, grouping)
+            if df["group"].nunique() > 1 and df["event"].sum() > 0:
+                entry["pooled"]["stratified_logrank"] = survival.stratified_logrank(
+                    df["time"].to_numpy(), df["event"].to_numpy(), df["group"].to_numpy(), df["site"].to_numpy()
+                )
+        elif len(df):
+            entry["pooled"] = next(iter(entry["sites"].values()))
+        out["groupings"][grouping] = entry
+    if all(s.has_patients for s in external):
+        for model in run.models:
+            ps = patient_survival_scores(external, model)
+            if len(ps) and ps["event"].sum():
+                out.setdefault("c_index_continuous", {})[model] = survival.c_index(
+                    ps["time"].to_numpy(float), ps["event"].to_numpy(int), ps["score"].to_numpy(float)
+                )
+    return out
+
+
+def equivalence(run: RunData, reps: int = 200, seed: int = 0) -> list[dict[str, Any]]:
+    """Aggregate vs patient-level vs the reference libraries, on the external sites that shared patient-level data."""
+    from lifelines import CoxPHFitter
+    from lifelines.statistics import logrank_test
+    from sklearn.metrics import roc_auc_score
+
+    sites = [s for s in run.external if s.has_patients]
+    if not sites:
+        return []
+    sub = RunData(run.path, run.layout, run.models, sites, run.run_config)
+    agg = validate(sub, "aggregate", reps, seed, curves=False)["pooled"]
+    pat = validate(sub, "patient-level", reps, seed, curves=False)["pooled"]
+    rows: list[dict[str, Any]] = []
+
+    def add(stat: str, a: float | None, p: float | None, ref: float | None, ref_name: str) -> None:
+        rows.append({"statistic": stat, "aggregate": a, "patient_level": p, "reference": ref, "reference_from": ref_name,
+                     "abs_difference": None if a is None or p is None else abs(a - p)})  # fmt: skip
+
+    df = score_rows(sites, "patient-level")
+    for m in run.models:
+        if "auc" in agg["models"][m]:
+            ref = float(roc_auc_score(df["label"], df[m])) if df["label"].nunique() == 2 else None
+            add(f"AUC {MODEL_NAMES[m]}", agg["models"][m]["auc"], pat["models"][m]["auc"], ref, "sklearn roc_auc_score")
+            add(f"DeLong SE {MODEL_NAMES[m]}", agg["models"][m]["delong_se"], pat["models"][m]["delong_se"], None, "")
+    for key in agg["paired"]:
+        add(f"DeLong p {key}", agg["paired"][key]["p"], pat["paired"][key]["p"], None, "")
+    sa, sp = survival_analysis(sub, "aggregate"), survival_analysis(sub, "patient-level")
+    for grouping in ("dltrmlp:response", "dltrmlp:risk"):
+        ga, gp = sa["groupings"].get(grouping, {}).get("pooled", {}), sp["groupings"].get(grouping, {}).get("pooled", {})
+        if "logrank" not in ga or "logrank" not in gp:
+            continue
+        d, _, _ = survival_rows(sites, grouping, "patient-level")
+        ref_stat = ref_p = None
+        if grouping.endswith(":response") and d["group"].nunique() == 2:
+            a, b = d[d["group"] == 0], d[d["group"] == 1]
+            lr = logrank_test(a["time"], b["time"], a["event"], b["event"])
+            ref_stat, ref_p = float(lr.test_statistic), float(lr.p_value)
+        add(
+            f"log-rank chi2 {grouping}",
+            ga["logrank"]["statistic"],
+            gp["logrank"]["statistic"],
+            ref_stat,
+            "lifelines logrank_test" if ref_stat else "",
+        )
+        add(f"log-rank p {grouping}", ga["logrank"]["p"], gp["logrank"]["p"], ref_p, "lifelines logrank_test" if ref_p else "")
+        hra = next(iter(ga.get("cox", {}).get("hazard_ratios", {}).values()), None)
+        hrp = next(iter(gp.get("cox", {}).get("hazard_ratios", {}).values()), None)
+        if hra and hrp and grouping.endswith(":response"):
+            cph = CoxPHFitter().fit(pd.DataFrame({"duration": d["time"], "observed": d["event"], "g": d["group"].astype(float)}),
+                                    duration_col="duration", event_col="observed")  # fmt: skip
+            add(f"Cox HR {grouping}", hra["hr"], hrp["hr"], float(np.exp(cph.params_["g"])), "lifelines CoxPHFitter")
+    return rows
+
+
+def headline(validation: dict[str, Any], surv: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One row per model: pooled external AUC with CI, each external site's AUC, DeLong p against DLTRMLP, and
+    the log-rank p / HR of the model's predicted responders vs non-responders (pooled)."""
+    rows = []
+    for model in ("dltrmlp", "dltr", "clinical"):
+        pooled = validation["pooled"]["models"].get(model, {})
+        row: dict[str, Any] = {
+            "model": MODEL_NAMES[model],
+            "pooled_auc": pooled.get("auc"),
+            "ci_low": pooled.get("ci_low"),
+            "ci_high": pooled.get("ci_high"),
+        }
+        for site, block in validation["sites"].items():
+            row[f"auc {site}"] = block["models"].get(model, {}).get("auc")
+        if model != "dltrmlp":
+            row["delong_p_vs_dltrmlp"] = validation["pooled"]["paired"].get(f"dltrmlp vs {model}", {}).get("p")
+        if surv:
+            g = surv["groupings"].get(f"{model}:response", {}).get("pooled", {})
+            row["logrank_p"] = g.get("logrank", {}).get("p")
+            hr = next(iter(g.get("cox", {}).get("hazard_ratios", {}).values()), None)
+            row["hr"] = hr["hr"] if hr else None
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 0.001 and v != 0 else f"{v:.3f}"
+    return str(v)
+
+
+def format_headline(rows: list[dict[str, Any]]) -> str:
+    lines = []
+    for r in rows:
+        parts = [f"{r['model']:<9} pooled external AUC {_fmt(r['pooled_auc'])} (95% CI {_fmt(r['ci_low'])}-{_fmt(r['ci_high'])})"]
+        parts += [f"{k[4:]} {_fmt(v)}" for k, v in r.items() if k.startswith("auc ")]
+        if "delong_p_vs_dltrmlp" in r:
+            parts.append(f"DeLong p vs DLTRMLP {_fmt(r['delong_p_vs_dltrmlp'])}")
+        if "logrank_p" in r:
+            parts.append(f"PFS log-rank p {_fmt(r['logrank_p'])}, HR {_fmt(r.get('hr'))}")
+        lines.append("  " + "; ".join(parts))
+    return "\n".join(lines)
+
+
+def _tables(analysis: dict[str, Any], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    v = analysis.get("validation")
+    if v:
+        rows = []
+        for where, block in [*v["sites"].items(), (POOLED, v["pooled"])]:
+            for m, e in block["models"].items():
+                thr = e["threshold"]
+                rows.append({"population": where, "model": MODEL_NAMES[m], "n": block["n"], "n_pos": block["n_pos"], "auc": e.get("auc"),
+                             "ci_low": e.get("ci_low"), "ci_high": e.get("ci_high"), "ci_method": e.get("ci_method"),
+                             **{f"{k}": thr[k]["value"] for k in thr}, "brier": e["brier"], "hl_p": e["hosmer_lemeshow"]["p"]})  # fmt: skip
+        pd.DataFrame(rows).to_csv(folder / "validation.csv", index=False)
+        paired = [
+            {"population": w, "comparison": k, **val}
+            for w, b in [*v["sites"].items(), (POOLED, v["pooled"])]
+            for k, val in b["paired"].items()
+        ]
+        pd.DataFrame(paired).to_csv(folder / "delong.csv", index=False)
+        written += [folder / "validation.csv", folder / "delong.csv"]
+    s = analysis.get("survival")
+    if s:
+        rows = []
+        for grouping, entry in s["groupings"].items():
+            for where, block in [*entry["sites"].items(), *([(POOLED, entry["pooled"])] if "pooled" in entry else [])]:
+                lr = block.get("logrank", {})
+                for name, hr in block.get("cox", {}).get("hazard_ratios", {}).items():
+                    rows.append({"grouping": grouping, "population": where, "group": name, "reference": block["cox"]["reference"], **hr,
+                                 "logrank_chi2": lr.get("statistic"), "logrank_p": lr.get("p"), "c_index": block.get("c_index")})  # fmt: skip
+        pd.DataFrame(rows).to_csv(folder / "survival.csv", index=False)
+        written.append(folder / "survival.csv")
+    if analysis.get("equivalence"):
+        pd.DataFrame(analysis["equivalence"]).to_csv(folder / "equivalence.csv", index=False)
+        written.append(folder / "equivalence.csv")
+    return written
+
+
+def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True) -> Path:
+    """Merge `sections` into RUN/analysis.json (other sections kept), and write tables and figures."""
+    path = run.path / "analysis.json"
+    analysis: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    analysis.update(sections)
+    analysis["sharing"] = {
+        s.site_id: {"role": s.role, "sharing": s.sharing, "min_cell_count": s.summary.get("min_cell_count", 0)} for s in run.sites
+    }
+    if "validation" in analysis:
+        analysis["headline"] = headline(analysis["validation"], analysis.get("survival"))
+    _tables(analysis, run.path / "tables")
+    if figures:
+        from tace.analysis import plots
+
+        analysis["figures"] = plots.draw(analysis, run.path / "figures")
+    path.write_text(json.dumps(_clean(analysis), indent=1, allow_nan=False))
+    return path
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-ready: numpy scalars to Python, non-finite numbers (undefined statistics) to null."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
