@@ -102,7 +102,9 @@ def score_rows(sites: list[SiteReturn], source: str = "aggregate") -> pd.DataFra
     """One row per patient of the sites' evaluation sets: ``site, label`` and one column of scores per model."""
     frames = []
     for s in sites:
-        if source == "aggregate":
+        if source == "aggregate" and "marginals" in s.summary["scores"]:
+            frames.append(_marginal_rows(s))
+        elif source == "aggregate":
             table = s.summary["scores"]
             models, bins = list(table["models"]), int(table["bins"])
             cells = np.asarray(table["cells"], dtype=np.int64).reshape(-1, len(models) + 2)
@@ -110,7 +112,7 @@ def score_rows(sites: list[SiteReturn], source: str = "aggregate") -> pd.DataFra
             reps = np.concatenate([cells[:, m], cells[:, m + 1]])
             base = np.concatenate([cells[:, :m], cells[:, :m]])
             labels = np.concatenate([np.zeros(len(cells), int), np.ones(len(cells), int)])
-            data = {"site": s.site_id, "label": np.repeat(labels, reps)}
+            data = {"site": s.site_id, "label": np.repeat(labels, reps), "paired": True}
             for j, model in enumerate(models):
                 data[model] = np.repeat((base[:, j] + 0.5) / bins, reps)
             frames.append(pd.DataFrame(data))
@@ -118,19 +120,43 @@ def score_rows(sites: list[SiteReturn], source: str = "aggregate") -> pd.DataFra
             if not s.has_patients:
                 raise TaceError(f"site {s.site_id} did not share patient-level data", "use the aggregate source for it")
             p = s.summary["patients"]
-            frames.append(pd.DataFrame({"site": s.site_id, "label": p["label"], **p["scores"]}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["site", "label", *MODELS])
+            frames.append(pd.DataFrame({"site": s.site_id, "label": p["label"], "paired": True, **p["scores"]}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["site", "label", "paired", *MODELS])
+
+
+def _marginal_rows(s: SiteReturn) -> pd.DataFrame:
+    """Rows of a site that sent one table per model (a minimum cell count): within each class, the models'
+    scores are paired in rank order, which is right for every one-model statistic but not for the paired test
+    (rows are marked ``paired = False``)."""
+    table = s.summary["scores"]
+    bins = int(table["bins"])
+    data: dict[str, Any] = {}
+    labels = None
+    for model in table["models"]:
+        cells = np.asarray(table["marginals"][model], dtype=np.int64).reshape(-1, 3)
+        neg = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 1])
+        pos = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 2])
+        data[model] = np.concatenate([np.sort(neg), np.sort(pos)])
+        labels = np.r_[np.zeros(len(neg), int), np.ones(len(pos), int)]
+    return pd.DataFrame({"site": s.site_id, "label": labels, "paired": False, **data})
 
 
 def survival_rows(sites: list[SiteReturn], grouping: str, source: str = "aggregate") -> tuple[pd.DataFrame, list[str], list[str]]:
     """One row per patient with PFS: ``site, time, event, group``; plus the group names and notes on what is
     missing (sites without PFS data, groups a site suppressed)."""
-    frames, names, notes = [], [], []
+    frames: list[pd.DataFrame] = []
+    names: list[str] = []
+    notes: list[str] = []
     for s in sites:
         tables = s.summary.get("survival", {}).get("tables", {})
         if grouping not in tables:
             notes.append(f"site {s.site_id} returned no PFS event table for {grouping}")
             continue
+        if names and list(tables[grouping]["groups"]) != names:
+            raise TaceError(
+                f"the groups of {grouping} differ between sites (the folds fixed different numbers of risk groups)",
+                "analyse each fold's run folder on its own",
+            )
         names = list(tables[grouping]["groups"])
         if s.summary.get("n_with_pfs", 0) < s.summary.get("n", 0):
             notes.append(f"site {s.site_id}: {s.summary['n'] - s.summary['n_with_pfs']} of {s.summary['n']} patients have no PFS data")

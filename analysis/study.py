@@ -37,6 +37,7 @@ def _predicted(df: pd.DataFrame, sites: list[SiteReturn], model: str) -> np.ndar
         m = (df["site"] == s.site_id).to_numpy()
         cut = s.cutoffs.get(model)
         if cut is None:
+            out[m] = -1  # no cut-off: the training sites' pooled validation had one class
             continue
         bins = int(s.summary["scores"]["bins"])
         out[m] = (bin_index(df.loc[m, model].to_numpy(), bins) >= int(cut["youden_bin"])).astype(int)
@@ -78,7 +79,11 @@ def _discrimination(
                 "grid_error_bound": discrimination.grid_error_bound(y, scores[:, j], bins),
             })  # fmt: skip
         p = df[model].to_numpy(dtype=float)
-        entry["threshold"] = discrimination.threshold_metrics(y, _predicted(df, sites, model))
+        predicted = _predicted(df, sites, model)
+        if (predicted < 0).any():
+            notes.append(f"{where}: no threshold metrics for {MODEL_NAMES[model]}: no cut-off could be fixed on the training sites")
+        else:
+            entry["threshold"] = discrimination.threshold_metrics(y, predicted)
         if not curves:
             block["models"][model] = entry
             continue
@@ -89,7 +94,11 @@ def _discrimination(
         if both:
             entry["roc"] = discrimination.roc_band(y, p, strata, reps=min(reps, 500), seed=seed + j)
         block["models"][model] = entry
-    if dl is not None and boot is not None:
+    if dl is not None and boot is not None and not df["paired"].all():
+        unpaired = sorted(set(df.loc[~df["paired"].astype(bool), "site"]))
+        notes.append(f"{where}: no paired DeLong test: site(s) {', '.join(unpaired)} require a minimum cell count and send one "
+                     "score table per model, which cannot be paired")  # fmt: skip
+    elif dl is not None and boot is not None:
         for a, b in PAIRS:
             if a in models and b in models:
                 ia, ib = models.index(a), models.index(b)
@@ -161,7 +170,10 @@ def _survival_block(df: pd.DataFrame, names: list[str], where: str, notes: list[
     if "error" in cox:
         notes.append(f"{where}, {grouping}: hazard ratio not estimable: {cox['error']}")
     block["cox"] = cox
-    block["c_index"] = survival.c_index(t, e, g)
+    try:
+        block["c_index"] = survival.c_index(t, e, g)
+    except ZeroDivisionError:
+        notes.append(f"{where}, {grouping}: no C-index: no pair of patients is comparable")
     return block
 
 
@@ -201,9 +213,11 @@ def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]
         for model in run.models:
             ps = patient_survival_scores(external, model)
             if len(ps) and ps["event"].sum():
-                out.setdefault("c_index_continuous", {})[model] = survival.c_index(
-                    ps["time"].to_numpy(float), ps["event"].to_numpy(int), ps["score"].to_numpy(float)
-                )
+                try:
+                    c = survival.c_index(ps["time"].to_numpy(float), ps["event"].to_numpy(int), ps["score"].to_numpy(float))
+                except ZeroDivisionError:
+                    continue
+                out.setdefault("c_index_continuous", {})[model] = c
     return out
 
 
@@ -233,6 +247,8 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0) -> list[dict[str, 
             add(f"DeLong SE {MODEL_NAMES[m]}", agg["models"][m]["delong_se"], pat["models"][m]["delong_se"], None, "")
     for key in agg["paired"]:
         add(f"DeLong p {key}", agg["paired"][key]["p"], pat["paired"][key]["p"], None, "")
+    if not any(s.summary.get("n_with_pfs", 0) for s in sites):
+        return rows
     sa, sp = survival_analysis(sub, "aggregate"), survival_analysis(sub, "patient-level")
     for grouping in ("dltrmlp:response", "dltrmlp:risk"):
         ga, gp = sa["groupings"].get(grouping, {}).get("pooled", {}), sp["groupings"].get(grouping, {}).get("pooled", {})
@@ -315,7 +331,7 @@ def _tables(analysis: dict[str, Any], folder: Path) -> list[Path]:
         rows = []
         for where, block in [*v["sites"].items(), (POOLED, v["pooled"])]:
             for m, e in block["models"].items():
-                thr = e["threshold"]
+                thr = e.get("threshold", {})
                 rows.append({"population": where, "model": MODEL_NAMES[m], "n": block["n"], "n_pos": block["n_pos"], "auc": e.get("auc"),
                              "ci_low": e.get("ci_low"), "ci_high": e.get("ci_high"), "ci_method": e.get("ci_method"),
                              **{f"{k}": thr[k]["value"] for k in thr}, "brier": e["brier"], "hl_p": e["hosmer_lemeshow"]["p"]})  # fmt: skip

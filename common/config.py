@@ -59,7 +59,7 @@ class RunConfig:
     amp: bool = True
     threads: int = 1
     hist_bins: int = 1000
-    analysis_bins: int = 10_000
+    analysis_bins: int = 100_000
     risk_groups: int = 3
     share_patient_level: str = ""
     expected_sites: int = 0

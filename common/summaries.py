@@ -13,11 +13,13 @@ labelled cohort at a holdout site) in a `site_summary`:
 * **patient-level rows**, only when the site's own configuration opts in (``share-patient-level``): pseudonymous
   id, label, scores, PFS. The pseudonym is a keyed hash whose key never leaves the site.
 
-A site may require a minimum cell count ``k`` (``min-cell-count``): score-table patients are then grouped into
-runs of at least ``k`` patients with neighbouring scores and every patient of a run gets the run's mean scores
-(microaggregation), and event-table rows are merged with the following distinct times until each row holds at
-least ``k`` events plus censorings (a merged row is reported at the latest time it covers). A survival group
-with fewer than ``k`` patients is suppressed and named in the summary. docs/analysis.md quantifies the effect.
+A site may require a minimum cell count ``k`` (``min-cell-count``). Its score table then holds one table per
+model instead of the joint one (joint cells would single patients out): for each model the patients are sorted
+by that model's score, grouped into runs of at least ``k`` and every patient of a run gets the run's mean score
+(microaggregation), so each model's ranking is kept up to ties; the paired test cannot use such a site. Event-table
+rows are merged with the following distinct times until each row holds at least ``k`` events plus censorings (a
+merged row is reported at the latest time it covers); a survival group with fewer than ``k`` patients is
+suppressed and named in the summary. docs/analysis.md quantifies the effect.
 
 This module is numpy-only: the site builds summaries with it, the coordinator fixes cut-offs and checks incoming
 summaries with it, and `tace.analysis` reads them.
@@ -59,14 +61,19 @@ def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins
     """Class-conditional patient counts per joint grid cell of the models' scores.
 
     Returns ``{"bins", "models", "cells": [[bin_model_1, ..., bin_model_m, n_negative, n_positive], ...],
-    "microaggregated": k}``; cells are sorted, only non-empty cells are listed.
+    "microaggregated": 0}``; cells are sorted, only non-empty cells are listed. With ``min_cell_count`` k > 1:
+    ``{"bins", "models", "marginals": {model: [[bin, n_negative, n_positive], ...]}, "microaggregated": k}``.
     """
     models = list(scores)
     y = np.asarray(labels, dtype=int)
-    values = np.column_stack([np.asarray(scores[m], dtype=float) for m in models]) if models else np.zeros((len(y), 0))
     k = int(min_cell_count)
-    if k > 1 and len(y):
-        values = _microaggregate(values, k)
+    if k > 1:
+        marginals = {}
+        for m in models:
+            single = joint_score_table(y, {m: _microaggregate(np.asarray(scores[m], dtype=float), k)}, bins)
+            marginals[m] = single["cells"]
+        return {"bins": int(bins), "models": models, "marginals": marginals, "microaggregated": k}
+    values = np.column_stack([np.asarray(scores[m], dtype=float) for m in models]) if models else np.zeros((len(y), 0))
     idx = np.column_stack([bin_index(values[:, j], bins) for j in range(len(models))]) if models else np.zeros((len(y), 0), int)
     cells: dict[tuple[int, ...], list[int]] = {}
     for row, label in zip(idx, y, strict=True):
@@ -81,8 +88,8 @@ def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins
 
 
 def _microaggregate(values: np.ndarray, k: int) -> np.ndarray:
-    """Replace each patient's scores by the mean scores of a run of >= k patients with neighbouring mean score."""
-    order = np.argsort(values.mean(axis=1), kind="stable")
+    """Replace each patient's score by the mean score of a run of >= k patients with neighbouring scores."""
+    order = np.argsort(values, kind="stable")
     n = len(order)
     starts = list(range(0, n, k))
     if len(starts) > 1 and n - starts[-1] < k:
@@ -91,15 +98,20 @@ def _microaggregate(values: np.ndarray, k: int) -> np.ndarray:
     for i, s in enumerate(starts):
         e = starts[i + 1] if i + 1 < len(starts) else n
         members = order[s:e]
-        out[members] = values[members].mean(axis=0)
+        out[members] = values[members].mean()
     return out
 
 
 def table_margins(table: Mapping[str, Any], model: str) -> tuple[np.ndarray, np.ndarray]:
     """One model's class-conditional histograms (negatives, positives) from a joint score table."""
-    j = list(table["models"]).index(model)
     bins = int(table["bins"])
     neg, pos = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
+    if "marginals" in table:
+        for b, n, p in table["marginals"][model]:
+            neg[int(b)] += int(n)
+            pos[int(b)] += int(p)
+        return neg, pos
+    j = list(table["models"]).index(model)
     m = len(table["models"])
     for cell in table["cells"]:
         neg[int(cell[j])] += int(cell[m])
@@ -111,14 +123,20 @@ def table_margins(table: Mapping[str, Any], model: str) -> tuple[np.ndarray, np.
 def youden_bin(negatives: np.ndarray, positives: np.ndarray) -> int:
     """The grid cell b maximising sensitivity + specificity - 1 for the rule "responder when bin >= b".
 
-    Ties go to the lowest such b. Needs both classes.
+    The index is flat over the empty cells between two observed scores; the cut-off is put in the middle of the
+    first best run (midway between the two scores, as pROC's best threshold). Needs both classes.
     """
     neg, pos = np.asarray(negatives, dtype=float), np.asarray(positives, dtype=float)
     if neg.sum() == 0 or pos.sum() == 0:
         raise ValueError("both classes are needed for a Youden cut-off")
     sens = pos[::-1].cumsum()[::-1] / pos.sum()  # share of positives with bin >= b
     spec = (neg.cumsum() - neg) / neg.sum()  # share of negatives with bin < b
-    return int(np.argmax(sens + spec - 1.0))
+    j = sens + spec - 1.0
+    first = int(np.argmax(j))
+    last = first
+    while last + 1 < len(j) and j[last + 1] >= j[first] - 1e-12:
+        last += 1
+    return (first + last + 1) // 2
 
 
 def quantile_bins(counts: np.ndarray, groups: int) -> list[int]:
@@ -132,9 +150,13 @@ def quantile_bins(counts: np.ndarray, groups: int) -> list[int]:
     cuts: list[int] = []
     for i in range(1, groups):
         b = int(np.searchsorted(cum, total * i / groups, side="right"))
-        b = max(b, cuts[-1] + 1 if cuts else 1)
-        cuts.append(min(b, len(counts) - 1))
-    return sorted(set(cuts))
+        below = cum[b - 1] if b > 0 else 0.0
+        previous = cum[cuts[-1] - 1] if cuts else 0.0
+        # keep a cut only if it leaves patients on both sides and in the group it closes (a heavy cell can
+        # make fewer groups than asked)
+        if 0 < b < len(counts) and below > previous and below < total:
+            cuts.append(b)
+    return cuts
 
 
 def fix_cutoffs(tables: Sequence[Mapping[str, Any]], risk_groups: int) -> dict[str, dict[str, Any]]:
@@ -288,26 +310,52 @@ def check_summary(summary: Any, site: str, models: Sequence[str]) -> dict[str, A
         raise bad("not a mapping")
     if summary.get("version") != SUMMARY_VERSION:
         raise bad(f"summary version {summary.get('version')!r}, expected {SUMMARY_VERSION}")
+    if summary.get("role") not in ("train", "holdout") or not isinstance(summary.get("site_id"), str):
+        raise bad("no valid role or site id")
+    if not isinstance(summary.get("n"), int) or not isinstance(summary.get("n_pos"), int):
+        raise bad("no patient counts")
     table = summary.get("scores")
-    if not isinstance(table, dict) or not isinstance(table.get("cells"), list) or not isinstance(table.get("bins"), int):
+    if not isinstance(table, dict) or not isinstance(table.get("bins"), int):
         raise bad("no score table")
     missing = [m for m in models if m not in table.get("models", [])]
     if missing:
         raise bad(f"score table lacks model(s) {', '.join(missing)}")
-    m, bins = len(table["models"]), table["bins"]
-    total = 0
-    for cell in table["cells"]:
-        if not isinstance(cell, list) or len(cell) != m + 2 or not all(isinstance(v, int) and v >= 0 for v in cell):
-            raise bad("a score-table cell is not a list of non-negative integers of the right length")
-        if any(v >= bins for v in cell[:m]):
-            raise bad("a score-table cell lies outside the grid")
-        total += cell[m] + cell[m + 1]
-    if total != summary.get("n"):
-        raise bad(f"the score table holds {total} patients but the summary says {summary.get('n')}")
+    bins = table["bins"]
+    if isinstance(table.get("marginals"), dict):
+        parts = [(table["marginals"].get(m), 1) for m in table["models"]]
+    elif isinstance(table.get("cells"), list):
+        parts = [(table["cells"], len(table["models"]))]
+    else:
+        raise bad("no score table")
+    for cells, m in parts:
+        if not isinstance(cells, list):
+            raise bad("a model's score table is missing")
+        total = 0
+        for cell in cells:
+            if not isinstance(cell, list) or len(cell) != m + 2 or not all(isinstance(v, int) and v >= 0 for v in cell):
+                raise bad("a score-table cell is not a list of non-negative integers of the right length")
+            if any(v >= bins for v in cell[:m]):
+                raise bad("a score-table cell lies outside the grid")
+            total += cell[m] + cell[m + 1]
+        if total != summary.get("n"):
+            raise bad(f"the score table holds {total} patients but the summary says {summary.get('n')}")
+        if sum(cell[m + 1] for cell in cells) != summary["n_pos"]:
+            raise bad("the score table's responders do not add up to the summary's")
     for name, tab in summary.get("survival", {}).get("tables", {}).items():
         for row in tab.get("rows", []):
             if len(row) != 5 or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in row):
                 raise bad(f"event table {name!r} has a row that is not five non-negative numbers")
+            if not all(float(v).is_integer() for v in row[1:]):
+                raise bad(f"event table {name!r} has a row whose counts are not whole numbers")
             if row[1] >= len(tab.get("groups", [])):
                 raise bad(f"event table {name!r} names a group that does not exist")
+    patients = summary.get("patients")
+    if patients is not None:
+        n = summary["n"]
+        ok = isinstance(patients, dict) and all(
+            isinstance(patients.get(k), list) and len(patients[k]) == n for k in ("pseudonym", "label", "pfs_days", "pfs_event")
+        )
+        scores = patients.get("scores") if isinstance(patients, dict) else None
+        if not ok or not isinstance(scores, dict) or any(not isinstance(scores.get(m), list) or len(scores[m]) != n for m in models):
+            raise bad("its patient-level rows do not match its patient count or models")
     return summary

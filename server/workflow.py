@@ -281,7 +281,11 @@ def data_sharing(evaluation: dict[str, dict[str, Any]], rounds: dict[str, int]) 
             sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
             sent += [f"model weights after local training: {n} round(s) of stage {stage}" for stage, n in sorted(rounds.items())]
             sent.append("per round: number of training samples, training loss, speed; internal-validation AUC and score histograms")
-        sent.append(f"final evaluation: joint score table of {len(summary['scores']['cells'])} non-empty cells "
+        table = summary["scores"]
+        cells = len(table["cells"]) if "cells" in table else sum(len(v) for v in table["marginals"].values())
+        kind = "joint score table" if "cells" in table else f"one score table per model (cells of >= {summary['min_cell_count']} patients)"
+        sent.append("final evaluation: AUC and class-conditional score histograms per model")
+        sent.append(f"final evaluation: {kind} of {cells} non-empty cells "
                     f"({summary['n']} patients, {summary['n_pos']} responders)")  # fmt: skip
         for name, table in summary.get("survival", {}).get("tables", {}).items():
             sent.append(f"PFS event table {name}: {len(table['rows'])} rows")

@@ -1,0 +1,158 @@
+"""The analysis of a finished run: what the sites return, `tace-analysis validate` / `survival`, outputs, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tace.analysis.cli import main as analysis_main
+from tace.analysis.data import load_run
+from tace.analysis.study import equivalence, survival_analysis, validate
+from tace.common.config import RunConfig, parse_overrides
+from tace.common.errors import TaceError
+from tace.simulation.runner import run_reference
+
+TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+
+
+def _run(cohort: Path, out: Path, **overrides: object) -> Path:
+    base = {**parse_overrides(TINY_RUN), "holdout-sites": "site-d,site-e", "cohort": str(cohort), "run-dir": str(out), **overrides}
+    run_reference("centralized", cohort, out, RunConfig.from_run_config(base))
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_cohort, tmp_path_factory) -> Path:
+    """A finished run of the tiny cohort in which every site opted in to patient-level sharing (for comparison)."""
+    return _run(tiny_cohort, tmp_path_factory.mktemp("analysis") / "run", **{"share-patient-level": "all"})
+
+
+def test_the_run_records_what_left_each_site(finished_run):
+    sharing = json.loads((finished_run / "data_sharing.json").read_text())
+    assert set(sharing) == {"site-a", "site-b", "site-c", "site-d", "site-e"}
+    assert sharing["site-d"]["role"] == "holdout" and sharing["site-d"]["sharing"] == "patient-level"
+    assert any("weights" in s for s in sharing["site-a"]["sent"]) and not any("weights" in s for s in sharing["site-d"]["sent"])
+    cutoffs = json.loads((finished_run / "cutoffs.json").read_text())
+    assert set(cutoffs) <= {"clinical", "dltr", "dltrmlp"} and "dltrmlp" in cutoffs
+    external = json.loads((finished_run / "site_returns/site-d.json").read_text())
+    assert external["survival"]["cutoffs"] == cutoffs  # grouped with the training sites' cut-offs
+    assert "site-d-0001" not in (finished_run / "site_returns/site-d.json").read_text()
+
+
+def test_aggregate_default_never_carries_patient_rows(tiny_cohort, tmp_path):
+    out = _run(tiny_cohort, tmp_path / "run")
+    for file in (out / "site_returns").glob("*.json"):
+        assert "patients" not in json.loads(file.read_text())
+    assert {s["sharing"] for s in json.loads((out / "data_sharing.json").read_text()).values()} == {"aggregate"}
+
+
+def test_aggregate_and_patient_level_give_the_same_answers(finished_run):
+    data = load_run(finished_run)
+    rows = equivalence(data, reps=50)
+    assert rows and any(r["statistic"].startswith("log-rank") for r in rows)
+    for r in rows:
+        tol = 1e-12 if r["statistic"].startswith(("log-rank", "Cox")) else 0.001
+        assert r["abs_difference"] <= tol, r
+        if r["reference"] is not None:
+            assert abs(r["patient_level"] - r["reference"]) <= 1e-6, r
+
+
+def test_validate_and_survival_commands_write_every_output(finished_run, capsys):
+    assert analysis_main(["validate", str(finished_run), "--bootstrap", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "DLTRMLP" in out and "pooled external AUC" in out and "aggregate vs patient-level" in out
+    assert analysis_main(["survival", str(finished_run)]) == 0
+    assert "dltrmlp:response" in capsys.readouterr().out
+    analysis = json.loads((finished_run / "analysis.json").read_text())
+    assert {"validation", "survival", "equivalence", "headline", "figures", "sharing"} <= set(analysis)
+    v = analysis["validation"]
+    assert set(v["sites"]) == {"site-d", "site-e"} and v["source"] == "aggregate"
+    for block in [*v["sites"].values(), v["pooled"]]:
+        for model in ("clinical", "dltr", "dltrmlp"):
+            e = block["models"][model]
+            assert {"threshold", "brier", "hosmer_lemeshow", "calibration_curve", "decision_curve"} <= set(e)
+            if "auc" in e:
+                assert e["ci_low"] <= e["auc"] <= e["ci_high"]
+    assert set(v["pooled"]["paired"]) == {"dltrmlp vs dltr", "dltrmlp vs clinical", "dltr vs clinical"}
+    s = analysis["survival"]["groupings"]["dltrmlp:response"]
+    assert s["groups"] == ["predicted non-responder", "predicted responder"] and "pooled" in s
+    for name in ("validation.csv", "delong.csv", "survival.csv", "equivalence.csv"):
+        with open(finished_run / "tables" / name) as fh:
+            assert len(list(csv.reader(fh))) > 1, name
+    figures = finished_run / "figures"
+    for stem in ("roc-pooled-external", "calibration-site-d", "decision-pooled-external", "km-dltrmlp-response-pooled-external"):
+        for ext in ("png", "svg"):
+            f = figures / f"{stem}.{ext}"
+            assert f.exists() and f.stat().st_size > 5000, f
+    assert (figures / "roc-site-d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_patient_level_source_needs_every_site_to_have_opted_in(tiny_cohort, tmp_path, capsys):
+    out = _run(tiny_cohort, tmp_path / "run", **{"share-patient-level": "site-d"})
+    data = load_run(out)
+    assert [s.sharing for s in data.external] == ["patient-level", "aggregate"]
+    with pytest.raises(TaceError, match="site-e did not share patient-level data"):
+        validate(data, "patient-level", reps=20)
+    assert analysis_main(["validate", str(out), "--source", "patient-level", "--no-figures"]) == 2
+    assert "site-e did not share" in capsys.readouterr().err
+
+
+def test_min_cell_count_sites_still_get_an_analysis(tiny_cohort, tmp_path):
+    """A site requiring a minimum cell count sends one table per model; one-model statistics are still computed
+    and the paired test says why it is missing."""
+    out = _run(tiny_cohort, tmp_path / "run")
+    returns = out / "site_returns/site-d.json"
+    from tace.common.summaries import event_table  # noqa: F401 - the format below is the one sites write
+
+    summary = json.loads(returns.read_text())
+    table = summary["scores"]
+    m = len(table["models"])
+    summary["scores"] = {"bins": table["bins"], "models": table["models"], "microaggregated": 3, "marginals": {
+        model: [[c[j], c[m], c[m + 1]] for c in table["cells"]] for j, model in enumerate(table["models"])
+    }}  # fmt: skip
+    returns.write_text(json.dumps(summary))
+    result = validate(load_run(out), reps=20)
+    assert result["sites"]["site-d"]["paired"] == {} and result["pooled"]["paired"] == {}
+    assert any("site-d" in n and "paired" in n for n in result["notes"])
+    assert result["sites"]["site-e"]["paired"]  # the other site is unaffected
+
+
+def test_runs_without_survival_data_or_summaries_fail_clearly(tiny_cohort, tmp_path, capsys):
+    cohort = tmp_path / "cohort"
+    shutil.copytree(tiny_cohort, cohort)
+    for site in ("site-d", "site-e"):
+        path = cohort / "sites" / site / "manifest.csv"
+        with path.open() as fh:
+            rows = list(csv.DictReader(fh))
+        for r in rows:
+            r["pfs_days"] = r["pfs_event"] = ""
+        with path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    out = _run(cohort, tmp_path / "run")
+    assert analysis_main(["validate", str(out), "--bootstrap", "50", "--no-figures"]) == 0
+    capsys.readouterr()
+    assert analysis_main(["survival", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "no external site returned PFS data" in err and "pfs_days" in err and "validation analysis does not need them" in err
+    with pytest.raises(TaceError, match="no external site returned PFS"):
+        survival_analysis(load_run(out))
+    shutil.rmtree(out / "site_returns")
+    assert analysis_main(["validate", str(out)]) == 2
+    assert "no site_returns/ folder" in capsys.readouterr().err
+    assert analysis_main(["validate", str(tmp_path / "nowhere")]) == 2
+    assert "run folder not found" in capsys.readouterr().err
+
+
+def test_a_damaged_site_return_is_named(finished_run, tmp_path, capsys):
+    copy = tmp_path / "run"
+    shutil.copytree(finished_run, copy)
+    (copy / "site_returns/site-e.json").write_text('{"version": 1, "scores": {"bins": 10}}')
+    assert analysis_main(["validate", str(copy)]) == 2
+    err = capsys.readouterr().err
+    assert "site site-e sent a malformed analysis summary" in err and "Traceback" not in err
