@@ -113,14 +113,14 @@ def kaplan_meier(block: dict[str, Any], title: str) -> Any:
         ax.text(0.98, 0.97, "\n".join(text), transform=ax.transAxes, ha="right", va="top", fontsize=8,
                 bbox={"boxstyle": "round", "fc": "white", "ec": "#ccc"})  # fmt: skip
     ax.set(ylabel="progression-free survival", ylim=(0, 1.02), title=title)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper right", bbox_to_anchor=(1.0, 0.8), fontsize=8)
     table.set_ylim(-0.5, len(names) - 0.5)
     for i, name in enumerate(names):
         row = len(names) - 1 - i
         for t in times:
             table.text(t, row, str(block["km"][name]["at_risk"].get(str(t), "")), ha="center", va="center", fontsize=7,
                        color=GROUP_COLORS[i % len(GROUP_COLORS)])  # fmt: skip
-    table.set_yticks(range(len(names)), [n[:22] for n in reversed(names)], fontsize=7)
+    table.set_yticks(range(len(names)), [n[:26] for n in reversed(names)], fontsize=7)
     table.set_xticks(times)
     table.set_xlabel("days since first TACE  (numbers at risk)")
     table.tick_params(axis="y", length=0)
