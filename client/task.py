@@ -228,7 +228,7 @@ class SiteTask:
         self.site.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.site.output_dir / (f"predictions-{tag}.csv" if tag else "predictions.csv")
         names = [m for m in MODELS if m in scores]
-        with open(path, "w", newline="") as fh:
+        with open(path, "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["patient_id", "split", "response", *names])
             for i, r in enumerate(records):

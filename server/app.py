@@ -260,7 +260,7 @@ def main(grid: Grid, context: Context) -> None:
         log.info("summary: %s", json.dumps(summary.get("models", {}))[:2000])
     except TaceError as exc:
         # The run's own account of what went wrong, for `tace-sim` and the coordinator's operator.
-        (rundir.path / "error.txt").write_text(str(exc) + "\n")
+        (rundir.path / "error.txt").write_text(str(exc) + "\n", encoding="utf-8")
         log.error("%s", exc)
         raise
     finally:

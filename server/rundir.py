@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from tace.common.serialize import jsonable
+
 if TYPE_CHECKING:
     from tace.server.workflow import TrainReply
 
@@ -29,18 +31,6 @@ METRIC_COLUMNS = (
 )
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 class RunDir:
     """Writes everything a run leaves behind under one folder.
 
@@ -57,7 +47,7 @@ class RunDir:
         self.write_json("run_config.json", {"mode": mode, "run_config": run_config})
         self._metrics = self.path / "metrics.csv"
         if not self._metrics.exists():
-            with open(self._metrics, "w", newline="") as fh:
+            with open(self._metrics, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerow(METRIC_COLUMNS)
         self._handler = logging.FileHandler(self.path / "run.log")
         self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -72,7 +62,7 @@ class RunDir:
     def write_json(self, name: str, obj: Any) -> Path:
         path = self.path / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_jsonable(obj), indent=2))
+        path.write_text(json.dumps(jsonable(obj), indent=2))
         return path
 
     def record_round(
@@ -94,7 +84,7 @@ class RunDir:
         rows.append(
             [stage, server_round, "pooled", "train", f"{lr:.6g}", _fmt(loss), total, "", "", _fmt(pooled_auc), "", f"{round_s:.3f}"]
         )
-        with open(self._metrics, "a", newline="") as fh:
+        with open(self._metrics, "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows(rows)
 
     def checkpoint(self, stage: str, server_round: int | str, arrays: dict[str, np.ndarray]) -> Path:

@@ -166,7 +166,7 @@ def run_federated(
     sampler = MemorySampler(str(flwr_home))
     proc: subprocess.Popen[str] | None = None
     try:
-        with sampler, open(log_path, "w") as log:
+        with sampler, open(log_path, "w", encoding="utf-8") as log:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=out)
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -188,9 +188,9 @@ def run_federated(
         _stop_superlink(flwr_home)
     error_path = out / "error.txt"
     if not summary_path.exists() and error_path.exists():
-        raise TaceError(error_path.read_text().rstrip(), f"the whole log is {log_path}")
+        raise TaceError(error_path.read_text(encoding="utf-8").rstrip(), f"the whole log is {log_path}")
     if not summary_path.exists():
-        tail = "\n".join(log_path.read_text().splitlines()[-25:])
+        tail = "\n".join(log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
         code = proc.returncode if proc is not None else None
         raise TaceError(f"the federated run did not finish (exit status {code}); last lines of {log_path}:\n{tail}",
                         "the lines above say what failed; fix it and run again")  # fmt: skip

@@ -26,9 +26,17 @@ def _run(cohort: Path, out: Path, **overrides: object) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tiny_cohort, tmp_path_factory) -> Path:
+def cohort(tiny_cohort, tmp_path_factory) -> Path:
+    """This module's own copy of the tiny cohort: runs write their preprocessing cache into the cohort folder."""
+    out = tmp_path_factory.mktemp("analysis-cohort") / "cohort"
+    shutil.copytree(tiny_cohort, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def finished_run(cohort, tmp_path_factory) -> Path:
     """A finished run of the tiny cohort in which every site opted in to patient-level sharing (for comparison)."""
-    return _run(tiny_cohort, tmp_path_factory.mktemp("analysis") / "run", **{"share-patient-level": "all"})
+    return _run(cohort, tmp_path_factory.mktemp("analysis") / "run", **{"share-patient-level": "all"})
 
 
 def test_the_run_records_what_left_each_site(finished_run):
@@ -43,8 +51,8 @@ def test_the_run_records_what_left_each_site(finished_run):
     assert "site-d-0001" not in (finished_run / "site_returns/site-d.json").read_text()
 
 
-def test_aggregate_default_never_carries_patient_rows(tiny_cohort, tmp_path):
-    out = _run(tiny_cohort, tmp_path / "run")
+def test_aggregate_default_never_carries_patient_rows(cohort, tmp_path):
+    out = _run(cohort, tmp_path / "run")
     for file in (out / "site_returns").glob("*.json"):
         assert "patients" not in json.loads(file.read_text())
     assert {s["sharing"] for s in json.loads((out / "data_sharing.json").read_text()).values()} == {"aggregate"}
@@ -91,8 +99,8 @@ def test_validate_and_survival_commands_write_every_output(finished_run, capsys)
     assert (figures / "roc-site-d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_patient_level_source_needs_every_site_to_have_opted_in(tiny_cohort, tmp_path, capsys):
-    out = _run(tiny_cohort, tmp_path / "run", **{"share-patient-level": "site-d"})
+def test_patient_level_source_needs_every_site_to_have_opted_in(cohort, tmp_path, capsys):
+    out = _run(cohort, tmp_path / "run", **{"share-patient-level": "site-d"})
     data = load_run(out)
     assert [s.sharing for s in data.external] == ["patient-level", "aggregate"]
     with pytest.raises(TaceError, match="site-e did not share patient-level data"):
@@ -101,13 +109,11 @@ def test_patient_level_source_needs_every_site_to_have_opted_in(tiny_cohort, tmp
     assert "site-e did not share" in capsys.readouterr().err
 
 
-def test_min_cell_count_sites_still_get_an_analysis(tiny_cohort, tmp_path):
+def test_min_cell_count_sites_still_get_an_analysis(cohort, tmp_path):
     """A site requiring a minimum cell count sends one table per model; one-model statistics are still computed
     and the paired test says why it is missing."""
-    out = _run(tiny_cohort, tmp_path / "run")
+    out = _run(cohort, tmp_path / "run")
     returns = out / "site_returns/site-d.json"
-    from tace.common.summaries import event_table  # noqa: F401 - the format below is the one sites write
-
     summary = json.loads(returns.read_text())
     table = summary["scores"]
     m = len(table["models"])

@@ -23,7 +23,7 @@ FORBIDDEN_THIRD_PARTY = {"common": {"flwr"}, "analysis": {"flwr", "torch"}}
 
 
 def imports_of(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text())
+    tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -47,7 +47,7 @@ def test_import_directions(package):
 def test_every_module_has_a_docstring():
     for package in PACKAGES:
         for path in (ROOT / package).rglob("*.py"):
-            assert ast.get_docstring(ast.parse(path.read_text())), f"{path.relative_to(ROOT)} has no module docstring"
+            assert ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))), f"{path.relative_to(ROOT)} has no module docstring"
 
 
 def test_analysis_and_client_cli_stay_lean():
