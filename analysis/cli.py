@@ -51,21 +51,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     Hosmer-Lemeshow) and decision curves; per external site and pooled. When sites shared patient-level data the
     aggregate and patient-level results are compared in an equivalence table."""
     from tace.analysis.data import load_run
-    from tace.analysis.study import equivalence, format_headline, validate, write_analysis
+    from tace.analysis.study import analyse, format_headline
 
     start = time.perf_counter()
     data = load_run(args.run)
-    result = validate(data, args.source, args.bootstrap, args.seed)
-    sections = {"validation": result}
-    rows = equivalence(data, reps=200, seed=args.seed) if args.source == "aggregate" else []
-    if rows:
-        sections["equivalence"] = rows  # type: ignore[assignment]
-    path = write_analysis(data, sections, figures=not args.no_figures)
-    _notes(result["notes"])
+    analysis, path = analyse(data, ("validation",), args.source, args.bootstrap, args.seed, figures=not args.no_figures)
+    _notes(analysis["validation"]["notes"])
     print(f"external validation ({args.source}) of {args.run}:")
-    import json
-
-    print(format_headline(json.loads(path.read_text())["headline"]))
+    print(format_headline(analysis["headline"]))
+    rows = analysis.get("equivalence") if args.source == "aggregate" else None
     if rows:
         worst = max((r["abs_difference"] or 0.0) for r in rows)
         print(f"aggregate vs patient-level on {sum(s.has_patients for s in data.external)} site(s): largest difference {worst:.2g}")
@@ -78,12 +72,12 @@ def cmd_survival(args: argparse.Namespace) -> int:
     group (cut-offs fixed on the training sites), log-rank tests (pooled also stratified by site), Cox hazard ratios
     and C-index; per external site and pooled."""
     from tace.analysis.data import load_run
-    from tace.analysis.study import survival_analysis, write_analysis
+    from tace.analysis.study import analyse
 
     start = time.perf_counter()
     data = load_run(args.run)
-    result = survival_analysis(data, args.source)
-    path = write_analysis(data, {"survival": result}, figures=not args.no_figures)
+    analysis, path = analyse(data, ("survival",), args.source, figures=not args.no_figures)
+    result = analysis["survival"]
     _notes(result["notes"])
     print(f"progression-free survival ({args.source}) of {args.run}:")
     for grouping, entry in result["groupings"].items():

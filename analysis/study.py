@@ -19,6 +19,7 @@ import pandas as pd
 from tace.analysis import calibration, discrimination, survival
 from tace.analysis.data import RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
 from tace.common.errors import TaceError
+from tace.common.serialize import jsonable
 from tace.common.summaries import bin_index
 
 MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
@@ -221,8 +222,13 @@ def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]
     return out
 
 
-def equivalence(run: RunData, reps: int = 200, seed: int = 0) -> list[dict[str, Any]]:
-    """Aggregate vs patient-level vs the reference libraries, on the external sites that shared patient-level data."""
+def equivalence(run: RunData, reps: int = 200, seed: int = 0, computed: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Aggregate vs patient-level vs the reference libraries, on the external sites that shared patient-level data.
+
+    `computed` holds aggregate sections ("validation", "survival") already computed for all external sites; they
+    are reused when every external site shared its rows (the AUCs, DeLong SEs and p-values compared do not
+    depend on the bootstrap).
+    """
     from lifelines import CoxPHFitter
     from lifelines.statistics import logrank_test
     from sklearn.metrics import roc_auc_score
@@ -231,7 +237,8 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0) -> list[dict[str, 
     if not sites:
         return []
     sub = RunData(run.path, run.layout, run.models, sites, run.run_config)
-    agg = validate(sub, "aggregate", reps, seed, curves=False)["pooled"]
+    reuse = computed if computed is not None and len(sites) == len(run.external) else {}
+    agg = reuse["validation"]["pooled"] if "validation" in reuse else validate(sub, "aggregate", reps, seed, curves=False)["pooled"]
     pat = validate(sub, "patient-level", reps, seed, curves=False)["pooled"]
     rows: list[dict[str, Any]] = []
 
@@ -249,7 +256,8 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0) -> list[dict[str, 
         add(f"DeLong p {key}", agg["paired"][key]["p"], pat["paired"][key]["p"], None, "")
     if not any(s.summary.get("n_with_pfs", 0) for s in sites):
         return rows
-    sa, sp = survival_analysis(sub, "aggregate"), survival_analysis(sub, "patient-level")
+    sa = reuse["survival"] if "survival" in reuse else survival_analysis(sub, "aggregate")
+    sp = survival_analysis(sub, "patient-level")
     for grouping in ("dltrmlp:response", "dltrmlp:risk"):
         ga, gp = sa["groupings"].get(grouping, {}).get("pooled", {}), sp["groupings"].get(grouping, {}).get("pooled", {})
         if "logrank" not in ga or "logrank" not in gp:
@@ -360,6 +368,29 @@ def _tables(analysis: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def analyse(
+    run: RunData,
+    parts: tuple[str, ...] = ("validation", "survival"),
+    source: str = "aggregate",
+    reps: int = 2000,
+    seed: int = 0,
+    figures: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """Compute the requested sections (and, with validation from aggregates, the equivalence table when sites
+    shared patient-level rows), write them with `write_analysis`; returns the whole analysis.json and its path."""
+    sections: dict[str, Any] = {}
+    if "validation" in parts:
+        sections["validation"] = validate(run, source, reps, seed)
+    if "survival" in parts:
+        sections["survival"] = survival_analysis(run, source)
+    if "validation" in parts and source == "aggregate":
+        rows = equivalence(run, reps=200, seed=seed, computed=sections)
+        if rows:
+            sections["equivalence"] = rows
+    path = write_analysis(run, sections, figures)
+    return json.loads(path.read_text()), path
+
+
 def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True) -> Path:
     """Merge `sections` into RUN/analysis.json (other sections kept), and write tables and figures."""
     path = run.path / "analysis.json"
@@ -375,18 +406,5 @@ def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True)
         from tace.analysis import plots
 
         analysis["figures"] = plots.draw(analysis, run.path / "figures")
-    path.write_text(json.dumps(_clean(analysis), indent=1, allow_nan=False))
+    path.write_text(json.dumps(jsonable(analysis, finite=True), indent=1, allow_nan=False))
     return path
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-ready: numpy scalars to Python, non-finite numbers (undefined statistics) to null."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj

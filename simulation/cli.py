@@ -160,11 +160,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
             for p in report.problems[:10]:
                 print("  " + p.format())
 
-    header = ("site", "role", "patients", "responders", "format", "check", "preprocess")
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     print()
-    for r in [header, *rows]:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
+    print(_columns(("site", "role", "patients", "responders", "format", "check", "preprocess"), rows))
     print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
     if not all_ok:
         print("Some sites failed validation (listed above); the study was not run.")
@@ -196,21 +193,16 @@ STUDY = {"DLTRMLP": "0.800 / 0.818", "DLTR": "0.649 / 0.629", "Clinical": "0.648
 def analyse(run_dir: Path) -> float:
     """`tace-analysis validate` and `survival` on a finished run, then the headline table next to the study's."""
     from tace.analysis.data import load_run
-    from tace.analysis.study import equivalence, survival_analysis, validate, write_analysis
+    from tace.analysis.study import analyse as analyse_run
 
     start = time.perf_counter()
     data = load_run(run_dir)
-    validation = validate(data)
-    sections: dict[str, object] = {"validation": validation}
     try:
-        sections["survival"] = survival_analysis(data)
-    except TaceError as exc:
+        analysis, path = analyse_run(data)
+    except TaceError as exc:  # no PFS data: the validation still stands
         print(f"note: no survival analysis: {exc}")
-    eq = equivalence(data, reps=200)
-    if eq:
-        sections["equivalence"] = eq
-    path = write_analysis(data, sections)
-    analysis = json.loads(path.read_text())
+        analysis, path = analyse_run(data, ("validation",))
+    validation, eq = analysis["validation"], analysis.get("equivalence")
     print("\nexternal validation (aggregates only; AUC with 95 % DeLong CI) and PFS by predicted response:")
     header = (
         "model",
@@ -222,21 +214,12 @@ def analyse(run_dir: Path) -> float:
         "study AUCs",
     )
     rows = []
+    f = _fmt3
     for r in analysis["headline"]:
-
-        def f(v: object) -> str:
-            if v is None:
-                return "n/a"
-            if isinstance(v, float):
-                return "< 0.001" if 0 <= v < 0.0005 else f"{v:.3f}"
-            return str(v)
-
         rows.append((r["model"], f"{f(r['pooled_auc'])} ({f(r['ci_low'])}-{f(r['ci_high'])})", *[f(r[f"auc {s}"]) for s in validation["sites"]],
                      f(r.get("delong_p_vs_dltrmlp")) if r["model"] != "DLTRMLP" else "-", f(r.get("logrank_p")), f(r.get("hr")),
                      STUDY[r["model"]]))  # fmt: skip
-    widths = [max(len(str(x[i])) for x in [header, *rows]) for i in range(len(header))]
-    for r in [header, *rows]:
-        print("  " + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)))
+    print(_columns(header, rows, indent="  "))
     print(f"  (study: DLTRMLP PFS log-rank P = {STUDY['log-rank P']})")
     if eq:
         worst = max((row["abs_difference"] or 0.0) for row in eq)
@@ -245,6 +228,20 @@ def analyse(run_dir: Path) -> float:
         print(f"note: {note}")
     print(f"analysis: {path}, tables/, figures/")
     return time.perf_counter() - start
+
+
+def _fmt3(v: object) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return "< 0.001" if 0 <= v < 0.0005 else f"{v:.3f}"
+    return str(v)
+
+
+def _columns(header: Sequence[object], rows: Sequence[Sequence[object]], indent: str = "") -> str:
+    """Left-aligned columns, as wide as their widest cell."""
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return "\n".join(indent + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
 def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -> RunConfig:

@@ -1,0 +1,28 @@
+"""Turning results into JSON-ready values: the one converter the run folder and the analysis both use."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def jsonable(obj: Any, finite: bool = False) -> Any:
+    """Dicts (keys as text), lists and tuples recursively; numpy scalars to Python; paths to text.
+
+    With `finite`, non-finite numbers (undefined statistics) become null, so the result passes
+    ``json.dumps(..., allow_nan=False)``.
+    """
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, finite) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v, finite) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    if finite and isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
