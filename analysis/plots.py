@@ -20,11 +20,11 @@ NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
 GROUP_COLORS = ["#c0392b", "#f39c12", "#27ae60", "#2471a3", "#8e44ad", "#16a085", "#7f8c8d", "#d35400", "#2c3e50", "#e84393"]
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def _save(fig: Any, folder: Path, name: str) -> list[str]:
+def save(fig: Any, folder: Path, name: str) -> list[str]:
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for ext in ("png", "svg"):
@@ -140,9 +140,9 @@ def draw(analysis: dict[str, Any], folder: Path) -> dict[str, list[str]]:
             populations.append(("pooled external", v["pooled"]))
         for where, block in populations:
             if any("roc" in e for e in block["models"].values()):
-                out[f"roc-{_slug(where)}"] = _save(roc(block, f"ROC: {where}"), folder, f"roc-{_slug(where)}")
-            out[f"calibration-{_slug(where)}"] = _save(calibration(block, where), folder, f"calibration-{_slug(where)}")
-            out[f"decision-{_slug(where)}"] = _save(decision(block, where), folder, f"decision-{_slug(where)}")
+                out[f"roc-{slug(where)}"] = save(roc(block, f"ROC: {where}"), folder, f"roc-{slug(where)}")
+            out[f"calibration-{slug(where)}"] = save(calibration(block, where), folder, f"calibration-{slug(where)}")
+            out[f"decision-{slug(where)}"] = save(decision(block, where), folder, f"decision-{slug(where)}")
     s = analysis.get("survival")
     if s:
         for grouping, entry in s["groupings"].items():
@@ -151,7 +151,59 @@ def draw(analysis: dict[str, Any], folder: Path) -> dict[str, list[str]]:
             if model == "dltrmlp" and len(entry["sites"]) > 1:
                 populations += list(entry["sites"].items())
             for where, block in populations:
-                name = f"km-{_slug(model)}-{kind}-{_slug(where)}"
+                name = f"km-{slug(model)}-{kind}-{slug(where)}"
                 title = f"PFS by {NAMES.get(model, model)} {'predicted response' if kind == 'response' else 'risk group'}: {where}"
-                out[name] = _save(kaplan_meier(block, title), folder, name)
+                out[name] = save(kaplan_meier(block, title), folder, name)
     return out
+
+
+def volcano(genes: Any, p_threshold: float, r_threshold: float, method: str, target: str, highlight: dict[str, set[str]]) -> Any:
+    """Gene correlations: r against -log10 P; kept genes darker, genes of up to four enriched sets coloured."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6.5, 5))
+    logp = -np.log10(np.maximum(genes["p"].to_numpy(dtype=float), 1e-300))
+    r = genes["r"].to_numpy(dtype=float)
+    kept = genes["kept"].to_numpy(dtype=bool)
+    ax.scatter(r[~kept], logp[~kept], s=3, color="#c8c8c8", linewidths=0, rasterized=True, label=f"not kept ({int((~kept).sum())})")
+    ax.scatter(r[kept], logp[kept], s=4, color="#555", linewidths=0, rasterized=True, label=f"kept ({int(kept.sum())})")
+    names = genes["gene"].to_numpy()
+    for i, (term, members) in enumerate(list(highlight.items())[:4]):
+        m = np.isin(names, list(members)) & kept
+        ax.scatter(r[m], logp[m], s=10, color=GROUP_COLORS[i], linewidths=0, label=f"{term[:38]} ({int(m.sum())})")
+    ax.axhline(-np.log10(p_threshold), color="#999", lw=1, ls="--")
+    for x in (-r_threshold, r_threshold) if r_threshold > 0 else ():
+        ax.axvline(x, color="#999", lw=1, ls="--")
+    ax.set(
+        xlabel=f"{method.capitalize()} r with {target}",
+        ylabel="-log10 P",
+        title=f"Gene correlations with {target} (n genes = {len(genes)})",
+    )
+    ax.legend(fontsize=7, loc="upper center", markerscale=2)
+    return fig
+
+
+def enrichment(ora: Any, prerank: Any, fdr: float, top: int = 12) -> Any:
+    """Left: over-representation of the kept genes (bars of -log10 FDR, overlap / set size). Right: GSEA pre-ranked
+    (dots at NES, size = set size, colour = -log10 FDR). Top sets by FDR; the dashed line marks the FDR threshold."""
+    import numpy as np
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.32 * top + 1.8))
+    o = ora.head(top).iloc[::-1]
+    y = np.arange(len(o))
+    left.barh(y, -np.log10(np.maximum(o["fdr"].to_numpy(dtype=float), 1e-300)),
+              color=["#c0392b" if q < fdr else "#bbb" for q in o["fdr"]])  # fmt: skip
+    left.set_yticks(y, [f"{t[:40]}  {k}/{n}" for t, k, n in zip(o["term"], o["overlap"], o["set_size"], strict=True)], fontsize=7)
+    left.axvline(-np.log10(fdr), color="#555", lw=1, ls="--")
+    left.set(xlabel="-log10 FDR", title="Over-representation of kept genes")
+    g = prerank.head(top).iloc[::-1]
+    y = np.arange(len(g))
+    q = -np.log10(np.maximum(g["fdr"].to_numpy(dtype=float), 1e-4))
+    points = right.scatter(g["nes"], y, s=8 + 0.8 * g["set_size"].to_numpy(dtype=float), c=q, cmap="Reds", vmin=0, vmax=4,
+                           edgecolors=["#000" if v < fdr else "none" for v in g["fdr"]])  # fmt: skip
+    right.set_yticks(y, [t[:40] for t in g["term"]], fontsize=7)
+    right.axvline(0, color="#999", lw=1)
+    right.set(xlabel="normalised enrichment score (NES)", title="GSEA pre-ranked on r (outlined: FDR below threshold)")
+    fig.colorbar(points, ax=right, label="-log10 FDR (capped at 4)", shrink=0.8)
+    fig.tight_layout()
+    return fig

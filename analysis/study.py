@@ -393,18 +393,39 @@ def analyse(
 
 def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True) -> Path:
     """Merge `sections` into RUN/analysis.json (other sections kept), and write tables and figures."""
-    path = run.path / "analysis.json"
-    analysis: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    analysis.update(sections)
+    analysis = dict(sections)
     analysis["sharing"] = {
         s.site_id: {"role": s.role, "sharing": s.sharing, "min_cell_count": s.summary.get("min_cell_count", 0)} for s in run.sites
     }
-    if "validation" in analysis:
-        analysis["headline"] = headline(analysis["validation"], analysis.get("survival"))
-    _tables(analysis, run.path / "tables")
+    merged = read_analysis(run.path)
+    merged.update(analysis)
+    if "validation" in merged:
+        merged["headline"] = headline(merged["validation"], merged.get("survival"))
+    _tables(merged, run.path / "tables")
     if figures:
         from tace.analysis import plots
 
-        analysis["figures"] = plots.draw(analysis, run.path / "figures")
-    path.write_text(json.dumps(jsonable(analysis, finite=True), indent=1, allow_nan=False))
+        merged["figures"] = plots.draw(merged, run.path / "figures")
+    return merge_analysis(run.path, merged)
+
+
+def read_analysis(run_dir: Path) -> dict[str, Any]:
+    """RUN/analysis.json as a dict ({} before any analysis)."""
+    path = run_dir / "analysis.json"
+    if not path.exists():
+        return {}
+    try:
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError:
+        raise TaceError(f"{path} is damaged (not JSON)", "delete it and rerun the analysis commands") from None
+
+
+def merge_analysis(run_dir: Path, sections: dict[str, Any]) -> Path:
+    """Merge `sections` into RUN/analysis.json (other sections kept), written atomically."""
+    path = run_dir / "analysis.json"
+    analysis = read_analysis(run_dir)
+    analysis.update(sections)
+    tmp = path.with_name(".analysis.json.tmp")
+    tmp.write_text(json.dumps(jsonable(analysis, finite=True), indent=1, allow_nan=False), encoding="utf-8")
+    tmp.replace(path)
     return path

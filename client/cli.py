@@ -45,6 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--cache", type=Path, required=True, help="cache folder on the site's disk")
     add_preprocess_options(pre)
     pre.set_defaults(func=cmd_preprocess)
+
+    feat = sub.add_parser(
+        "features",
+        help="apply a finished run's models to a cohort: deep features and scores per patient (for radiogenomics)",
+        description="Preprocess a cohort's images exactly as the run did and apply its final models. Writes one row "
+        "per patient: the DLTRMLP, DLTR and clinical-model probabilities and DLTR's deep features (feature_000 ...). "
+        "The table stays where --out says; `tace-analysis radiogenomics` reads it. Validates the manifest first.",
+    )
+    feat.add_argument("--run", type=Path, required=True, help="a finished run folder (holds models/ and run_config.json)")
+    feat.add_argument("--manifest", type=Path, required=True, help="the cohort's manifest CSV (the response column may be empty)")
+    feat.add_argument("--out", type=Path, required=True, help="CSV to write")
+    feat.add_argument("--cache", type=Path, help="preprocessing cache folder (default: a cache/ folder beside --out)")
+    feat.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    feat.set_defaults(func=cmd_features)
     return parser
 
 
@@ -134,6 +148,24 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         for p in failed:
             print("  " + p.format().replace("\n", "\n  "), file=sys.stderr)
         return EXIT_PROBLEMS
+    return EXIT_OK
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from tace.client.features import TrainedModels, write_features
+
+    trained = TrainedModels.from_run(args.run)  # a wrong run folder fails before the images are read
+    report = check_site(args.manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
+    if not report.ok:
+        print_report(report)
+        print("No features were extracted: fix the problems above first.", file=sys.stderr)
+        return EXIT_PROBLEMS
+    start = time.perf_counter()
+    cache = args.cache or args.out.parent / "cache"
+    table = trained.extract(args.manifest, cache, device=args.device, validate=False)
+    path = write_features(table, args.out)
+    n_feat = sum(c.startswith("feature_") for c in table.columns)
+    print(f"wrote {path}: {len(table)} patients, 3 model scores and {n_feat} deep features, in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 
 

@@ -12,6 +12,15 @@ GMT_HINT = (
 )
 
 
+def write_gmt(path: Path | str, sets: dict[str, list[str]], description: str = "") -> Path:
+    """Write {set name: [genes]} as a GMT file (tab-separated: name, description, genes)."""
+    path = Path(path)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for name, genes in sets.items():
+            fh.write("\t".join([name, description or name, *genes]) + "\n")
+    return path
+
+
 def read_gmt(path: Path | str) -> dict[str, list[str]]:
     """Read a GMT file into {set name: [gene symbols]} (order kept, duplicates within a set dropped)."""
     path = Path(path)

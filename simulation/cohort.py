@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from tace.common.errors import TaceError
+from tace.common.genesets import write_gmt
 from tace.common.imageio import write_image
 from tace.common.manifest import COLUMNS, write_manifest
 from tace.common.preprocess import PreprocessConfig
@@ -425,7 +426,7 @@ def generate_cohort(
     progress : callable, optional
         ``progress(iterable, total)`` wrapper for a progress bar.
     """
-    from tace.simulation.radiogenomics import make_expression
+    from tace.simulation.radiogenomics import builtin_gene_sets, make_expression
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -469,6 +470,9 @@ def generate_cohort(
         n_genes=preset.n_genes, gene_sets=gene_sets, n_image_only=preset.n_unmatched[0], n_expression_only=preset.n_unmatched[1],
     )  # fmt: skip
     expression.to_csv(rg_dir / "expression.csv", float_format="%.4g")
+    if gene_sets is None:
+        # The built-in collection is synthetic (no licence attached), so the cohort carries it for the analysis.
+        write_gmt(rg_dir / "gene_sets.gmt", builtin_gene_sets(), "TACE-FL synthetic pathway")
 
     it: Iterable[Any]
     if workers > 1:
@@ -509,7 +513,7 @@ def generate_cohort(
         "generator": "tace-sim cohort", "generator_version": GENERATOR_VERSION, "preset": preset.name, "seed": seed,
         "sites": cohort_sites,
         "radiogenomics": {"manifest": "radiogenomics/manifest.csv", "expression": "radiogenomics/expression.csv",
-                          "gene_sets": rg_meta["gene_sets_source"]},
+                          "gene_sets": "radiogenomics/gene_sets.gmt" if gene_sets is None else str(Path(gene_sets).resolve())},
         "ground_truth": "ground_truth/ (for comparison only: no training or analysis code reads it)",
         "suggested_preprocessing": preset.preprocess.to_dict(),
         "acquisition": {c.site_id: asdict(c.acquisition) for c in preset.centres},

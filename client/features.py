@@ -1,0 +1,152 @@
+"""Run a finished run's models on a cohort's images: per-patient deep features and the three models' scores.
+
+Used for radiogenomics (`tace-client features`, called by `tace-analysis radiogenomics`): the cohort's images
+are read where they are, preprocessed exactly as in the run, and the output (one row per patient) stays in the
+folder the user names. Nothing here needs a response label.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tace.client.cache import PreprocessCache
+from tace.client.data import SiteDataset
+from tace.common.clinical import FEATURES, ClinicalEncoder
+from tace.common.config import RunConfig
+from tace.common.errors import ManifestError, TaceError
+from tace.common.manifest import parse_manifest
+from tace.common.models import StudyModels
+from tace.common.training import predict_images, predict_tabular, select_device
+from tace.common.validate import check_site
+
+#: Columns of the features table before the deep features ``feature_000 ...``.
+SCORE_COLUMNS = ("dltrmlp", "dltr", "clinical")
+
+
+@dataclass
+class TrainedModels:
+    """The final models of a run folder with everything needed to apply them: preprocessing and clinical encoding."""
+
+    models: StudyModels
+    encoder: ClinicalEncoder
+    run: RunConfig
+    path: Path
+
+    @classmethod
+    def from_run(cls, run_dir: Path | str) -> TrainedModels:
+        run_dir = Path(run_dir)
+        card_path = run_dir / "models" / "model.json"
+        config_path = run_dir / "run_config.json"
+        for p in (card_path, config_path):
+            if not p.is_file():
+                raise TaceError(
+                    f"{p} not found: {run_dir} is not a finished run folder",
+                    "give the folder a finished `tace-sim run`/`tace-server` run wrote",
+                )
+        try:
+            card = json.loads(card_path.read_text(encoding="utf-8"))
+            mapping = json.loads(config_path.read_text(encoding="utf-8"))["run_config"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise TaceError(
+                f"{run_dir}: model card or run config is damaged ({exc})", "rerun the study or restore the run folder"
+            ) from None
+        if list(card.get("clinical_features", [])) != list(FEATURES):
+            raise TaceError(
+                f"{card_path}: the run's clinical features differ from this TACE-FL version's",
+                "use the TACE-FL version that trained the run",
+            )  # fmt: skip
+        run = RunConfig.from_run_config(mapping)
+        models = StudyModels.build(card["backbone"], int(card["in_channels"]), len(FEATURES))
+        for stage in ("dltr", "head", "clinical"):
+            path = run_dir / "models" / f"{stage}.pt"
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                models.module(stage).load_state_dict(state, strict=True)
+            except (OSError, RuntimeError) as exc:
+                raise TaceError(
+                    f"{path}: cannot load the {stage} weights ({type(exc).__name__})", "rerun the study or restore the run folder"
+                ) from None
+        return cls(models, ClinicalEncoder.from_dict(card["clinical_encoder"]), run, run_dir)
+
+    def extract(
+        self, manifest: Path | str, cache_dir: Path | str, device: str = "auto", batch_size: int = 16, validate: bool = True
+    ) -> pd.DataFrame:
+        """Per-patient scores and deep features of every patient in `manifest`, in manifest order.
+
+        With `validate` (default) the manifest and every image header are checked first (`tace-client check`);
+        any problem raises `ManifestError` listing them all.
+
+        Returns
+        -------
+        DataFrame with ``patient_id``, ``dltrmlp``, ``dltr``, ``clinical`` (probabilities of objective response)
+        and ``feature_000 ... feature_{F-1}`` (DLTR's deep features, before its dropout and linear head).
+        """
+        manifest = Path(manifest)
+        parsed = parse_manifest(manifest)
+        problems = check_site(parsed).problems if validate else list(parsed.problems)
+        if problems:
+            raise ManifestError(problems, str(manifest))
+        records = parsed.records
+        if not records:
+            raise TaceError(f"{manifest} lists no patients", "add the cohort's patients to the manifest")
+        dev = select_device(device)
+        cache = PreprocessCache(cache_dir, self.run.preprocess)
+        dataset = SiteDataset(records, parsed.root, cache)
+        probs, feats = predict_images(self.models.dltr, _Progress(dataset), batch_size=batch_size, device=dev, amp=self.run.amp)
+        clinical = torch.from_numpy(self.encoder.encode(records))
+        table: dict[str, Any] = {
+            "patient_id": [r.patient_id for r in records],
+            "dltrmlp": predict_tabular(self.models.head, [torch.from_numpy(feats), clinical], dev),
+            "dltr": probs,
+            "clinical": predict_tabular(self.models.clinical, [clinical], dev),
+        }
+        table.update({f"feature_{j:03d}": feats[:, j] for j in range(feats.shape[1])})
+        frame = pd.DataFrame(table)
+        _check_finite(frame)
+        return frame
+
+
+class _Progress(torch.utils.data.Dataset[dict[str, Any]]):
+    """The dataset with a progress bar over the patients (preprocessing is the slow part on first use)."""
+
+    def __init__(self, dataset: SiteDataset) -> None:
+        from tqdm import tqdm
+
+        self.dataset = dataset
+        self.bar = tqdm(total=len(dataset), desc="features", unit="patient", disable=None, dynamic_ncols=True)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        self.bar.update(1)
+        if self.bar.n >= len(self.dataset):
+            self.bar.close()
+        return item
+
+
+def write_features(table: pd.DataFrame, out: Path | str) -> Path:
+    """Write the features table as CSV (atomically: a half-written file never replaces a good one)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    table.to_csv(tmp, index=False, float_format="%.7g")
+    tmp.replace(out)
+    return out
+
+
+def _check_finite(table: pd.DataFrame) -> None:
+    values = table.drop(columns="patient_id").to_numpy(dtype=float)
+    bad = int((~np.isfinite(values)).any(axis=1).sum())
+    if bad:
+        raise TaceError(
+            f"the model gave non-finite outputs for {bad} patient(s)", "check those patients' images with `tace-client check --deep`"
+        )
