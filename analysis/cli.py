@@ -1,7 +1,9 @@
-"""`tace-analysis`: statistics on a finished run (external validation, survival; radiogenomics and report later).
+"""`tace-analysis`: statistics on a finished run: external validation, survival, radiogenomics, and the report.
 
-Each command reads only what the sites returned (aggregates by default) from the run folder, merges its section
-into RUN/analysis.json and writes tables (RUN/tables/*.csv) and figures (RUN/figures/*.png, *.svg).
+`validate` and `survival` read only what the sites returned (aggregates by default) from the run folder;
+`radiogenomics` applies the run's models to a radiogenomics cohort (through `tace-client features`) and reads its
+expression matrix. Each merges its section into RUN/analysis.json and writes tables (RUN/tables/*.csv) and figures
+(RUN/figures/*.png, *.svg); `report` puts everything into one self-contained HTML file.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from tace.common.cli import EXIT_OK, command_parser, run
+from tace.common.errors import TaceError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -37,7 +41,53 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("survival", help="progression-free survival by predicted group", description=cmd_survival.__doc__)
     _common(s)
     s.set_defaults(func=cmd_survival)
+    _radiogenomics_parser(sub)
+    r = sub.add_parser("report", help="write the study report: one self-contained HTML file", description=cmd_report.__doc__)
+    r.add_argument("run", type=Path, metavar="RUN", help="a finished run folder")
+    r.add_argument("--out", type=Path, help="HTML file to write (default RUN/report.html)")
+    r.set_defaults(func=cmd_report)
     return parser
+
+
+def _radiogenomics_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from tace.analysis.radiogenomics import Settings
+
+    d = Settings()
+    g = sub.add_parser("radiogenomics", help="correlate the model's imaging phenotype with gene expression; gene-set enrichment",
+                       description=cmd_radiogenomics.__doc__)  # fmt: skip
+    g.add_argument("run", type=Path, metavar="RUN", help="a finished run folder (its final models are applied to the cohort)")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--cohort", type=Path, metavar="MANIFEST", help="the radiogenomics cohort's manifest (images; response may be empty)")
+    src.add_argument("--features", type=Path, metavar="CSV", help="features already extracted with `tace-client features`")
+    g.add_argument("--expression", type=Path, required=True, metavar="FILE",
+                   help="genes x samples matrix, CSV or TSV, gene symbols in the first column (as TCGA-LIHC tables come)")  # fmt: skip
+    g.add_argument("--gene-sets", type=Path, metavar="GMT", help="gene sets in GMT format, e.g. MSigDB Hallmark (required)")
+    g.add_argument("--target", default=d.target, metavar="NAME",
+                   help="what genes are correlated with: dltr (default, the imaging model's score), dltrmlp, clinical, "
+                   "deep-pc1 (first principal component of the deep features) or feature_NNN")  # fmt: skip
+    g.add_argument("--method", choices=("spearman", "pearson"), default=d.method, help="correlation (default %(default)s)")
+    g.add_argument("--transform", choices=("log2p1", "none"), default=d.transform,
+                   help="log2p1: log2(x+1) for linear TPM/FPKM/counts (default); none: values already on a log scale")  # fmt: skip
+    g.add_argument("--min-expression", type=float, default=d.min_expression,
+                   help="keep genes reaching this (after the transform) in --min-fraction of samples (default %(default)s)")  # fmt: skip
+    g.add_argument("--min-fraction", type=float, default=d.min_fraction, help="see --min-expression (default %(default)s)")
+    g.add_argument("--p-threshold", type=float, default=d.p_threshold, help="keep genes with P below (default %(default)s, the study's)")
+    g.add_argument("--r-threshold", type=float, default=d.r_threshold, help="... and |r| at least (default %(default)s: off)")
+    g.add_argument("--fdr-threshold", type=float, default=d.fdr_threshold, help="... and FDR below (default %(default)s: off)")
+    g.add_argument(
+        "--enrichment-fdr", type=float, default=d.enrichment_fdr, help="a gene set is enriched below this FDR (default %(default)s)"
+    )
+    g.add_argument("--permutations", type=int, default=d.permutations, help="GSEA pre-ranked permutations (default %(default)s)")
+    g.add_argument("--min-set-size", type=int, default=d.min_set_size, help="smallest gene set tested (default %(default)s)")
+    g.add_argument("--max-set-size", type=int, default=d.max_set_size, help="largest gene set tested (default %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="seed of the permutations and of the shuffled control (default %(default)s)")
+    g.add_argument("--sample-id-regex", metavar="REGEX",
+                   help="map expression column names to patient ids by the first capture group, e.g. '^(TCGA-..-....)'")  # fmt: skip
+    g.add_argument("--no-control", action="store_true", help="skip the negative control (the analysis on shuffled expression)")
+    g.add_argument("--cache", type=Path, help="preprocessing cache for --cohort (default RUN/radiogenomics/cache)")
+    g.add_argument("--device", default="auto", help="device for applying the models with --cohort (default %(default)s)")
+    g.add_argument("--no-figures", action="store_true", help="skip the PNG/SVG figures")
+    g.set_defaults(func=cmd_radiogenomics)
 
 
 def _notes(notes: list[str]) -> None:
@@ -89,6 +139,107 @@ def cmd_survival(args: argparse.Namespace) -> int:
             text += f"; HR {hr[0]} vs {pooled['cox']['reference']} {hr[1]['hr']:.2f} ({hr[1]['low']:.2f}-{hr[1]['high']:.2f})"
         print(f"  {grouping:<20} n={pooled.get('n', 0)}, events {pooled.get('events', 0)}: {text}")
     print(f"wrote {path} in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def cmd_radiogenomics(args: argparse.Namespace) -> int:
+    """Apply the run's final models to a radiogenomics cohort (images + RNA-seq), correlate every gene with the chosen
+    score or deep feature (Spearman or Pearson; P, |r| and FDR thresholds, with a table of how many genes each keeps),
+    then over-representation analysis of the kept genes (hypergeometric, background = the genes tested) and GSEA
+    pre-ranked on r, against the gene sets of a GMT file you give (nothing is downloaded). A negative control repeats
+    the analysis with the expression shuffled across patients. Writes RUN/tables/radiogenomics-*.csv,
+    RUN/figures/radiogenomics-*, and the radiogenomics section of RUN/analysis.json."""
+    from tace.analysis import radiogenomics as rg
+    from tace.analysis.study import merge_analysis
+    from tace.common.genesets import GMT_HINT, read_gmt
+
+    start = time.perf_counter()
+    if args.gene_sets is None:
+        raise TaceError("radiogenomics needs gene sets: no --gene-sets GMT file given", GMT_HINT)
+    settings = rg.Settings(
+        target=args.target, method=args.method, transform=args.transform, min_expression=args.min_expression,
+        min_fraction=args.min_fraction, p_threshold=args.p_threshold, r_threshold=args.r_threshold, fdr_threshold=args.fdr_threshold,
+        permutations=args.permutations, min_set_size=args.min_set_size, max_set_size=args.max_set_size,
+        enrichment_fdr=args.enrichment_fdr, seed=args.seed,
+    )  # fmt: skip
+    if not (args.run / "models" / "model.json").is_file():
+        raise TaceError(f"{args.run} is not a finished run folder (no models/model.json)", "give the folder a finished run wrote")
+    gene_sets = read_gmt(args.gene_sets)
+    expression, read_counts = rg.read_expression(args.expression, args.sample_id_regex)
+    features_path = args.features or _extract_features(args)
+    features = rg.read_features(features_path)
+    result = rg.analyse_radiogenomics(features, expression, gene_sets, settings, negative_control=not args.no_control)
+    inputs = {"features": str(features_path), "expression": str(args.expression), "gene_sets": str(args.gene_sets),
+              "cohort": str(args.cohort or ""), "expression_reading": read_counts}  # fmt: skip
+    section = rg.write_outputs(result, args.run, inputs, figures=not args.no_figures)
+    path = merge_analysis(args.run, {"radiogenomics": section})
+    print_radiogenomics(section, result.ora, result.prerank)
+    print(
+        f"wrote {path}, {args.run / 'tables'}/radiogenomics-*.csv, {args.run / 'figures'}/radiogenomics-* in {time.perf_counter() - start:.1f} s"
+    )
+    return EXIT_OK
+
+
+def _extract_features(args: argparse.Namespace) -> Path:
+    """Run `tace-client features` (the site-side tool that applies the models; this command never loads torch)."""
+    import subprocess
+
+    out = args.run / "radiogenomics" / "features.csv"
+    cache = args.cache or args.run / "radiogenomics" / "cache"
+    cmd = [sys.executable, "-m", "tace.client.cli", "features", "--run", str(args.run), "--manifest", str(args.cohort),
+           "--out", str(out), "--cache", str(cache), "--device", args.device]  # fmt: skip
+    if subprocess.run(cmd, check=False).returncode != 0:
+        raise TaceError(f"applying the run's models to the cohort {args.cohort} failed (see the messages above)",
+                        "fix what they name, or extract the features yourself with `tace-client features` and pass --features")  # fmt: skip
+    return out
+
+
+def print_radiogenomics(section: dict[str, Any], ora: Any, prerank: Any) -> None:
+    s, p, g = section["settings"], section["patients"], section["genes"]
+    print(f"radiogenomics: {p['matched']} patients matched ({p['image_only']} imaging only, {p['expression_only']} expression only)")
+    print(f"  {g['genes_tested']} genes tested of {g['genes_in_matrix']} ({s['transform']}, expressed >= {s['min_expression']} in "
+          f">= {s['min_fraction']:.0%} of samples); {s['method']} r with {s['target']}")  # fmt: skip
+    fdr = "" if s["fdr_threshold"] >= 1 else f", FDR < {s['fdr_threshold']}"
+    print(f"  genes kept (P < {s['p_threshold']}, |r| >= {s['r_threshold']}{fdr}): {g['kept']} ({g['kept_positive']} positive)")
+    for name, table, col in (("over-representation", ora, "fdr"), ("GSEA pre-ranked", prerank, "fdr")):
+        hits = table[table[col] < s["enrichment_fdr"]]
+        print(f"  {name}: {len(hits)} gene set(s) with FDR < {s['enrichment_fdr']}")
+        for _, row in hits.head(8).iterrows():
+            extra = f"NES {row['nes']:+.2f}" if "nes" in row else f"{row['overlap']}/{row['set_size']} genes"
+            print(f"    {row['term']:<48} {extra}, FDR {row['fdr']:.3g}")
+    control = section.get("negative_control")
+    if control:
+        n = len(control["enriched"]["ora"]) + len(control["enriched"]["prerank"])
+        print(f"  negative control (expression shuffled across patients): {n} gene set(s) pass FDR < {s['enrichment_fdr']}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML report of a finished run (figures embedded; opens offline): the question and
+    the cohort, how the models were trained (settings, rounds, per-site training curves), the model comparison on
+    the external sites, ROC, calibration and decision curves, Kaplan-Meier curves, radiogenomics when it was run,
+    the privacy ledger when differential privacy was on, what left each site, software versions and the seed.
+    External validation and survival are computed first when analysis.json lacks them."""
+    from tace.analysis.report import write_report
+    from tace.analysis.study import read_analysis
+
+    start = time.perf_counter()
+    existing = read_analysis(args.run)
+    missing = tuple(p for p in ("validation", "survival") if p not in existing)
+    if missing:
+        from tace.analysis.data import load_run
+        from tace.analysis.study import analyse
+
+        print(f"computing {' and '.join(missing)} first (not yet in {args.run / 'analysis.json'})")
+        analyse(load_run(args.run), missing)
+    path, not_embedded = write_report(args.run, args.out)
+    if not_embedded:
+        print(
+            f"note: {len(not_embedded)} figure(s) were not drawn and are missing from the report: {', '.join(not_embedded)}",
+            file=sys.stderr,
+        )
+    print(
+        f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB, self-contained: open it in any browser) in {time.perf_counter() - start:.1f} s"
+    )
     return EXIT_OK
 
 

@@ -24,6 +24,25 @@ def version_string() -> str:
         return "unknown"
 
 
+#: Packages whose versions a run and a report record (read from installed metadata; nothing is imported).
+RECORDED_PACKAGES = ("tace-fl", "torch", "monai", "flwr", "opacus", "SimpleITK", "numpy", "scipy", "pandas", "scikit-learn",
+                     "lifelines", "gseapy", "matplotlib")  # fmt: skip
+
+
+def software_versions() -> dict[str, str]:
+    """{package: installed version} for `RECORDED_PACKAGES` plus Python."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
 def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser, Any]:
     """A top-level parser with --version and a subcommand group; subcommands set ``func`` via set_defaults."""
     parser = argparse.ArgumentParser(prog=prog, description=description)

@@ -44,7 +44,9 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         self.mode = mode
         self.rounds: dict[str, int] = {}  # rounds recorded per stage
-        self.write_json("run_config.json", {"mode": mode, "run_config": run_config})
+        from tace.common.cli import software_versions
+
+        self.write_json("run_config.json", {"mode": mode, "run_config": run_config, "software": software_versions()})
         self._metrics = self.path / "metrics.csv"
         if not self._metrics.exists():
             with open(self._metrics, "w", newline="", encoding="utf-8") as fh:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -162,3 +164,52 @@ def test_a_damaged_site_return_is_named(finished_run, tmp_path, capsys):
     assert analysis_main(["validate", str(copy)]) == 2
     err = capsys.readouterr().err
     assert "site site-e sent a malformed analysis summary" in err and "Traceback" not in err
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        pytest.fail("the report test renders in headless Chromium: install Debian's package `chromium` (`make test` does)")
+    return found
+
+
+def _headless(html: Path, profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=10000"]  # fmt: skip
+    return subprocess.run([_chromium(), *flags, *args, html.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_radiogenomics_and_the_report_render_in_headless_chromium(finished_run, cohort, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "analysis.json").unlink(missing_ok=True)  # the report computes validation and survival itself
+    rg = cohort / "radiogenomics"
+    code = analysis_main(["radiogenomics", str(run), "--cohort", str(rg / "manifest.csv"), "--expression", str(rg / "expression.csv"),
+                          "--gene-sets", str(rg / "gene_sets.gmt"), "--permutations", "200"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "24 patients matched (1 imaging only, 1 expression only)" in out
+    features = (run / "radiogenomics" / "features.csv").read_text(encoding="utf-8").splitlines()
+    assert len(features) == 26 and features[0].startswith("patient_id,dltrmlp,dltr,clinical,feature_000")
+
+    assert analysis_main(["report", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "computing validation and survival first" in out
+    report = run / "report.html"
+    text = report.read_text(encoding="utf-8")
+    for heading in ("The question and the cohort", "How the models were trained", "Model comparison", "Progression-free survival",
+                    "Radiogenomics", "what left each site", "Software and settings"):  # fmt: skip
+        assert heading in text, heading
+    assert "http://" not in text and "https://" not in text and 'src="file' not in text  # opens offline, nothing fetched
+    assert "site-d-0001" not in text and "rg-0001" not in text  # aggregates only
+    assert "Differential privacy was <b>off</b>" in text
+
+    dom = _headless(report, tmp_path / "profile", "--dump-dom").stdout
+    body = re.search(r"<body([^>]*)>", dom)
+    assert body, dom[:500]
+    n_images = int(re.search(r'data-images="(\d+)"', body.group(1)).group(1))
+    assert n_images == text.count("<img ") and n_images >= 8
+    assert 'data-broken="[]"' in body.group(1), body.group(1)
+    shot = tmp_path / "report.png"
+    _headless(report, tmp_path / "profile2", "--hide-scrollbars", "--window-size=1200,3000", f"--screenshot={shot}")
+    assert shot.stat().st_size > 50_000
