@@ -150,8 +150,7 @@ def cmd_radiogenomics(args: argparse.Namespace) -> int:
     the analysis with the expression shuffled across patients. Writes RUN/tables/radiogenomics-*.csv,
     RUN/figures/radiogenomics-*, and the radiogenomics section of RUN/analysis.json."""
     from tace.analysis import radiogenomics as rg
-    from tace.analysis.study import merge_analysis
-    from tace.common.genesets import GMT_HINT, read_gmt
+    from tace.common.genesets import GMT_HINT
 
     start = time.perf_counter()
     if args.gene_sets is None:
@@ -164,18 +163,13 @@ def cmd_radiogenomics(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not (args.run / "models" / "model.json").is_file():
         raise TaceError(f"{args.run} is not a finished run folder (no models/model.json)", "give the folder a finished run wrote")
-    gene_sets = read_gmt(args.gene_sets)
-    expression, read_counts = rg.read_expression(args.expression, args.sample_id_regex)
-    features_path = args.features or _extract_features(args)
-    features = rg.read_features(features_path)
-    result = rg.analyse_radiogenomics(features, expression, gene_sets, settings, negative_control=not args.no_control)
-    inputs = {"features": str(features_path), "expression": str(args.expression), "gene_sets": str(args.gene_sets),
-              "cohort": str(args.cohort or ""), "expression_reading": read_counts}  # fmt: skip
-    section = rg.write_outputs(result, args.run, inputs, figures=not args.no_figures)
-    path = merge_analysis(args.run, {"radiogenomics": section})
+    section, result = rg.run_radiogenomics(
+        args.run, args.features or (lambda: _extract_features(args)), args.expression, args.gene_sets, settings,
+        args.sample_id_regex, args.cohort, negative_control=not args.no_control, figures=not args.no_figures,
+    )  # fmt: skip
     print_radiogenomics(section, result.ora, result.prerank)
     print(
-        f"wrote {path}, {args.run / 'tables'}/radiogenomics-*.csv, {args.run / 'figures'}/radiogenomics-* in {time.perf_counter() - start:.1f} s"
+        f"wrote {args.run / 'analysis.json'}, {args.run / 'tables'}/radiogenomics-*.csv, {args.run / 'figures'}/radiogenomics-* in {time.perf_counter() - start:.1f} s"
     )
     return EXIT_OK
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,20 +268,25 @@ def correlate(expression: pd.DataFrame, target: np.ndarray, method: str = "spear
     Spearman is Pearson on mid-ranks; P from the t distribution with n - 2 degrees of freedom (as
     `scipy.stats.spearmanr` and `pearsonr`, which the tests compare against).
     """
+    xs, ys = _standardised(expression, target, method)
+    n = len(ys)
+    r = np.clip(xs @ ys, -1.0, 1.0)
+    with np.errstate(divide="ignore"):
+        t = r * np.sqrt((n - 2) / np.maximum(1.0 - r**2, 1e-300))
+    p = 2 * stats.t.sf(np.abs(t), n - 2)
+    return pd.DataFrame({"gene": expression.index, "r": r, "p": p, "fdr": stats.false_discovery_control(p, method="bh")})
+
+
+def _standardised(expression: pd.DataFrame, target: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Genes (rows) and target, ranked for Spearman, centred and scaled to unit norm: r is then their dot product."""
     x = expression.to_numpy(dtype=float)
     y = np.asarray(target, dtype=float)
     if method == "spearman":
         x = stats.rankdata(x, axis=1)
         y = stats.rankdata(y)
-    n = len(y)
-    xc = x - x.mean(axis=1, keepdims=True)
-    yc = y - y.mean()
-    r = (xc @ yc) / np.sqrt((xc**2).sum(axis=1) * (yc**2).sum())
-    r = np.clip(r, -1.0, 1.0)
-    with np.errstate(divide="ignore"):
-        t = r * np.sqrt((n - 2) / np.maximum(1.0 - r**2, 1e-300))
-    p = 2 * stats.t.sf(np.abs(t), n - 2)
-    return pd.DataFrame({"gene": expression.index, "r": r, "p": p, "fdr": stats.false_discovery_control(p, method="bh")})
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean()
+    return x / np.sqrt((x**2).sum(axis=1, keepdims=True)), y / np.sqrt((y**2).sum())
 
 
 def keep_mask(genes: pd.DataFrame, p: float, r: float, fdr: float) -> pd.Series:
@@ -437,14 +443,7 @@ def sample_permutation_es(
     expression: pd.DataFrame, target: np.ndarray, sets: list[list[str]], settings: Settings, chunk: int = 100
 ) -> tuple[np.ndarray, np.ndarray]:
     """Enrichment scores (S,) of the observed ranking and (S, permutations) with the target permuted across patients."""
-    x = expression.to_numpy(dtype=float)
-    y = np.asarray(target, dtype=float)
-    if settings.method == "spearman":
-        x = stats.rankdata(x, axis=1)
-        y = stats.rankdata(y)
-    xc = x - x.mean(axis=1, keepdims=True)
-    xc /= np.sqrt((xc**2).sum(axis=1, keepdims=True))
-    yc = (y - y.mean()) / np.sqrt(((y - y.mean()) ** 2).sum())
+    xc, yc = _standardised(expression, target, settings.method)
     genes = list(expression.index)
     by_name = np.argsort(np.array(genes, dtype=object), kind="stable")
     index = {g: i for i, g in enumerate(genes)}
@@ -568,6 +567,37 @@ def analyse_radiogenomics(
                         "prerank": float(null_prerank["fdr"].min()) if len(null_prerank) else None},
         }  # fmt: skip
     return Result(settings, genes, threshold_table(genes), ora, prerank, summary, mismatch)
+
+
+def run_radiogenomics(
+    run_dir: Path,
+    features: Path | Callable[[], Path],
+    expression_path: Path,
+    gene_sets_path: Path,
+    settings: Settings,
+    sample_id_regex: str | None = None,
+    cohort: Path | None = None,
+    negative_control: bool = True,
+    figures: bool = True,
+) -> tuple[dict[str, Any], Result]:
+    """The whole command on files: read the inputs, analyse, write tables and figures, merge the ``radiogenomics``
+    section into RUN/analysis.json; returns that section and the result.
+
+    `features` is the features table, or a function that makes it (applying the models): it is called only after
+    the gene sets and the expression table have been read, so a bad input fails before any image is.
+    """
+    from tace.analysis.study import merge_analysis
+    from tace.common.genesets import read_gmt
+
+    gene_sets = read_gmt(gene_sets_path)
+    expression, read_counts = read_expression(expression_path, sample_id_regex)
+    features_path = features if isinstance(features, Path) else features()
+    result = analyse_radiogenomics(read_features(features_path), expression, gene_sets, settings, negative_control)
+    inputs = {"features": str(features_path), "expression": str(expression_path), "gene_sets": str(gene_sets_path),
+              "cohort": str(cohort or ""), "expression_reading": read_counts}  # fmt: skip
+    section = write_outputs(result, run_dir, inputs, figures)
+    merge_analysis(run_dir, {"radiogenomics": section})
+    return section, result
 
 
 def write_outputs(result: Result, run_dir: Path, inputs: dict[str, Any], figures: bool = True) -> dict[str, Any]:

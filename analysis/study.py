@@ -406,7 +406,7 @@ def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True)
         from tace.analysis import plots
 
         merged["figures"] = plots.draw(merged, run.path / "figures")
-    return merge_analysis(run.path, merged)
+    return _write_analysis_json(run.path, merged)
 
 
 def read_analysis(run_dir: Path) -> dict[str, Any]:
@@ -422,9 +422,14 @@ def read_analysis(run_dir: Path) -> dict[str, Any]:
 
 def merge_analysis(run_dir: Path, sections: dict[str, Any]) -> Path:
     """Merge `sections` into RUN/analysis.json (other sections kept), written atomically."""
-    path = run_dir / "analysis.json"
     analysis = read_analysis(run_dir)
     analysis.update(sections)
+    return _write_analysis_json(run_dir, analysis)
+
+
+def _write_analysis_json(run_dir: Path, analysis: dict[str, Any]) -> Path:
+    """Write RUN/analysis.json atomically (strict JSON: non-finite numbers become null)."""
+    path = run_dir / "analysis.json"
     tmp = path.with_name(".analysis.json.tmp")
     tmp.write_text(json.dumps(jsonable(analysis, finite=True), indent=1, allow_nan=False), encoding="utf-8")
     tmp.replace(path)

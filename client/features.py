@@ -26,9 +26,6 @@ from tace.common.models import StudyModels
 from tace.common.training import predict_images, predict_tabular, select_device
 from tace.common.validate import check_site
 
-#: Columns of the features table before the deep features ``feature_000 ...``.
-SCORE_COLUMNS = ("dltrmlp", "dltr", "clinical")
-
 
 @dataclass
 class TrainedModels:

@@ -196,9 +196,8 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     pathways next to what was found (the generator's truth, which the analysis itself never reads)."""
     from tace.analysis import radiogenomics as rg
     from tace.analysis.cli import print_radiogenomics
-    from tace.analysis.study import merge_analysis
     from tace.client.features import TrainedModels, write_features
-    from tace.common.genesets import read_gmt, write_gmt
+    from tace.common.genesets import write_gmt
     from tace.simulation.radiogenomics import builtin_gene_sets
 
     start = time.perf_counter()
@@ -210,12 +209,9 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     print(f"\nradiogenomics: applying the run's models to {rg_dir / 'manifest.csv'}")
     features = TrainedModels.from_run(run_dir).extract(rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
     features_path = write_features(features, run_dir / "radiogenomics" / "features.csv")
-    expression, counts = rg.read_expression(rg_dir / "expression.csv")
-    result = rg.analyse_radiogenomics(features, expression, read_gmt(gmt), rg.Settings())
-    inputs = {"features": str(features_path), "expression": str(rg_dir / "expression.csv"), "gene_sets": str(gmt),
-              "cohort": str(rg_dir / "manifest.csv"), "expression_reading": counts}  # fmt: skip
-    section = rg.write_outputs(result, run_dir, inputs)
-    merge_analysis(run_dir, {"radiogenomics": section})
+    section, result = rg.run_radiogenomics(
+        run_dir, features_path, rg_dir / "expression.csv", gmt, rg.Settings(), cohort=rg_dir / "manifest.csv"
+    )
     print_radiogenomics(section, result.ora, result.prerank)
     truth = json.loads((cohort / "ground_truth" / "truth.json").read_text(encoding="utf-8"))["radiogenomics"]
     planted = set(truth["planted_pathways"])
