@@ -18,6 +18,7 @@ The steps, each with its settings recorded in the output:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -360,10 +361,18 @@ def enrich_prerank(
     if not sets:
         return pd.DataFrame(columns=columns)
     rnk = _untied(genes.set_index("gene")["r"])
-    res = gseapy.prerank(
-        rnk=rnk, gene_sets=sets, permutation_num=settings.permutations, seed=settings.seed, min_size=settings.min_set_size,
-        max_size=settings.max_set_size, threads=1, outdir=None, no_plot=True, verbose=False,
-    ).res2d  # fmt: skip
+    # gseapy warns "Duplicated values found in preranked stats" whenever r has ties, which Spearman's r on tens of
+    # patients always has: `_untied` orders them by name, but gseapy's check still sees them. Its loggers are made
+    # per call, so silence warnings for the duration of the call only.
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        res = gseapy.prerank(
+            rnk=rnk, gene_sets=sets, permutation_num=settings.permutations, seed=settings.seed, min_size=settings.min_set_size,
+            max_size=settings.max_set_size, threads=1, outdir=None, no_plot=True, verbose=False,
+        ).res2d  # fmt: skip
+    finally:
+        logging.disable(previous)
     gene_null = pd.DataFrame({
         "term": res["Term"].astype(str), "es_gene": res["ES"].astype(float), "nes_gene": res["NES"].astype(float),
         "p_gene": res["NOM p-val"].astype(float), "fdr_gene": res["FDR q-val"].astype(float), "leading_edge": res["Lead_genes"].astype(str),
