@@ -21,7 +21,7 @@ from tace.client.task import SiteTask
 from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import ManifestError, TaceError
-from tace.common.models import StudyModels, state_dict_numpy
+from tace.common.models import StudyModels, model_signature, state_dict_numpy
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
 
 app = ClientApp()
@@ -117,7 +117,16 @@ def query(msg: Message, context: Context) -> Message:
                 RecordDict({SITE: ConfigRecord({"site-id": site.site_id, "ok": False, "problems": problem_digest(exc)})}), reply_to=msg
             )
         info = {k: v for k, v in task.info().items()}
-        return Message(RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version()})}), reply_to=msg)
+        mismatch = _compatibility(msg, run)
+        if mismatch:
+            log.error("%s", mismatch)  # the site's operator reads this in the client log
+            return Message(
+                RecordDict({SITE: ConfigRecord({"site-id": task.site.site_id, "ok": False, "problems": mismatch})}), reply_to=msg
+            )
+        signature = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
+        return Message(
+            RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version(), "model-signature": signature})}), reply_to=msg
+        )
     if kind == QUERY_STATS:
         task, _, _ = _site(msg, context)
         return Message(
@@ -171,6 +180,28 @@ def evaluate(msg: Message, context: Context) -> Message:
     if final:
         site["summary"] = json.dumps(result["summary"])
     return Message(RecordDict({METRICS: MetricRecord(flatten_evaluation(result)), SITE: ConfigRecord(site)}), reply_to=msg)
+
+
+def _backbones(msg: Message, run: RunConfig) -> tuple[str, ...]:
+    names = str(msg.content.config_records[CONFIG].get("backbones", ""))
+    return tuple(n for n in names.split(",") if n) or (run.backbone,)
+
+
+def _compatibility(msg: Message, run: RunConfig) -> str:
+    """Why this site cannot take part with the coordinator's software (empty when it can)."""
+    config = msg.content.config_records[CONFIG]
+    theirs = str(config.get("coordinator-version", ""))
+    if not theirs:
+        return ""
+    if theirs != _version():
+        return (f"this site runs TACE-FL {_version()} but the coordinator runs {theirs}: install TACE-FL {theirs} at this site "
+                "(the same version everywhere guarantees the same model and preprocessing) and start the client again")  # fmt: skip
+    wanted = str(config.get("model-signature", ""))
+    ours = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
+    if wanted and wanted != ours:
+        return (f"this site builds different models than the coordinator (model signature {ours}, coordinator {wanted}) although "
+                "both run the same TACE-FL version: the installation at this site was modified; reinstall TACE-FL")  # fmt: skip
+    return ""
 
 
 def _version() -> str:

@@ -61,8 +61,8 @@ class SiteTask:
             raise ManifestError(problems, f"{site.manifest} (site {site.site_id})")
         self.manifest = manifest
         self.cache = PreprocessCache(site.cache_dir, run.preprocess)
-        self.device = select_device(run.device)
-        torch.set_num_threads(run.threads)
+        self.device = select_device(site.device or run.device)
+        torch.set_num_threads(site.threads or run.threads)
 
     # -- records ---------------------------------------------------------------------------------------------
     @property

@@ -63,6 +63,11 @@ class RunConfig:
     risk_groups: int = 3
     share_patient_level: str = ""
     expected_sites: int = 0
+    min_sites: int = 2
+    max_update_norm_ratio: float = 10.0
+    round_timeout: int = 3600
+    join_timeout: int = 600
+    resume: bool = False
     cohort: str = ""
     run_dir: str = ""
 
@@ -77,13 +82,13 @@ class RunConfig:
             if name not in BACKBONES:
                 raise ConfigError(f"unknown backbone {name!r}", f"valid backbones: {', '.join(BACKBONES)}")
         for key in ("rounds", "local_epochs", "batch_size", "head_local_epochs", "clinical_local_epochs", "threads", "hist_bins",
-                    "head_rounds", "clinical_rounds"):  # fmt: skip
+                    "head_rounds", "clinical_rounds", "min_sites", "round_timeout", "join_timeout"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
         for key in ("lr", "head_lr", "clinical_lr", "server_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key.replace('_', '-')} must be positive")
-        for key in ("patience", "expected_sites", "proximal_mu", "weight_decay"):
+        for key in ("patience", "expected_sites", "proximal_mu", "weight_decay", "max_update_norm_ratio"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key.replace('_', '-')} must not be negative")
         if not 0 <= self.seed < 2**31:
@@ -203,6 +208,8 @@ class SiteConfig:
     min_patients: int = 5
     min_cell_count: int = 0
     share_patient_level: bool = False
+    device: str = ""  # the site's own choice (node config); empty: the run config's
+    threads: int = 0  # idem; 0: the run config's
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -215,7 +222,7 @@ class SiteConfig:
             manifest = Path(str(node["manifest-path"]))
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
-            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)))
+            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), *_compute(node))
         if "partition-id" in node:
             if not run.cohort:
                 raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
@@ -250,6 +257,17 @@ def _flag(value: Any) -> bool:
     if str(value).lower() in ("false", "0", "no", ""):
         return False
     raise ConfigError(f"node-config key share-patient-level must be true or false, not {value!r}")
+
+
+def _compute(node: Mapping[str, Any]) -> tuple[str, int]:
+    """The site's own device and thread count from its node configuration (empty / 0: the run config's)."""
+    try:
+        threads = int(node.get("threads", 0))
+    except (TypeError, ValueError):
+        raise ConfigError("node-config key threads must be an integer") from None
+    if threads < 0:
+        raise ConfigError("node-config key threads must not be negative")
+    return str(node.get("device", "")), threads
 
 
 def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:

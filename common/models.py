@@ -206,3 +206,19 @@ class StudyModels:
     def load(self, arrays: dict[str, Arrays]) -> None:
         for stage, values in arrays.items():
             load_numpy(self.module(stage), values)
+
+
+def model_signature(backbones: tuple[str, ...], in_channels: int, clinical_dim: int) -> str:
+    """A short digest of the three models' parameter names, shapes and types for the given backbones.
+
+    Coordinator and sites compare it before training: a site whose TACE-FL builds different models (another
+    version, a modified definition) is told so before any weights are exchanged.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for backbone in backbones:
+        for stage, values in StudyModels.build(backbone, in_channels, clinical_dim).arrays().items():
+            for k, v in sorted(values.items()):
+                digest.update(f"{backbone}|{stage}.{k}|{tuple(v.shape)}|{v.dtype}\n".encode())
+    return digest.hexdigest()[:16]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -18,10 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
+from tace.common.cli import version_string
 from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
-from tace.common.models import StudyModels
+from tace.common.models import StudyModels, model_signature
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
 from tace.server.rundir import RunDir
 from tace.server.workflow import Arrays, SiteInfo, TrainReply, run_layouts
@@ -48,12 +50,24 @@ def _strategy(run: RunConfig) -> FedAvg:
 
 
 class FlowerFederation:
-    """Reaches the sites through a Flower Grid."""
+    """Reaches the sites through a Flower Grid.
 
-    def __init__(self, grid: Grid, run: RunConfig, expected_sites: int, wait_s: float = 120.0, timeout_s: float = 3600.0) -> None:
+    Sites are found at the start (``expected_sites`` must connect within ``join-timeout``) and asked who they are;
+    a site whose TACE-FL version or model definition differs from the coordinator's stops the run before any
+    training. During rounds a site that fails, vanishes or exceeds ``round-timeout`` is left out of that round
+    (the workflow decides whether enough updates remain); it takes part again as soon as it answers, also after
+    a restart under a new node id.
+    """
+
+    def __init__(
+        self, grid: Grid, run: RunConfig, expected_sites: int, wait_s: float | None = None, timeout_s: float | None = None
+    ) -> None:
         self.grid = grid
         self.run = run
-        self.timeout_s = timeout_s
+        self.timeout_s = float(run.round_timeout if timeout_s is None else timeout_s)
+        self.on_event: Callable[[str, str, int, str, str], None] | None = None
+        self.signature = model_signature(run.backbone_candidates or (run.backbone,), len(run.preprocess.sequences), len(FEATURES))
+        wait_s = float(run.join_timeout if wait_s is None else wait_s)
         deadline = time.monotonic() + wait_s
         node_ids = list(grid.get_node_ids())
         while len(node_ids) < expected_sites and time.monotonic() < deadline:
@@ -63,25 +77,59 @@ class FlowerFederation:
             raise TaceError(
                 f"only {len(node_ids)} of {expected_sites} sites connected within {wait_s:.0f} s", "start the missing sites' clients"
             )
-        replies = self._send(node_ids, "query", RecordDict({CONFIG: ConfigRecord({"query": QUERY_INFO})}))
         self.nodes: dict[int, str] = {}
         self.info: dict[str, dict[str, Any]] = {}
-        failed = []
+        self._discover(node_ids, strict=True)
+        self.set_roles(() if run.layout == "loco" else run.holdout)
+
+    def _info_query(self) -> RecordDict:
+        return RecordDict({CONFIG: ConfigRecord({"query": QUERY_INFO, "coordinator-version": version_string(),
+                                                 "model-signature": self.signature,
+                                                 "backbones": ",".join(self.run.backbone_candidates or (self.run.backbone,))})})  # fmt: skip
+
+    def _discover(self, node_ids: list[int], strict: bool) -> None:
+        """Ask `node_ids` who they are and whether their data and software are ready. At the start (`strict`)
+        every problem stops the run; later (a site rejoining) the site is only left out and logged."""
+        replies, errors = self._send(node_ids, "query", self._info_query())
+        failed = [f"site {self.nodes.get(n, n)}: {why}" for n, why in errors.items()]
+        found: dict[int, dict[str, Any]] = {}
         for node_id, reply in replies.items():
             site = dict(reply.content.config_records[SITE])
-            if not site.get("ok", False):
-                failed.append(f"site {site['site-id']!s}:\n{site.get('problems', '')!s}")
             site_id = str(site["site-id"])
-            if site_id in self.info:
+            if not site.get("ok", False):
+                failed.append(f"site {site_id}:\n{site.get('problems', '')!s}")
+            elif site.get("version") != version_string() or site.get("model-signature", self.signature) != self.signature:
+                failed.append(f"site {site_id} runs TACE-FL {site.get('version')!s} with model signature {site.get('model-signature')!s}, the "
+                              f"coordinator {version_string()} with {self.signature}: install the coordinator's version at the site")  # fmt: skip
+            elif any(str(s["site-id"]) == site_id for s in found.values()) or (strict and site_id in self.info):
                 raise TaceError(
                     f"two connected sites both call themselves {site_id!r}", "give every site its own site-id in its node configuration"
                 )
+            else:
+                found[node_id] = site
+        if failed and strict:
+            raise TaceError("sites not ready; no training was started\n" + "\n".join(failed),
+                            "each site runs `tace-client check --manifest ...` and installs the coordinator's TACE-FL version, "
+                            "fixes what is listed, and rejoins")  # fmt: skip
+        for line in failed:
+            log.warning("a connecting site was not admitted: %s", line)
+        for node_id, site in found.items():
+            site_id = str(site["site-id"])
+            for old in [n for n, s in self.nodes.items() if s == site_id and n != node_id]:
+                del self.nodes[old]  # the site restarted under a new node id
             self.nodes[node_id] = site_id
             self.info[site_id] = site
-        if failed:
-            raise TaceError("site data failed validation; no training was started\n" + "\n".join(failed),
-                            "each site runs `tace-client check --manifest ...`, fixes what it lists, and rejoins")  # fmt: skip
-        self.set_roles(() if run.layout == "loco" else run.holdout)
+
+    def _refresh(self) -> None:
+        """Admit nodes that connected since the last round (a site restarted without registered keys)."""
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
+        if new:
+            self._discover(new, strict=False)
+
+    def online(self) -> list[str]:
+        """The sites whose nodes the SuperLink currently counts as connected."""
+        ids = set(self.grid.get_node_ids())
+        return sorted(s for n, s in self.nodes.items() if n in ids)
 
     def set_roles(self, holdout: tuple[str, ...]) -> None:
         unknown = [s for s in holdout if s not in self.info]
@@ -95,7 +143,9 @@ class FlowerFederation:
 
     def _send(
         self, node_ids: list[int], kind: str, content: RecordDict, per_node: dict[int, ConfigRecord] | None = None
-    ) -> dict[int, Message]:
+    ) -> tuple[dict[int, Message], dict[int, str]]:
+        """Send one message per node and wait up to `timeout_s`; returns the replies and, per node that failed or
+        did not answer in time, the reason."""
         messages = []
         for n in node_ids:
             rd = RecordDict(dict(content.items()))
@@ -104,18 +154,33 @@ class FlowerFederation:
             messages.append(Message(content=rd, message_type=kind, dst_node_id=n))
         replies = list(self.grid.send_and_receive(messages, timeout=self.timeout_s))
         out: dict[int, Message] = {}
-        errors = []
+        errors: dict[int, str] = {}
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
-                errors.append(f"site {self.nodes.get(node, node)}: {clean_reason(reply.error.reason)}")
+                errors[node] = clean_reason(reply.error.reason)
             else:
                 out[node] = reply
-        missing = [n for n in node_ids if n not in out and not any(str(self.nodes.get(n, n)) in e for e in errors)]
-        errors += [f"site {self.nodes.get(n, n)}: no reply within {self.timeout_s:.0f} s" for n in missing]
+        for n in node_ids:
+            if n not in out and n not in errors:
+                errors[n] = f"no reply within {self.timeout_s:.0f} s"
+        return out, errors
+
+    def _send_all(
+        self, node_ids: list[int], kind: str, content: RecordDict, per_node: dict[int, ConfigRecord] | None = None
+    ) -> dict[int, Message]:
+        """`_send` where every site must answer (statistics at the start)."""
+        out, errors = self._send(node_ids, kind, content, per_node)
         if errors:
-            raise TaceError(f"{len(errors)} site(s) failed during '{kind}':\n" + "\n".join(errors), "see the site's client log for details")
+            lines = "\n".join(f"site {self.nodes.get(n, n)}: {why}" for n, why in errors.items())
+            raise TaceError(f"{len(errors)} site(s) failed during '{kind}':\n{lines}", "see the site's client log for details")
         return out
+
+    def _event(self, kind: str, stage: str, server_round: int, node: int, detail: str) -> None:
+        if self.on_event:
+            self.on_event(kind, stage, server_round, self.nodes.get(node, str(node)), detail)
+        else:
+            log.warning("%s round %d: site %s %s: %s", stage, server_round, self.nodes.get(node, node), kind, detail)
 
     # -- the Federation interface ----------------------------------------------------------------------------
     def sites(self) -> list[SiteInfo]:
@@ -131,7 +196,7 @@ class FlowerFederation:
     def clinical_stats(self) -> list[ClinicalStats]:
         nodes = self._nodes("train")
         per = {n: ConfigRecord({"query": QUERY_STATS, "role": "train"}) for n in nodes}
-        replies = self._send(nodes, "query", RecordDict(), per)
+        replies = self._send_all(nodes, "query", RecordDict(), per)
         # Merge in site order: float sums depend on the order, and the encoder feeds training.
         ordered = sorted(replies.items(), key=lambda kv: self.nodes[kv[0]])
         return [ClinicalStats.from_flat(dict(r.content.metric_records[METRICS])) for _, r in ordered]
@@ -142,28 +207,31 @@ class FlowerFederation:
     def train(
         self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
     ) -> list[TrainReply]:
+        self._refresh()
         nodes = self._nodes("train")
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[stage]}))})
+        # Seeds follow the site's place in the (sorted) list of training sites, not its node id.
         per = {
             n: self._config(n, {"stage": stage, "lr": lr, "seed": seed + i, "backbone": backbone, "server-round": server_round}, encoder)
             for i, n in enumerate(nodes)
         }
-        replies = self._send(nodes, "train", content, per)
+        replies, errors = self._send(nodes, "train", content, per)
         out = []
         # Aggregate in a fixed (site) order: replies arrive in any order and float sums depend on it.
-        for node, reply in sorted(replies.items(), key=lambda kv: self.nodes[kv[0]]):
-            received = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
-            check_incoming(received, arrays[stage], self.nodes[node])
+        for node in sorted(nodes, key=lambda n: self.nodes[n]):
+            if node in errors:
+                out.append(TrainReply(self.nodes[node], {}, 0, {}, error=errors[node]))
+                continue
+            reply = replies[node]
             metrics = dict(reply.content.metric_records[METRICS])
-            out.append(
-                TrainReply(
-                    self.nodes[node],
-                    received,
-                    int(cast(int, metrics["num-examples"])),
-                    {k: float(cast(float, v)) for k, v in metrics.items()},
-                    raw=reply,
-                )
-            )
+            try:
+                received = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
+                num = int(cast(int, metrics["num-examples"]))
+                values = {k: float(cast(float, v)) for k, v in metrics.items()}
+            except (KeyError, IndexError, TypeError, ValueError) as exc:
+                out.append(TrainReply(self.nodes[node], {}, 0, {}, error=f"malformed reply ({type(exc).__name__})"))
+                continue
+            out.append(TrainReply(self.nodes[node], received, num, values, raw=reply))
         return out
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
@@ -179,6 +247,21 @@ class FlowerFederation:
         if aggregated is None:
             raise TaceError(f"aggregation of stage {stage} failed in round {server_round}", "see run.log")
         return {k: v.numpy() for k, v in aggregated.items()}
+
+    def strategy_state(self, stage: str) -> Arrays:
+        strategy = self.strategies[stage]
+        out: Arrays = {}
+        for name in ("m_t", "v_t"):
+            for k, v in (getattr(strategy, name, None) or {}).items():
+                out[f"{name}/{k}"] = np.asarray(v)
+        return out
+
+    def restore_strategy(self, stage: str, state: Arrays) -> None:
+        strategy = self.strategies[stage] = _strategy(self.run)
+        for name in ("m_t", "v_t"):
+            values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
+            if values:
+                setattr(strategy, name, values)
 
     def evaluate(
         self,
@@ -199,7 +282,13 @@ class FlowerFederation:
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
         extra = {"models": ",".join(models), "final": final, "backbone": backbone, "tag": tag, "cutoffs": json.dumps(cutoffs or {})}
         per = {n: self._config(n, extra, encoder) for n in nodes}
-        replies = self._send(nodes, "evaluate", content, per)
+        replies, errors = self._send(nodes, "evaluate", content, per)
+        if final and errors:
+            # A site restarting at the very end: one more try before its results are missing from the study.
+            retried, errors = self._send(list(errors), "evaluate", content, per)
+            replies.update(retried)
+        for node, why in errors.items():
+            self._event("missing-evaluation" if final else "no-validation", "final" if final else ",".join(models), 0, node, why)
         out: dict[str, dict[str, Any]] = {}
         for node, reply in replies.items():
             res = unflatten_evaluation(dict(reply.content.metric_records[METRICS]))
@@ -229,42 +318,63 @@ def clean_reason(reason: str | None) -> str:
     return text.rstrip("'>\n ").strip()
 
 
-def check_incoming(received: Arrays, expected: Arrays, site: str) -> None:
-    """A site's update must have the global model's names and shapes and be finite."""
-    if set(received) != set(expected):
-        raise TaceError(f"site {site} sent weights with unexpected names", "the site runs another TACE-FL version or model definition")
-    for k, v in received.items():
-        if v.shape != expected[k].shape:
-            raise TaceError(
-                f"site {site} sent weight {k} with shape {v.shape}, expected {expected[k].shape}", "the site runs another model definition"
-            )
-        if not np.isfinite(v).all():
-            raise TaceError(f"site {site} sent non-finite weights ({k})", "training diverged at that site; lower the learning rate")
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
     if not run.run_dir:
         raise TaceError("run-config key 'run-dir' (absolute path of the run folder) is required")
     rundir = RunDir(Path(run.run_dir), run.to_run_config(), mode="federated")
+    (rundir.path / "error.txt").unlink(missing_ok=True)  # a resumed run starts without the interruption's error
     expected = _expected_sites(run)
+    status = Status(rundir)
     try:
+        status.write("waiting for sites", expected_sites=expected)
         federation = FlowerFederation(grid, run, expected)
+        federation.on_event = rundir.record_event
+        status.federation = federation
+        status.write("training" if not run.resume else "resuming")
 
         def initial(backbone: str | None) -> dict[str, Arrays]:
             return StudyModels.build(backbone or run.backbone, len(run.preprocess.sequences), len(FEATURES), seed=run.seed).arrays()
 
-        summary = run_layouts(federation, run, rundir, initial, mode="federated", on_round=_print_round)
+        summary = run_layouts(federation, run, rundir, initial, mode="federated", on_round=status.round)
+        status.write("finished")
         print(f"TACE-SUMMARY {rundir.path / 'summary.json'}", flush=True)
         log.info("summary: %s", json.dumps(summary.get("models", {}))[:2000])
     except TaceError as exc:
         # The run's own account of what went wrong, for `tace-sim` and the coordinator's operator.
         (rundir.path / "error.txt").write_text(str(exc) + "\n", encoding="utf-8")
+        status.write("failed", error=str(exc))
         log.error("%s", exc)
         raise
     finally:
         rundir.close()
+
+
+class Status:
+    """``status.json`` in the run folder: what `tace-server status` shows (state, stage, round, sites online,
+    per-site metrics of the last round). Rewritten atomically after every round."""
+
+    def __init__(self, rundir: RunDir) -> None:
+        self.rundir = rundir
+        self.federation: FlowerFederation | None = None
+        self.last: dict[str, Any] = {}
+
+    def write(self, state: str, **extra: Any) -> None:
+        import datetime as dt
+
+        data = {"state": state, "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **self.last, **extra}
+        if self.federation is not None:
+            data["sites_online"] = self.federation.online()
+            data["sites"] = {s: self.federation.roles.get(s, "") for s in sorted(self.federation.info)}
+        tmp = self.rundir.path / ".status.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        tmp.replace(self.rundir.path / "status.json")
+
+    def round(self, stage: str, server_round: int, total: int, val_auc: float | None, sites: dict[str, str] | None = None) -> None:
+        _print_round(stage, server_round, total, val_auc, sites)
+        self.last = {"stage": stage, "round": server_round, "rounds": total, "pooled_val_auc": val_auc, "site_metrics": sites or {}}
+        self.write("training")
 
 
 def _expected_sites(run: RunConfig) -> int:

@@ -43,7 +43,6 @@ class RunDir:
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
         self.mode = mode
-        self.rounds: dict[str, int] = {}  # rounds recorded per stage
         from tace.common.cli import software_versions
 
         self.write_json("run_config.json", {"mode": mode, "run_config": run_config, "software": software_versions()})
@@ -71,7 +70,6 @@ class RunDir:
         self, stage: str, server_round: int, lr: float, replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str,
         pooled_auc: float | None, round_s: float,
     ) -> None:  # fmt: skip
-        self.rounds[stage] = max(self.rounds.get(stage, 0), server_round)
         by_site = {r.site_id: r for r in replies}
         rows = []
         for site, res in sorted(evaluation.items()):
@@ -89,15 +87,44 @@ class RunDir:
         with open(self._metrics, "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerows(rows)
 
-    def checkpoint(self, stage: str, server_round: int | str, arrays: dict[str, np.ndarray]) -> Path:
-        folder = self.path / "checkpoints" / stage
-        folder.mkdir(parents=True, exist_ok=True)
+    def checkpoint_path(self, stage: str, server_round: int | str) -> Path:
         name = f"round-{server_round:03d}.npz" if isinstance(server_round, int) else f"{server_round}.npz"
-        path = folder / name
-        tmp = folder / f".{name}.tmp.npz"
-        np.savez(tmp, **arrays)  # type: ignore[arg-type]
-        tmp.replace(path)
+        return self.path / "checkpoints" / stage / name
+
+    def checkpoint(self, stage: str, server_round: int | str, arrays: dict[str, np.ndarray]) -> Path:
+        from tace.server.progress import save_arrays
+
+        path = self.checkpoint_path(stage, server_round)
+        save_arrays(path, arrays)
         return path
+
+    def rounds_recorded(self) -> dict[str, int]:
+        """The last round recorded in metrics.csv per stage label (including rounds before a resume)."""
+        out: dict[str, int] = {}
+        with open(self._metrics, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                out[row["stage"]] = max(out.get(row["stage"], 0), int(row["round"]))
+        return out
+
+    def trim_metrics(self, rounds_done: dict[str, int]) -> None:
+        """Resuming: drop metric rows of rounds that were recorded but not completed before the interruption."""
+        with open(self._metrics, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        keep = [rows[0]] + [r for r in rows[1:] if int(r[1]) <= rounds_done.get(r[0], 0)]
+        if len(keep) != len(rows):
+            with open(self._metrics, "w", newline="", encoding="utf-8") as fh:
+                csv.writer(fh).writerows(keep)
+
+    def record_event(self, kind: str, stage: str, server_round: int, site: str, detail: str) -> None:
+        """A fault the run survived (a site left out of a round and why), in events.jsonl and the log."""
+        import datetime as dt
+
+        log = logging.getLogger("tace.server")
+        log.warning("%s round %d: site %s %s: %s", stage, server_round, site, kind, detail)
+        event = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "event": kind, "stage": stage,
+                 "round": server_round, "site": site, "detail": detail}  # fmt: skip
+        with open(self.path / "events.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(event) + "\n")
 
     def save_models(
         self, arrays: dict[str, dict[str, np.ndarray]], backbone: str, in_channels: int, shape: tuple[int, ...], encoder: dict[str, Any]

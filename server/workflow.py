@@ -7,6 +7,7 @@ summary are the same code whichever way the sites are reached.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from tace.common.errors import TaceError
 from tace.common.metrics import auc_from_histograms
 from tace.common.protocol import MODELS
 from tace.common.summaries import check_summary, fix_cutoffs
+from tace.server.progress import Progress, load_arrays
 from tace.server.rundir import RunDir
 
 log = logging.getLogger("tace.server")
@@ -36,6 +38,7 @@ class TrainReply:
     num_examples: int
     metrics: dict[str, float]
     raw: Any = None  # the transport's own reply (a Flower Message), for strategies that aggregate those
+    error: str = ""  # the site did not deliver an update this round (it failed, vanished or timed out): why
 
 
 @dataclass
@@ -59,6 +62,12 @@ class Federation(Protocol):
     ) -> list[TrainReply]: ...
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
+
+    def strategy_state(self, stage: str) -> Arrays:
+        """The aggregation strategy's own state for `stage` (FedAdam's moments; empty for FedAvg), for resuming."""
+        ...
+
+    def restore_strategy(self, stage: str, state: Arrays) -> None: ...
 
     def evaluate(
         self,
@@ -103,7 +112,9 @@ def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], mod
     return None if neg is None or pos is None else auc_from_histograms(neg, pos)
 
 
-def _site_progress(replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str) -> dict[str, str]:
+def _site_progress(
+    replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str, excluded: dict[str, str] | None = None
+) -> dict[str, str]:
     """Per training site: local training loss and internal-validation AUC of the round (for progress lines)."""
     loss = {r.site_id: r.metrics.get("train-loss") for r in replies}
     out = {}
@@ -111,7 +122,52 @@ def _site_progress(replies: list[TrainReply], evaluation: dict[str, dict[str, An
         auc = res.get(model, {}).get("auc")
         parts = [f"loss={loss[site]:.3f}" if loss.get(site) is not None else "", f"auc={auc:.3f}" if auc is not None else "auc=n/a"]
         out[site] = ",".join(p for p in parts if p)
+    for site in sorted(excluded or {}):
+        out[site] = "excluded" + (f",auc={out[site].rsplit('auc=', 1)[1]}" if site in out else "")
     return out
+
+
+def update_norm(update: Arrays, current: Arrays) -> float:
+    """Euclidean distance of a site's weights from the global weights they were trained from."""
+    total = 0.0
+    for k, v in current.items():
+        if v.dtype.kind == "f":
+            total += float(np.sum((update[k].astype(np.float64) - v.astype(np.float64)) ** 2))
+    return float(np.sqrt(total))
+
+
+def screen_updates(replies: list[TrainReply], current: Arrays, max_norm_ratio: float) -> tuple[list[TrainReply], dict[str, str]]:
+    """Split a round's replies into usable updates and excluded ones (site -> reason).
+
+    Excluded: sites that failed or did not answer; updates whose names or shapes differ from the global model's;
+    non-finite updates; and (when `max_norm_ratio` > 0 and at least two updates are left) updates farther from the
+    global weights than `max_norm_ratio` times the median distance of the other sites' updates.
+    """
+    accepted: list[TrainReply] = []
+    excluded: dict[str, str] = {}
+    for r in replies:
+        if r.error:
+            excluded[r.site_id] = r.error
+        elif set(r.arrays) != set(current):
+            excluded[r.site_id] = "update with unexpected weight names (another TACE-FL version or model definition?)"
+        elif bad := [k for k, v in r.arrays.items() if v.shape != current[k].shape]:
+            excluded[r.site_id] = f"update of the wrong shape ({bad[0]}: {r.arrays[bad[0]].shape}, expected {current[bad[0]].shape})"
+        elif not all(np.isfinite(v).all() for v in r.arrays.values() if v.dtype.kind == "f"):
+            excluded[r.site_id] = "non-finite update (NaN or infinity): training diverged at the site"
+        else:
+            accepted.append(r)
+    if max_norm_ratio > 0 and len(accepted) >= 2:
+        norms = {r.site_id: update_norm(r.arrays, current) for r in accepted}
+        far = {}
+        for site, norm in norms.items():
+            others = float(np.median([n for s, n in norms.items() if s != site]))
+            if norm > max_norm_ratio * others and norm > 0:
+                far[site] = (
+                    f"update norm {norm:.3g} is {norm / max(others, 1e-12):.1f} x the median of the other sites' ({others:.3g}); bound {max_norm_ratio:g} x"
+                )
+        excluded.update(far)
+        accepted = [r for r in accepted if r.site_id not in far]
+    return accepted, excluded
 
 
 def run_stage(
@@ -127,43 +183,72 @@ def run_stage(
     backbone: str,
     label: str | None = None,
     on_round: Callable[..., None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Arrays, float | None]:
-    """Federated rounds of one stage with early stopping on pooled internal-validation AUC; returns the best weights."""
+    """Federated rounds of one stage with early stopping on pooled internal-validation AUC; returns the best weights.
+
+    After every round the aggregated weights, the strategy's state and `progress` are saved, so an interrupted
+    stage continues (``resume``) from its last completed round exactly as if it had not been interrupted.
+    """
     model = STAGE_MODEL[stage]
     label = label or stage
+    progress = progress or Progress(rundir.path / "progress.json")
+    state = progress.stage(label)
+    if state.done:
+        return load_arrays(rundir.path / "checkpoints" / label / "best.npz"), (state.best_auc if state.best_auc >= 0 else None)
     current = arrays[stage]
-    best, best_auc, since_best = current, -1.0, 0
-    for r in range(1, rounds + 1):
+    best = current
+    if state.next_round > 1:
+        done = state.next_round - 1
+        current = load_arrays(rundir.checkpoint_path(label, done))
+        best = load_arrays(rundir.checkpoint_path(label, state.best_round)) if state.best_round else current
+        federation.restore_strategy(stage, load_arrays(rundir.checkpoint_path(label, f"strategy-round-{done:03d}")))
+        log.info("%s: resuming after round %d of %d", label, done, rounds)
+    r = state.next_round
+    while r <= rounds:
+        if run.patience and state.since_best >= run.patience:
+            log.info("%s: early stop after round %d (no improvement for %d rounds)", label, r - 1, run.patience)
+            break
         lr = run.lr_at(r, rounds, base_lr)
         seed = run.seed * 100_003 + r * 101 + {"dltr": 1, "head": 2, "clinical": 3}[stage]
         start = time.perf_counter()
         replies = federation.train(stage, {**arrays, stage: current}, encoder, lr, seed, r, backbone)
-        if not replies:
-            raise TaceError(f"no training site answered in round {r} of stage {label}", "check that the training sites are online")
-        current = federation.aggregate(stage, r, replies, current)
+        accepted, excluded = screen_updates(replies, current, run.max_update_norm_ratio)
+        for site, reason in sorted(excluded.items()):
+            rundir.record_event("excluded", label, r, site, reason)
+        required = min(run.min_sites, len(replies))
+        if len(accepted) < max(required, 1):
+            raise TaceError(
+                f"round {r} of stage {label}: {len(accepted)} usable update(s), fewer than min-sites ({required}); "
+                + "; ".join(f"{s}: {why}" for s, why in sorted(excluded.items())),
+                "bring the missing sites back online, then continue the run with `tace-server start --resume` (progress up to the "
+                "previous round is kept); or lower run-config min-sites",
+            )
+        current = federation.aggregate(stage, r, accepted, current)
         train_s = time.perf_counter() - start
         evaluation = federation.evaluate({**arrays, stage: current}, encoder, (model,), False, backbone)
         val_auc = pooled_auc(evaluation, roles, model, "train")
-        rundir.record_round(label, r, lr, replies, evaluation, model, val_auc, train_s)
+        rundir.record_round(label, r, lr, accepted, evaluation, model, val_auc, train_s)
         rundir.checkpoint(label, r, current)
-        if on_round:
-            on_round(label, r, rounds, val_auc, _site_progress(replies, evaluation, model))
-        log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
+        rundir.checkpoint(label, f"strategy-round-{r:03d}", federation.strategy_state(stage))
         if val_auc is None:
             # Nothing to select on (a single-class validation set, allowed only for the local reference): keep the
             # latest weights and do not stop early.
-            best = current
-            continue
-        score = val_auc
-        if score > best_auc + 1e-9 or r == 1:
-            best, best_auc, since_best = current, score, 0
+            best, state.best_round = current, r
+        elif val_auc > state.best_auc + 1e-9 or r == 1:
+            best, state.best_auc, state.best_round, state.since_best = current, val_auc, r, 0
         else:
-            since_best += 1
-            if run.patience and since_best >= run.patience:
-                log.info("%s: early stop after round %d (no improvement for %d rounds)", label, r, run.patience)
-                break
+            state.since_best += 1
+        state.next_round = r + 1
+        progress.save()
+        if on_round:
+            on_round(label, r, rounds, val_auc, _site_progress(accepted, evaluation, model, excluded))
+        log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
+        r += 1
     rundir.checkpoint(label, "best", best)
-    return best, (best_auc if best_auc >= 0 else None)
+    state.done = True
+    progress.save()
+    return best, (state.best_auc if state.best_auc >= 0 else None)
 
 
 def run_study(
@@ -199,11 +284,20 @@ def run_study(
             "the training sites' pooled validation split holds only one class: no AUC to select models on",
             "put both responders and non-responders in the val splits of the training sites",
         )
-    stats = ClinicalStats()
-    for st in federation.clinical_stats():
-        stats = stats.merge(st)
-    encoder = ClinicalEncoder.from_stats(stats)
-    rundir.write_json("clinical_encoder.json", encoder.to_dict())
+    progress = Progress.start(rundir.path, run.resume)
+    encoder_path = rundir.path / "clinical_encoder.json"
+    if progress.resumed and encoder_path.exists():
+        # Resuming: the statistics were merged before the interruption; the sites' data have not changed.
+        rundir.trim_metrics(progress.rounds_done())
+        encoder = ClinicalEncoder.from_dict(json.loads(encoder_path.read_text(encoding="utf-8")))
+        log.info("resuming %s: rounds already completed per stage %s", rundir.path, progress.rounds_done())
+    else:
+        progress = Progress(progress.path)
+        stats = ClinicalStats()
+        for st in federation.clinical_stats():
+            stats = stats.merge(st)
+        encoder = ClinicalEncoder.from_stats(stats)
+        rundir.write_json("clinical_encoder.json", encoder.to_dict())
     timings["statistics_s"] = time.perf_counter() - t0
 
     comparison: dict[str, float | None] = {}
@@ -213,7 +307,9 @@ def run_study(
     for name in candidates:
         start = initial(name)
         label = "dltr" if len(candidates) == 1 else f"dltr-{name}"
-        weights, val = run_stage(federation, run, rundir, "dltr", start, encoder, roles, run.rounds, run.lr, name, label, on_round)
+        weights, val = run_stage(
+            federation, run, rundir, "dltr", start, encoder, roles, run.rounds, run.lr, name, label, on_round, progress
+        )
         comparison[name] = val
         if (-1.0 if val is None else val) > best_val:
             best_val, chosen, arrays = (-1.0 if val is None else val), name, {**start, "dltr": weights}
@@ -223,13 +319,14 @@ def run_study(
 
     t = time.perf_counter()
     arrays["head"], _ = run_stage(
-        federation, run, rundir, "head", arrays, encoder, roles, run.head_rounds, run.head_lr, chosen, on_round=on_round
+        federation, run, rundir, "head", arrays, encoder, roles, run.head_rounds, run.head_lr, chosen, on_round=on_round, progress=progress
     )
     timings["head_s"] = time.perf_counter() - t
     t = time.perf_counter()
     arrays["clinical"], _ = run_stage(
-        federation, run, rundir, "clinical", arrays, encoder, roles, run.clinical_rounds, run.clinical_lr, chosen, on_round=on_round
-    )
+        federation, run, rundir, "clinical", arrays, encoder, roles, run.clinical_rounds, run.clinical_lr, chosen, on_round=on_round,
+        progress=progress,
+    )  # fmt: skip
     timings["clinical_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -267,7 +364,7 @@ def final_evaluation(
         evaluation.update(external)
     for site, res in sorted(evaluation.items()):
         rundir.write_json(f"site_returns/{site}.json", res["summary"])
-    rundir.write_json("data_sharing.json", data_sharing(evaluation, rundir.rounds))
+    rundir.write_json("data_sharing.json", data_sharing(evaluation, rundir.rounds_recorded()))
     return evaluation, cutoffs
 
 

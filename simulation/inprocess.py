@@ -102,6 +102,12 @@ class InProcessFederation:
         total = sum(r.num_examples for r in replies)
         return {k: sum(r.arrays[k] * (r.num_examples / total) for r in replies).astype(current[k].dtype) for k in current}  # type: ignore[union-attr]
 
+    def strategy_state(self, stage: str) -> Arrays:
+        return {}  # the sample-weighted mean keeps no state between rounds
+
+    def restore_strategy(self, stage: str, state: Arrays) -> None:
+        pass
+
     def evaluate(
         self,
         arrays: dict[str, Arrays],
