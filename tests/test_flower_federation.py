@@ -12,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Error, Message, RecordDict
 
-from tace.client import app as client_app
 from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
@@ -22,46 +20,10 @@ from tace.common.models import StudyModels
 from tace.server.app import FlowerFederation
 from tace.server.rundir import RunDir
 from tace.server.workflow import run_layouts
+from tests.flower_grid import InProcessGrid, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import set_cell
 
 SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
-
-
-@pytest.fixture(autouse=True)
-def task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
-class InProcessGrid:
-    """A Flower Grid whose nodes are ClientApp handlers called in this process (node i = partition i)."""
-
-    def __init__(self, run: RunConfig, partitions: list[int]) -> None:
-        self.run_config = run.to_run_config()
-        self.nodes = {100 + i: pid for i, pid in enumerate(partitions)}
-        self.sent: list[Message] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
-
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
-        replies = []
-        for msg in messages:
-            self.sent.append(msg)
-            node = msg.metadata.dst_node_id
-            ctx = Context(
-                run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]}, state=RecordDict(), run_config=self.run_config
-            )
-            try:
-                replies.append(handlers[msg.metadata.message_type](msg, ctx))
-            except Exception as exc:  # what Flower does with an exception in a ClientApp
-                replies.append(Message(Error(code=1, reason=str(exc)), reply_to=msg))
-        return replies[::-1]  # replies arrive in any order
 
 
 def run_for(cohort: Path, out: Path, extra: str = "") -> RunConfig:

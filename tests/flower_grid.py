@@ -1,0 +1,97 @@
+"""An in-process Flower Grid for coordinator tests: each message goes to the real ClientApp handlers with the
+node's context, as Flower does, without Ray or network. `FaultyGrid` adds the faults of a real deployment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+
+from tace.client import app as client_app
+from tace.common.config import RunConfig
+from tace.common.protocol import ARRAYS, CONFIG
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+class InProcessGrid:
+    """A Flower Grid whose nodes are ClientApp handlers called in this process (node i = partition i)."""
+
+    def __init__(self, run: RunConfig, partitions: list[int]) -> None:
+        self.run_config = run.to_run_config()
+        self.nodes = {100 + i: pid for i, pid in enumerate(partitions)}
+        self.sent: list[Message] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def handle(self, msg: Message) -> Message | None:
+        handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
+        node = msg.metadata.dst_node_id
+        ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]}, state=RecordDict(), run_config=self.run_config)
+        try:
+            return handlers[msg.metadata.message_type](msg, ctx)
+        except Exception as exc:  # what Flower does with an exception in a ClientApp
+            return Message(Error(code=1, reason=str(exc)), reply_to=msg)
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        replies = []
+        for msg in messages:
+            self.sent.append(msg)
+            reply = self.handle(msg)
+            if reply is not None:
+                replies.append(reply)
+        return replies[::-1]  # replies arrive in any order
+
+
+class Crash(BaseException):
+    """The coordinator process dying (not an error the ServerApp could handle)."""
+
+
+class FaultyGrid(InProcessGrid):
+    """Faults keyed by (site letter, stage, round) for train messages: ``fail`` (the site errors or vanished),
+    ``silent`` (no reply: a timeout), ``nan``, ``shape`` (a mis-shaped weight), ``scale`` (an update 1000x too
+    far from the global weights). ``crash_after`` raises `Crash` when that many train messages were answered."""
+
+    def __init__(self, run: RunConfig, partitions: list[int], faults: dict[tuple[str, str, int], str] | None = None,
+                 crash_after: int | None = None) -> None:  # fmt: skip
+        super().__init__(run, partitions)
+        self.faults = faults or {}
+        self.crash_after = crash_after
+        self.trained = 0
+
+    def handle(self, msg: Message) -> Message | None:
+        if msg.metadata.message_type != "train":
+            return super().handle(msg)
+        if self.crash_after is not None and self.trained >= self.crash_after:
+            raise Crash()
+        config = msg.content.config_records[CONFIG]
+        site = "abcde"[self.nodes[msg.metadata.dst_node_id]]
+        fault = self.faults.get((site, str(config["stage"]), int(config["server-round"])))
+        if fault == "silent":
+            return None
+        if fault == "fail":
+            return Message(Error(code=5, reason="Error: Node is unavailable."), reply_to=msg)
+        reply = super().handle(msg)
+        self.trained += 1
+        if fault is None or reply is None or reply.has_error():
+            return reply
+        arrays = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
+        sent = {k.split(".", 1)[1]: v.numpy() for k, v in msg.content.array_records[ARRAYS].items() if k.startswith(f"{config['stage']}.")}
+        first = sorted(arrays)[0]
+        if fault == "nan":
+            arrays[first] = np.full_like(arrays[first], np.nan)
+        elif fault == "shape":
+            arrays[first] = arrays[first].reshape(-1)[:-1].copy()
+        elif fault == "scale":
+            arrays = {k: (sent[k] + 1000.0 * (v - sent[k])).astype(v.dtype) for k, v in arrays.items()}
+        reply.content.array_records[ARRAYS] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+        return reply
