@@ -59,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--cache", type=Path, help="preprocessing cache folder (default: a cache/ folder beside --out)")
     feat.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
     feat.set_defaults(func=cmd_features)
+
+    keygen = sub.add_parser(
+        "keygen",
+        help="create the site's key pair for joining a study (send the .pub file to the coordinator)",
+        description="Create the site's authentication key pair (ECDSA P-384, OpenSSH format): SITE.key stays at the "
+        "site, readable by its owner only; SITE.pub goes to the coordinator, who registers it with `tace-server sites add`.",
+    )
+    keygen.add_argument("--site", required=True, help="the site's id (as in site.toml)")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for SITE.key and SITE.pub (default: the current folder)")
+    keygen.set_defaults(func=cmd_keygen)
+
+    start = sub.add_parser(
+        "start",
+        help="join the study: validate the data, then connect to the coordinator and train when asked",
+        description="Read site.toml (deploy/site.toml is the template), validate the manifest and the certificates, "
+        "then connect to the coordinator with TLS and the site's key and take part in the study's rounds. Reconnects "
+        "after network interruptions; runs until stopped (Ctrl-C, SIGTERM). Images never leave the site.",
+    )
+    start.add_argument("--config", type=Path, required=True, help="the site's configuration (site.toml)")
+    start.add_argument("--quiet", action="store_true", help="do not echo the connection's log (it is always in OUTPUT/logs/client.log)")
+    start.set_defaults(func=cmd_start)
     return parser
 
 
@@ -167,6 +188,30 @@ def cmd_features(args: argparse.Namespace) -> int:
     n_feat = sum(c.startswith("feature_") for c in table.columns)
     print(f"wrote {path}: {len(table)} patients, 3 model scores and {n_feat} deep features, in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from tace.common import pki
+    from tace.common.config import check_site_id
+
+    private, public, info = pki.generate_site_key(args.out, check_site_id(args.site))
+    print(f"private key (keep at the site, never send): {private}")
+    print(f"public key (send to the coordinator):       {public}")
+    print(f"fingerprint: {info.fingerprint}  (the coordinator sees the same when registering it; compare by phone)")
+    return EXIT_OK
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from tace.client.deploy import SiteSettings, preflight, run_site
+
+    settings = SiteSettings.read(args.config)
+    from tace.client.deploy import probe
+
+    for line in preflight(settings):
+        print(line, flush=True)
+    print(probe(settings), flush=True)
+    print(f"site {settings.site_id}: connecting to {settings.address} (log: {settings.output / 'logs' / 'client.log'})", flush=True)
+    return run_site(settings, echo=not args.quiet)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -278,3 +278,12 @@ def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:
         return int(node.get("min-patients", 5)), int(node.get("min-cell-count", 0))
     except (TypeError, ValueError):
         raise ConfigError("node-config keys min-patients and min-cell-count must be integers") from None
+
+
+SITE_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+
+
+def check_site_id(site: str) -> str:
+    if not site or not set(site) <= SITE_ID_CHARS or len(site) > 64:
+        raise ConfigError(f"site id {site!r} must be 1-64 letters, digits, '-' or '_'", "for example: site-a, hospital_3")
+    return site

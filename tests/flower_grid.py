@@ -36,7 +36,9 @@ class InProcessGrid:
     def handle(self, msg: Message) -> Message | None:
         handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
         node = msg.metadata.dst_node_id
-        ctx = Context(run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]}, state=RecordDict(), run_config=self.run_config)
+        ctx = Context(
+            run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]}, state=RecordDict(), run_config=self.run_config
+        )
         try:
             return handlers[msg.metadata.message_type](msg, ctx)
         except Exception as exc:  # what Flower does with an exception in a ClientApp

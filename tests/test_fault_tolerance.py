@@ -145,9 +145,10 @@ def test_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path, strategy, c
     ref_rows = [(r["stage"], r["round"], r["site"]) for r in metric_rows(tmp_path / "ref")]
     rows = [(r["stage"], r["round"], r["site"]) for r in metric_rows(tmp_path / "r")]
     assert sorted(rows) == sorted(ref_rows)
-    assert json.loads((tmp_path / "r" / "summary.json").read_text())["models"] == json.loads(
-        (tmp_path / "ref" / "summary.json").read_text()
-    )["models"]
+    assert (
+        json.loads((tmp_path / "r" / "summary.json").read_text())["models"]
+        == json.loads((tmp_path / "ref" / "summary.json").read_text())["models"]
+    )
 
 
 def test_resume_without_progress_or_with_damaged_progress(tiny_cohort, tmp_path):
