@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,6 +213,24 @@ def _fatal(line: str, settings: SiteSettings) -> str | None:
     return None
 
 
+def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
+    for line in stream:
+        lines.put(line)
+    lines.put(None)
+
+
+def _end_group(proc: subprocess.Popen[str], grace_s: float = 5.0) -> None:
+    """Stop a SuperNode and everything it started (SuperExec, a ClientApp), SIGKILL after `grace_s`."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 class _Stop(Exception):
     pass
 
@@ -242,14 +262,29 @@ def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool
                 proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
                 assert proc.stdout is not None
                 fatal = None
-                for line in proc.stdout:
+                lines: queue.Queue[str | None] = queue.Queue()
+                threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
+                exiting_since: float | None = None
+                while True:
+                    try:
+                        line = lines.get(timeout=1.0)
+                    except queue.Empty:
+                        # The SuperNode announced its exit: its SuperExec child would keep the pipe open retrying a
+                        # connection to it, so end the whole group once the reason has been read.
+                        if exiting_since is not None and (time.monotonic() - exiting_since > 3 or proc.poll() is not None):
+                            break
+                        continue
+                    if line is None:
+                        break
                     log.write(line)
                     log.flush()
                     if echo:
                         sys.stdout.write(line)
                         sys.stdout.flush()
                     fatal = fatal or _fatal(line, settings)
-                proc.wait()
+                    if "Exit Code:" in line and exiting_since is None:
+                        exiting_since = time.monotonic()
+                _end_group(proc)
             if fatal:
                 raise TaceError(f"site {settings.site_id} could not join the study: {fatal}", f"the full log is {log_dir / 'client.log'}")
             restarts += 1
@@ -264,12 +299,6 @@ def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool
         print("site client stopped", flush=True)
         return 0
     finally:
-        if proc is not None and proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
+        if proc is not None:
+            _end_group(proc, grace_s=15.0)
         signal.signal(signal.SIGTERM, previous)

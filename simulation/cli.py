@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated", help="default %(default)s")
     run.add_argument("--rounds", type=int, help="DLTR rounds (run-config key rounds)")
     run.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --out from its last completed round, with its own configuration"
+    )
+    run.add_argument(
         "--run-config",
         default="",
         metavar='"KEY=VALUE ..."',
@@ -279,6 +282,16 @@ def _columns(header: Sequence[object], rows: Sequence[Sequence[object]], indent:
     return "\n".join(indent + "  ".join(str(v).ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows])
 
 
+def resumable_config(out: Path) -> RunConfig:
+    """The configuration of the interrupted run in `out`, set to resume (its own settings, not today's defaults)."""
+    if not (out / "progress.json").exists() or not (out / "run_config.json").exists():
+        raise TaceError(f"{out} holds no interrupted run (no progress.json)", "start a new run without --resume")
+    if (out / "summary.json").exists():
+        raise TaceError(f"the run in {out} finished", "start a new run in a new --out folder")
+    saved = json.loads((out / "run_config.json").read_text(encoding="utf-8"))["run_config"]
+    return RunConfig.from_run_config({**saved, "resume": True})
+
+
 def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -> RunConfig:
     """Run configuration for a cohort: defaults, the cohort's suggested roles and preprocessing, then overrides."""
     meta = json.loads((cohort / "cohort.json").read_text())
@@ -337,9 +350,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     cohort = args.cohort.resolve()
     if not (cohort / "cohort.json").exists():
         raise TaceError(f"{cohort} is not a cohort folder (no cohort.json)", "generate one with `tace-sim cohort --out DIR`")
-    run = study_config(cohort, args.run_config, args.rounds)
-    if args.out.exists() and any(args.out.iterdir()):
-        raise TaceError(f"{args.out} is not empty (an earlier run?)", "choose a new --out folder; runs are never overwritten")
+    if args.resume:
+        run = resumable_config(args.out)
+    else:
+        run = study_config(cohort, args.run_config, args.rounds)
+        if args.out.exists() and any(args.out.iterdir()):
+            raise TaceError(f"{args.out} is not empty (an earlier run?)", "choose a new --out folder, or continue an interrupted run with --resume")
     print(
         f"{args.mode} run on {cohort.name}: holdout sites {', '.join(run.holdout) or 'none'}, backbone {run.backbone}, {run.rounds} DLTR rounds"
     )

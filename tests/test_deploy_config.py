@@ -85,7 +85,9 @@ def test_site_toml_is_checked_before_connecting(tiny_cohort, tmp_path, site_copy
     pki.generate_site_key(tmp_path, "site-a")
     ca, key = tmp_path / "s" / "pki" / "ca.crt", tmp_path / "site-a.key"
     settings = SiteSettings.read(site_toml(tmp_path / "site.toml", manifest, ca, key))
-    assert "site-id='site-a'" in settings.node_config() and "threads=2" in settings.node_config() and "device='cpu'" in settings.node_config()
+    assert (
+        "site-id='site-a'" in settings.node_config() and "threads=2" in settings.node_config() and "device='cpu'" in settings.node_config()
+    )
     assert any("manifest OK" in line for line in preflight(settings))
     with pytest.raises(ConfigError, match="HOST:PORT"):
         SiteSettings.read(site_toml(tmp_path / "bad.toml", manifest, ca, key, address='"localhost"'))

@@ -1,0 +1,199 @@
+"""A real deployment on 127.0.0.1: one SuperLink (`tace-server start`) and three SuperNodes (`tace-client start`) as
+separate processes, with TLS and site authentication, on the tiny cohort. Slow (minutes): every Flower message
+starts a fresh ClientApp process. Covers refused connections, a coordinator killed and resumed to the same final
+weights, and a site killed mid-round that rejoins later. Malformed updates are screened by the same ServerApp code,
+tested in test_fault_tolerance.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tace.common import pki
+from tace.server.study import Study
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+SHORT = {"holdout-sites": '"site-c"', "rounds": "2", "head-rounds": "2", "clinical-rounds": "2", "box-voxels": '"16,16,8"',
+         "spacing-mm": '"4,4,4"', "hist-bins": "50", "analysis-bins": "1000", "patience": "0", "min-sites": "1",
+         "round-timeout": "150", "join-timeout": "300"}  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Pilot:
+    def __init__(self, root: Path, cohort: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        subprocess.run([BIN / "tace-server", "init", root / "study", "--host", "localhost", "--port", str(self.port),
+                        "--expected-sites", "3"], check=True, capture_output=True)  # fmt: skip
+        self.study = Study.open(root / "study")
+        config = self.study.path / "run_config.toml"
+        lines = [f"{line.split(' = ')[0]} = {SHORT[line.split(' = ')[0]]}" if line.split(" = ")[0] in SHORT else line
+                 for line in config.read_text().splitlines()]  # fmt: skip
+        config.write_text("\n".join(lines) + "\n")
+        self.procs: list[subprocess.Popen] = []
+        for s in "abc":
+            pki.generate_site_key(root / "keys", f"site-{s}")
+            subprocess.run([BIN / "tace-server", "sites", "add", f"site-{s}", root / "keys" / f"site-{s}.pub", "--study", self.study.path],
+                           check=True, capture_output=True)  # fmt: skip
+            self.site_toml(f"site-{s}", cohort / "sites" / f"site-{s}" / "manifest.csv")
+
+    def site_toml(self, site: str, manifest: Path, ca: Path | None = None, key: Path | None = None, insecure: bool = False) -> Path:
+        path = self.root / f"{site}.toml"
+        ca = ca or self.study.ca_cert
+        key = key or self.root / "keys" / f"{site}.key"
+        tls = "insecure = true" if insecure else f'ca-certificate = "{ca}"\n[auth]\nprivate-key = "{key}"'
+        path.write_text(f'[site]\nid = "{site}"\nmanifest = "{manifest}"\ncache = "{self.root / site / "cache"}"\n'
+                        f'output = "{self.root / site / "out"}"\n[coordinator]\naddress = "localhost:{self.port}"\n{tls}\n'
+                        f'[compute]\ndevice = "cpu"\nthreads = 1\nruntime-port = {free_port()}\n')  # fmt: skip
+        return path
+
+    def popen(self, *args: object, log: str) -> subprocess.Popen:
+        out = open(self.root / log, "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen([str(a) for a in args], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc.log = out  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def server(self, *extra: str) -> subprocess.Popen:
+        return self.popen(BIN / "tace-server", "start", "--study", self.study.path, *extra, log="server.out")
+
+    def client(self, site: str) -> subprocess.Popen:
+        return self.popen(BIN / "tace-client", "start", "--config", self.root / f"{site}.toml", "--quiet", log=f"{site}.out")
+
+    def wait_for(self, condition, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(1)
+        raise AssertionError(f"timed out waiting for {what}; server output:\n{(self.root / 'server.out').read_text()[-3000:]}")
+
+    def progress(self) -> dict:
+        run = self.study.latest_run()
+        path = run / "progress.json" if run else None
+        return json.loads(path.read_text())["stages"] if path and path.exists() else {}
+
+    def kill_coordinator(self, proc: subprocess.Popen) -> None:
+        """Like a power loss: SIGKILL the coordinator and every Flower process it started (SuperLink, ServerApp)."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        marker = str(self.study.state)
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and f"FLWR_HOME={marker}".encode() in (p / "environ").read_bytes():
+                    os.kill(int(p.name), signal.SIGKILL)
+            except OSError:
+                continue
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    proc.wait(timeout=20)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(proc.pid, signal.SIGKILL)
+            proc.log.close()  # type: ignore[attr-defined]
+        subprocess.run([BIN / "tace-server", "stop", "--study", self.study.path], capture_output=True)
+
+
+def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for stage in ("dltr", "head", "clinical"):
+        with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
+            out.update({f"{stage}.{k}": z[k] for k in z.files})
+    return out
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> Path:
+    from tace.simulation.cohort import generate_cohort, make_preset
+
+    out = tmp_path_factory.mktemp("deploy") / "cohort"
+    generate_cohort(out, make_preset("tiny", n_sites=4), seed=3)  # site-a, site-b train; site-c, site-d holdout
+    return out
+
+
+@pytest.fixture
+def pilot(tmp_path, cohort):
+    p = Pilot(tmp_path, cohort)
+    yield p
+    p.close()
+
+
+def test_three_sites_with_tls_refusals_and_coordinator_resume(pilot, cohort):
+    server = pilot.server()
+    pilot.wait_for(lambda: "waiting for 3 sites" in (pilot.root / "server.out").read_text(), 120, "the SuperLink")
+    # Refused, each with a message the site's IT team can act on:
+    other = pki.create_ca(pilot.root / "other-ca", "not the study")[0]
+    pki.generate_site_key(pilot.root / "keys", "site-x")
+    manifest = cohort / "sites" / "site-a" / "manifest.csv"
+    cases = {
+        "unregistered": (pilot.site_toml("site-x", manifest), "does not accept this site's key"),
+        "wrong-ca": (pilot.site_toml("site-w", manifest, ca=other, key=pilot.root / "keys" / "site-a.key"), "not signed by the CA certificate"),
+        "plaintext": (pilot.site_toml("site-p", manifest, insecure=True), "uses TLS but site.toml sets insecure = true"),
+    }  # fmt: skip
+    for name, (toml, message) in cases.items():
+        out = subprocess.run([BIN / "tace-client", "start", "--config", toml, "--quiet"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (name, out.stdout, out.stderr)
+    for s in "abc":
+        pilot.client(f"site-{s}")
+    assert server.wait(timeout=900) == 0, (pilot.root / "server.out").read_text()[-3000:]
+    reference = pilot.study.latest_run()
+    summary = json.loads((reference / "summary.json").read_text())
+    assert summary["models"]["dltrmlp"]["sites"]["site-c"]["role"] == "holdout"
+    status = subprocess.run([BIN / "tace-server", "status", "--study", pilot.study.path, "--json"], capture_output=True, text=True)
+    assert json.loads(status.stdout)["finished"] is True
+
+    # The coordinator dies after DLTR round 1 (sites keep running); `start --resume` finishes the run with exactly
+    # the uninterrupted run's weights.
+    server = pilot.server()
+    pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1")
+    pilot.kill_coordinator(server)
+    interrupted = pilot.study.latest_run()
+    assert not (interrupted / "summary.json").exists()
+    resumed = pilot.server("--resume")
+    assert resumed.wait(timeout=900) == 0, (pilot.root / "server.out").read_text()[-3000:]
+    assert pilot.study.latest_run() == interrupted
+    a, b = final_weights(interrupted), final_weights(reference)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    rounds = [line for line in (pilot.root / "server.out").read_text().splitlines() if line.startswith("TACE-ROUND dltr 1/")]
+    assert len(rounds) == 2  # round 1 ran once in each of the two runs, not again after the resume
+
+
+def test_site_killed_mid_round_is_left_out_and_rejoins(pilot):
+    config = pilot.study.path / "run_config.toml"
+    config.write_text(config.read_text().replace("\nrounds = 2\n", "\nrounds = 4\n"))
+    server = pilot.server()
+    clients = {s: pilot.client(f"site-{s}") for s in "abc"}
+    pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1")
+    os.killpg(clients["b"].pid, signal.SIGKILL)  # the site's machine goes down during round 2
+    pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 3, 600, "DLTR round 2 without site-b")
+    pilot.client("site-b")  # back for a later round
+    assert server.wait(timeout=1200) == 0, (pilot.root / "server.out").read_text()[-3000:]
+    run = pilot.study.latest_run()
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    missed = [e for e in events if e["site"] == "site-b" and e["stage"] == "dltr"]
+    assert missed and "site-b" in (run / "run.log").read_text(), events
+    k = missed[0]["round"]  # the round it missed: completed with site-a alone
+    import csv
+
+    with open(run / "metrics.csv", newline="", encoding="utf-8") as fh:
+        trained = {(r["site"], r["stage"], int(r["round"])) for r in csv.DictReader(fh) if r["num_examples"] and r["site"] != "pooled"}
+    assert ("site-b", "dltr", k) not in trained and ("site-a", "dltr", k) in trained
+    order = {"dltr": 0, "head": 1, "clinical": 2}
+    assert any(site == "site-b" and (order[stage], r) > (0, k) for site, stage, r in trained)  # rejoined later
