@@ -149,6 +149,12 @@ def train(msg: Message, context: Context) -> Message:
     stage = str(config["stage"])
     models = _models(run, config, msg)
     expected = state_dict_numpy(models.module(stage))
+    site: dict[str, Any] = {"site-id": task.site.site_id}
+    validate = tuple(m for m in str(config.get("validate", "")).split(",") if m)
+    if validate:
+        # Internal validation of the global weights just received (the previous round's aggregate), before
+        # training changes them: one message per round instead of a train and an evaluate message.
+        site["validation"] = json.dumps(flatten_evaluation(task.evaluate(models, _encoder(config), validate)))
     result = task.train(stage, models, _encoder(config), float(config["lr"]), int(config["seed"]))
     arrays = state_dict_numpy(models.module(stage))
     check_outgoing(arrays, expected)
@@ -160,8 +166,8 @@ def train(msg: Message, context: Context) -> Message:
             "local-s": result.seconds,
         }
     )
-    # Exactly one ArrayRecord and one MetricRecord, as Flower's strategies expect; the server knows the node's site.
-    return Message(RecordDict({ARRAYS: _numpy_to_record(arrays), METRICS: metrics}), reply_to=msg)
+    # Exactly one ArrayRecord and one MetricRecord, as Flower's strategies expect (the validation rides in a ConfigRecord).
+    return Message(RecordDict({ARRAYS: _numpy_to_record(arrays), METRICS: metrics, SITE: ConfigRecord(site)}), reply_to=msg)
 
 
 @app.evaluate()

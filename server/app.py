@@ -205,14 +205,33 @@ class FlowerFederation:
         return ConfigRecord({**extra, "role": self.roles[self.nodes[node]], "encoder": json.dumps(encoder.to_dict()) if encoder else ""})
 
     def train(
-        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
+        self,
+        stage: str,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        lr: float,
+        seed: int,
+        server_round: int,
+        backbone: str,
+        validate: tuple[str, ...] = (),
     ) -> list[TrainReply]:
         self._refresh()
         nodes = self._nodes("train")
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[stage]}))})
         # Seeds follow the site's place in the (sorted) list of training sites, not its node id.
         per = {
-            n: self._config(n, {"stage": stage, "lr": lr, "seed": seed + i, "backbone": backbone, "server-round": server_round}, encoder)
+            n: self._config(
+                n,
+                {
+                    "stage": stage,
+                    "lr": lr,
+                    "seed": seed + i,
+                    "backbone": backbone,
+                    "server-round": server_round,
+                    "validate": ",".join(validate),
+                },
+                encoder,
+            )  # fmt: skip
             for i, n in enumerate(nodes)
         }
         replies, errors = self._send(nodes, "train", content, per)
@@ -231,8 +250,20 @@ class FlowerFederation:
             except (KeyError, IndexError, TypeError, ValueError) as exc:
                 out.append(TrainReply(self.nodes[node], {}, 0, {}, error=f"malformed reply ({type(exc).__name__})"))
                 continue
-            out.append(TrainReply(self.nodes[node], received, num, values, raw=reply))
+            out.append(TrainReply(self.nodes[node], received, num, values, raw=reply, evaluation=self._validation(reply, node)))
         return out
+
+    def _validation(self, reply: Message, node: int) -> dict[str, dict[str, Any]] | None:
+        """The site's validation of the weights it received, carried by its train reply."""
+        text = str(reply.content.config_records[SITE].get("validation", "")) if SITE in reply.content.config_records else ""
+        if not text:
+            return None
+        try:
+            res = unflatten_evaluation(json.loads(text))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+        res["role"] = self.roles[self.nodes[node]]
+        return {self.nodes[node]: res}
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
         if server_round == 1:

@@ -72,7 +72,8 @@ class RunDir:
     ) -> None:  # fmt: skip
         by_site = {r.site_id: r for r in replies}
         rows = []
-        for site, res in sorted(evaluation.items()):
+        for site in sorted(set(evaluation) | set(by_site)):
+            res = evaluation.get(site, {"role": "train"})
             reply = by_site.get(site)
             m = reply.metrics if reply else {}
             rows.append([

@@ -39,6 +39,7 @@ class TrainReply:
     metrics: dict[str, float]
     raw: Any = None  # the transport's own reply (a Flower Message), for strategies that aggregate those
     error: str = ""  # the site did not deliver an update this round (it failed, vanished or timed out): why
+    evaluation: dict[str, dict[str, Any]] | None = None  # {site: validation of the weights it received}, when asked
 
 
 @dataclass
@@ -58,8 +59,19 @@ class Federation(Protocol):
     def clinical_stats(self) -> list[ClinicalStats]: ...
 
     def train(
-        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
-    ) -> list[TrainReply]: ...
+        self,
+        stage: str,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        lr: float,
+        seed: int,
+        server_round: int,
+        backbone: str,
+        validate: tuple[str, ...] = (),
+    ) -> list[TrainReply]:
+        """Local training at every training site. With `validate`, each site first evaluates those models with the
+        weights it received (its internal validation, as `evaluate` during rounds) and the replies carry it."""
+        ...
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
 
@@ -187,8 +199,12 @@ def run_stage(
 ) -> tuple[Arrays, float | None]:
     """Federated rounds of one stage with early stopping on pooled internal-validation AUC; returns the best weights.
 
-    After every round the aggregated weights, the strategy's state and `progress` are saved, so an interrupted
-    stage continues (``resume``) from its last completed round exactly as if it had not been interrupted.
+    The training sites validate round r's global weights at the start of round r + 1's train message (one message
+    per site and round instead of two: in a deployment every message starts a fresh process); the last round's
+    weights are validated with an evaluate message. A round is complete, checkpointed and saved in `progress` once
+    its validation is in, so an interrupted stage continues (``resume``) from its last completed round exactly as
+    if it had not been interrupted. When early stopping triggers, the next round's local training (already done)
+    is discarded.
     """
     model = STAGE_MODEL[stage]
     label = label or stage
@@ -204,15 +220,55 @@ def run_stage(
         best = load_arrays(rundir.checkpoint_path(label, state.best_round)) if state.best_round else current
         federation.restore_strategy(stage, load_arrays(rundir.checkpoint_path(label, f"strategy-round-{done:03d}")))
         log.info("%s: resuming after round %d of %d", label, done, rounds)
+
+    @dataclass
+    class Pending:
+        """A round trained and aggregated, awaiting its validation."""
+
+        round: int
+        lr: float
+        accepted: list[TrainReply]
+        excluded: dict[str, str]
+        train_s: float
+        weights: Arrays
+
+    def complete(p: Pending, evaluation: dict[str, dict[str, Any]]) -> None:
+        nonlocal best
+        val_auc = pooled_auc(evaluation, roles, model, "train")
+        rundir.record_round(label, p.round, p.lr, p.accepted, evaluation, model, val_auc, p.train_s)
+        rundir.checkpoint(label, p.round, p.weights)
+        rundir.checkpoint(label, f"strategy-round-{p.round:03d}", federation.strategy_state(stage))
+        if val_auc is None:
+            # Nothing to select on (a single-class validation set, allowed only for the local reference): keep the
+            # latest weights and do not stop early.
+            best, state.best_round = p.weights, p.round
+        elif val_auc > state.best_auc + 1e-9 or p.round == 1:
+            best, state.best_auc, state.best_round, state.since_best = p.weights, val_auc, p.round, 0
+        else:
+            state.since_best += 1
+        state.next_round = p.round + 1
+        progress.save()
+        if on_round:
+            on_round(label, p.round, rounds, val_auc, _site_progress(p.accepted, evaluation, model, p.excluded))
+        log.info(
+            "%s round %d/%d: pooled internal-validation AUC %s", label, p.round, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}"
+        )
+
+    def stop_early() -> bool:
+        return bool(run.patience) and state.since_best >= run.patience
+
+    pending: Pending | None = None
     r = state.next_round
-    while r <= rounds:
-        if run.patience and state.since_best >= run.patience:
-            log.info("%s: early stop after round %d (no improvement for %d rounds)", label, r - 1, run.patience)
-            break
+    while r <= rounds and not stop_early():
         lr = run.lr_at(r, rounds, base_lr)
         seed = run.seed * 100_003 + r * 101 + {"dltr": 1, "head": 2, "clinical": 3}[stage]
         start = time.perf_counter()
-        replies = federation.train(stage, {**arrays, stage: current}, encoder, lr, seed, r, backbone)
+        replies = federation.train(stage, {**arrays, stage: current}, encoder, lr, seed, r, backbone, (model,) if pending else ())
+        if pending is not None:
+            complete(pending, {site: res for rep in replies for site, res in (rep.evaluation or {}).items()})
+            pending = None
+            if stop_early():
+                break  # this round's local training is discarded
         accepted, excluded = screen_updates(replies, current, run.max_update_norm_ratio)
         for site, reason in sorted(excluded.items()):
             rundir.record_event("excluded", label, r, site, reason)
@@ -225,26 +281,12 @@ def run_stage(
                 "previous round is kept); or lower run-config min-sites",
             )
         current = federation.aggregate(stage, r, accepted, current)
-        train_s = time.perf_counter() - start
-        evaluation = federation.evaluate({**arrays, stage: current}, encoder, (model,), False, backbone)
-        val_auc = pooled_auc(evaluation, roles, model, "train")
-        rundir.record_round(label, r, lr, accepted, evaluation, model, val_auc, train_s)
-        rundir.checkpoint(label, r, current)
-        rundir.checkpoint(label, f"strategy-round-{r:03d}", federation.strategy_state(stage))
-        if val_auc is None:
-            # Nothing to select on (a single-class validation set, allowed only for the local reference): keep the
-            # latest weights and do not stop early.
-            best, state.best_round = current, r
-        elif val_auc > state.best_auc + 1e-9 or r == 1:
-            best, state.best_auc, state.best_round, state.since_best = current, val_auc, r, 0
-        else:
-            state.since_best += 1
-        state.next_round = r + 1
-        progress.save()
-        if on_round:
-            on_round(label, r, rounds, val_auc, _site_progress(accepted, evaluation, model, excluded))
-        log.info("%s round %d/%d: pooled internal-validation AUC %s", label, r, rounds, "n/a" if val_auc is None else f"{val_auc:.3f}")
+        pending = Pending(r, lr, accepted, excluded, time.perf_counter() - start, current)
         r += 1
+    if stop_early():
+        log.info("%s: early stop after round %d (no improvement for %d rounds)", label, state.next_round - 1, run.patience)
+    elif pending is not None:
+        complete(pending, federation.evaluate({**arrays, stage: pending.weights}, encoder, (model,), False, backbone))
     rundir.checkpoint(label, "best", best)
     state.done = True
     progress.save()

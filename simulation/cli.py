@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated", help="default %(default)s")
     run.add_argument("--rounds", type=int, help="DLTR rounds (run-config key rounds)")
     run.add_argument(
-        "--resume", action="store_true", help="continue the interrupted run in --out from its last completed round, with its own configuration"
+        "--resume",
+        action="store_true",
+        help="continue the interrupted run in --out from its last completed round, with its own configuration",
     )
     run.add_argument(
         "--run-config",
@@ -355,7 +357,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     else:
         run = study_config(cohort, args.run_config, args.rounds)
         if args.out.exists() and any(args.out.iterdir()):
-            raise TaceError(f"{args.out} is not empty (an earlier run?)", "choose a new --out folder, or continue an interrupted run with --resume")
+            raise TaceError(
+                f"{args.out} is not empty (an earlier run?)", "choose a new --out folder, or continue an interrupted run with --resume"
+            )
     print(
         f"{args.mode} run on {cohort.name}: holdout sites {', '.join(run.holdout) or 'none'}, backbone {run.backbone}, {run.rounds} DLTR rounds"
     )

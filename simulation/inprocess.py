@@ -86,15 +86,25 @@ class InProcessFederation:
         return models
 
     def train(
-        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, lr: float, seed: int, server_round: int, backbone: str
+        self,
+        stage: str,
+        arrays: dict[str, Arrays],
+        encoder: ClinicalEncoder | None,
+        lr: float,
+        seed: int,
+        server_round: int,
+        backbone: str,
+        validate: tuple[str, ...] = (),
     ) -> list[TrainReply]:
+        evaluation = self.evaluate(arrays, encoder, validate, False, backbone) if validate else None
         replies = []
         for i, group in enumerate(self.groups):
             models = self._models(arrays, backbone)
             result = train_pooled([self.tasks[s] for s in group], stage, models, encoder, lr, seed + i)
             name = self.group_name or "+".join(group)
             metrics = {"train-loss": result.loss, "samples-per-s": result.samples_per_second, "local-s": result.seconds}
-            replies.append(TrainReply(name, state_dict_numpy(models.module(stage)), result.num_examples, metrics))
+            replies.append(TrainReply(name, state_dict_numpy(models.module(stage)), result.num_examples, metrics, evaluation=evaluation))
+            evaluation = None  # every site's validation rides on the first reply
         return replies
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:

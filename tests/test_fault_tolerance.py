@@ -117,16 +117,20 @@ def test_too_few_sites_stops_cleanly_then_resumes(tiny_cohort, tmp_path):
     progress = json.loads((tmp_path / "r" / "progress.json").read_text())["stages"]
     assert progress["dltr"]["done"] and progress["head"]["next_round"] == 2
     resumed = config(tiny_cohort, tmp_path / "r", "min-sites=3 resume=true")
-    study(FaultyGrid(resumed, SITES), resumed)
+    summary = study(FaultyGrid(resumed, SITES), resumed)
+    assert summary["models"]["dltrmlp"]["pooled_holdout_auc"] is not None
+    # What was completed before the stop is kept as it was: the DLTR stage equals an uninterrupted run's. (The
+    # failed site's validation of head round 1 rode on its failed round-2 message, so the head may differ.)
     reference = config(tiny_cohort, tmp_path / "ref", "min-sites=3")
     study(FaultyGrid(reference, SITES), reference)
     a, b = final_weights(tmp_path / "r"), final_weights(tmp_path / "ref")
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    dltr = [k for k in a if k.startswith("dltr.")]
+    assert dltr and all(np.array_equal(a[k], b[k]) for k in dltr)
 
 
-@pytest.mark.parametrize(("strategy", "crash_after"), [("fedadam", 4), ("fedavg", 8)])
+@pytest.mark.parametrize(("strategy", "crash_after"), [("fedadam", 7), ("fedavg", 14)])
 def test_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path, strategy, crash_after):
-    """The coordinator dies mid-stage (FedAdam: in DLTR round 2, its moments matter; FedAvg: in the head stage);
+    """The coordinator dies mid-stage (FedAdam: in DLTR round 3, its moments matter; FedAvg: in the head stage);
     `resume` continues from the last completed round and ends with exactly the uninterrupted run's weights."""
     extra = f"strategy='{strategy}' rounds=3 patience=1"
     reference = config(tiny_cohort, tmp_path / "ref", extra)
