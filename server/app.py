@@ -26,7 +26,7 @@ from tace.common.errors import TaceError
 from tace.common.models import StudyModels, model_signature
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
 from tace.server.rundir import RunDir
-from tace.server.workflow import Arrays, SiteInfo, TrainReply, run_layouts
+from tace.server.workflow import Arrays, Evaluation, SiteInfo, TrainReply, TrainRound, run_layouts
 
 log = logging.getLogger("tace.server")
 app = ServerApp()
@@ -163,7 +163,7 @@ class FlowerFederation:
                 out[node] = reply
         for n in node_ids:
             if n not in out and n not in errors:
-                errors[n] = f"no reply within {self.timeout_s:.0f} s"
+                errors[n] = f"no reply (the site went offline, or did not answer within round-timeout, {self.timeout_s:.0f} s)"
         return out, errors
 
     def _send_all(
@@ -204,36 +204,14 @@ class FlowerFederation:
     def _config(self, node: int, extra: dict[str, Any], encoder: ClinicalEncoder | None) -> ConfigRecord:
         return ConfigRecord({**extra, "role": self.roles[self.nodes[node]], "encoder": json.dumps(encoder.to_dict()) if encoder else ""})
 
-    def train(
-        self,
-        stage: str,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        lr: float,
-        seed: int,
-        server_round: int,
-        backbone: str,
-        validate: tuple[str, ...] = (),
-    ) -> list[TrainReply]:
+    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[TrainReply]:
         self._refresh()
         nodes = self._nodes("train")
-        content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[stage]}))})
+        q = request
+        content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[q.stage]}))})
         # Seeds follow the site's place in the (sorted) list of training sites, not its node id.
-        per = {
-            n: self._config(
-                n,
-                {
-                    "stage": stage,
-                    "lr": lr,
-                    "seed": seed + i,
-                    "backbone": backbone,
-                    "server-round": server_round,
-                    "validate": ",".join(validate),
-                },
-                encoder,
-            )  # fmt: skip
-            for i, n in enumerate(nodes)
-        }
+        settings = {"stage": q.stage, "lr": q.lr, "backbone": q.backbone, "server-round": q.server_round, "validate": ",".join(q.validate)}
+        per = {n: self._config(n, {**settings, "seed": q.seed + i}, encoder) for i, n in enumerate(nodes)}
         replies, errors = self._send(nodes, "train", content, per)
         out = []
         # Aggregate in a fixed (site) order: replies arrive in any order and float sums depend on it.
@@ -294,24 +272,16 @@ class FlowerFederation:
             if values:
                 setattr(strategy, name, values)
 
-    def evaluate(
-        self,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        models: tuple[str, ...],
-        final: bool,
-        backbone: str,
-        tag: str = "",
-        role: str | None = None,
-        cutoffs: dict[str, Any] | None = None,
-    ) -> dict[str, dict[str, Any]]:
+    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
         # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
         # the end, so they can never influence model selection.
-        nodes = self._nodes(role) if final else self._nodes("train")
+        q = request
+        final = q.final
+        nodes = self._nodes(q.role) if final else self._nodes("train")
         needed = {"dltr": ("dltr",), "dltrmlp": ("dltr", "head"), "clinical": ("clinical",)}
-        stages = sorted({s for m in models for s in needed[m]})
+        stages = sorted({s for m in q.models for s in needed[m]})
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in stages}))})
-        extra = {"models": ",".join(models), "final": final, "backbone": backbone, "tag": tag, "cutoffs": json.dumps(cutoffs or {})}
+        extra = {"models": ",".join(q.models), "final": final, "backbone": q.backbone, "tag": q.tag, "cutoffs": json.dumps(q.cutoffs or {})}
         per = {n: self._config(n, extra, encoder) for n in nodes}
         replies, errors = self._send(nodes, "evaluate", content, per)
         if final and errors:
@@ -319,7 +289,7 @@ class FlowerFederation:
             retried, errors = self._send(list(errors), "evaluate", content, per)
             replies.update(retried)
         for node, why in errors.items():
-            self._event("missing-evaluation" if final else "no-validation", "final" if final else ",".join(models), 0, node, why)
+            self._event("missing-evaluation" if final else "no-validation", "final" if final else ",".join(q.models), 0, node, why)
         out: dict[str, dict[str, Any]] = {}
         for node, reply in replies.items():
             res = unflatten_evaluation(dict(reply.content.metric_records[METRICS]))

@@ -98,6 +98,29 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Pat
     raise TaceError(f"the SuperLink did not open port {port} within {timeout_s:.0f} s", f"see {log}")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _superlink(study: Study, env: dict[str, str], host: str, port: int, insecure: bool) -> subprocess.Popen[bytes]:
+    """Start Flower's SuperLink for the study (its own process group) and wait until it accepts connections."""
+    log = study.logs / "superlink.log"
+    cmd = [str(flower_executable("flower-superlink", env)), "--host", host, "--port", str(port),
+           "--database", str((study.state / "superlink.db").resolve()), "--disable-runtime-dependency-installation"]  # fmt: skip
+    if insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--ssl-ca-certfile", str(study.ca_cert.resolve()), "--ssl-certfile", str(study.server_cert.resolve()),
+                "--ssl-keyfile", str(study.server_key.resolve()), "--enable-supernode-auth"]  # fmt: skip
+    with open(log, "ab") as fh:
+        link = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    (study.state / "superlink.pid").write_text(str(link.pid))
+    _wait_for_port("127.0.0.1", port, link, log)
+    return link
+
+
 def _connection(study: Study, port: int, insecure: bool) -> Path:
     """Flower's home folder for this study, with the local connection to the SuperLink's Control API."""
     home = (study.state / "flwr").resolve()
@@ -152,26 +175,21 @@ def start(study: Study, resume: bool = False, insecure: bool = False, run_config
     study.logs.mkdir(exist_ok=True)
     study.state.mkdir(exist_ok=True)
     pid_file.write_text(str(os.getpid()))
-    home = _connection(study, settings["port"], insecure)
-    env = flower_env(home)
-    link_log = study.logs / "superlink.log"
-    cmd = [str(flower_executable("flower-superlink", env)), "--host", settings["listen"], "--port", str(settings["port"]),
-           "--database", str((study.state / "superlink.db").resolve()), "--disable-runtime-dependency-installation"]  # fmt: skip
-    if insecure:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--ssl-ca-certfile", str(study.ca_cert.resolve()), "--ssl-certfile", str(study.server_cert.resolve()),
-                "--ssl-keyfile", str(study.server_key.resolve()), "--enable-supernode-auth"]  # fmt: skip
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     link: subprocess.Popen[bytes] | None = None
     runner: subprocess.Popen[str] | None = None
     try:
-        with open(link_log, "ab") as fh:
-            link = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        (study.state / "superlink.pid").write_text(str(link.pid))
-        _wait_for_port("127.0.0.1", settings["port"], link, link_log)
         if not insecure:
+            # Register the keys on a private port first, so that no site reaches the SuperLink before its key is
+            # known (it would be refused). Registrations persist in the SuperLink's database.
+            port = _free_port()
+            env = flower_env(_connection(study, port, insecure))
+            link = _superlink(study, env, "127.0.0.1", port, insecure)
             sites = _register_sites(study, env)
+            _stop_group(link.pid)
+        env = flower_env(_connection(study, settings["port"], insecure))
+        link = _superlink(study, env, settings["listen"], settings["port"], insecure)
+        if not insecure:
             print(
                 f"SuperLink up on port {settings['port']} with TLS and site authentication; registered sites: {', '.join(sites)}",
                 flush=True,

@@ -42,6 +42,32 @@ class TrainReply:
     evaluation: dict[str, dict[str, Any]] | None = None  # {site: validation of the weights it received}, when asked
 
 
+@dataclass(frozen=True)
+class TrainRound:
+    """One round of local training: the stage, its learning rate and seed (the first training site's; the others
+    get seed + their place in site order), the round, the backbone, and the models to validate first (if any)."""
+
+    stage: str
+    lr: float
+    seed: int
+    server_round: int
+    backbone: str
+    validate: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What an evaluate call asks of the sites: the models; for the final evaluation also which sites (`role`,
+    None: all), the tag of the prediction files they write, and the cut-offs that group their survival tables."""
+
+    models: tuple[str, ...]
+    backbone: str
+    final: bool = False
+    tag: str = ""
+    role: str | None = None
+    cutoffs: dict[str, Any] | None = None
+
+
 @dataclass
 class SiteInfo:
     site_id: str
@@ -58,19 +84,10 @@ class Federation(Protocol):
 
     def clinical_stats(self) -> list[ClinicalStats]: ...
 
-    def train(
-        self,
-        stage: str,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        lr: float,
-        seed: int,
-        server_round: int,
-        backbone: str,
-        validate: tuple[str, ...] = (),
-    ) -> list[TrainReply]:
-        """Local training at every training site. With `validate`, each site first evaluates those models with the
-        weights it received (its internal validation, as `evaluate` during rounds) and the replies carry it."""
+    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[TrainReply]:
+        """Local training of `request.stage` at every training site. With `request.validate`, each site first
+        evaluates those models with the weights it received (its internal validation, as `evaluate` during rounds)
+        and the replies carry it."""
         ...
 
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays: ...
@@ -81,20 +98,10 @@ class Federation(Protocol):
 
     def restore_strategy(self, stage: str, state: Arrays) -> None: ...
 
-    def evaluate(
-        self,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        models: tuple[str, ...],
-        final: bool,
-        backbone: str,
-        tag: str = "",
-        role: str | None = None,
-        cutoffs: dict[str, Any] | None = None,
-    ) -> dict[str, dict[str, Any]]:
-        """Aggregates per site. During rounds (`final` False) training sites only. The final evaluation reaches
-        the sites of `role` (every site when None) and each result also holds the site's analysis summary under
-        ``"summary"``, its survival event tables grouped with `cutoffs` when given."""
+    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
+        """Aggregates per site. During rounds (`request.final` False) training sites only. The final evaluation
+        reaches the sites of `request.role` (every site when None) and each result also holds the site's analysis
+        summary under ``"summary"``, its survival event tables grouped with `request.cutoffs` when given."""
         ...
 
     def set_roles(self, holdout: tuple[str, ...]) -> None: ...
@@ -263,7 +270,9 @@ def run_stage(
         lr = run.lr_at(r, rounds, base_lr)
         seed = run.seed * 100_003 + r * 101 + {"dltr": 1, "head": 2, "clinical": 3}[stage]
         start = time.perf_counter()
-        replies = federation.train(stage, {**arrays, stage: current}, encoder, lr, seed, r, backbone, (model,) if pending else ())
+        replies = federation.train(
+            {**arrays, stage: current}, encoder, TrainRound(stage, lr, seed, r, backbone, (model,) if pending else ())
+        )
         if pending is not None:
             complete(pending, {site: res for rep in replies for site, res in (rep.evaluation or {}).items()})
             pending = None
@@ -286,7 +295,7 @@ def run_stage(
     if stop_early():
         log.info("%s: early stop after round %d (no improvement for %d rounds)", label, state.next_round - 1, run.patience)
     elif pending is not None:
-        complete(pending, federation.evaluate({**arrays, stage: pending.weights}, encoder, (model,), False, backbone))
+        complete(pending, federation.evaluate({**arrays, stage: pending.weights}, encoder, Evaluation((model,), backbone)))
     rundir.checkpoint(label, "best", best)
     state.done = True
     progress.save()
@@ -394,13 +403,13 @@ def final_evaluation(
     Writes what every site returned to ``site_returns/<site>.json``, the cut-offs to ``cutoffs.json`` and what
     left each site during the run to ``data_sharing.json``.
     """
-    evaluation = federation.evaluate(arrays, encoder, MODELS, True, backbone, tag, role="train")
+    evaluation = federation.evaluate(arrays, encoder, Evaluation(MODELS, backbone, True, tag, role="train"))
     for site, res in evaluation.items():
         res["summary"] = check_summary(res.get("summary"), site, MODELS)
     cutoffs = fix_cutoffs([res["summary"]["scores"] for res in evaluation.values()], run.risk_groups)
     rundir.write_json("cutoffs.json", cutoffs)
     if any(r == "holdout" for r in roles.values()):
-        external = federation.evaluate(arrays, encoder, MODELS, True, backbone, tag, role="holdout", cutoffs=cutoffs)
+        external = federation.evaluate(arrays, encoder, Evaluation(MODELS, backbone, True, tag, role="holdout", cutoffs=cutoffs))
         for site, res in external.items():
             res["summary"] = check_summary(res.get("summary"), site, MODELS)
         evaluation.update(external)

@@ -354,6 +354,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise TaceError(f"{cohort} is not a cohort folder (no cohort.json)", "generate one with `tace-sim cohort --out DIR`")
     if args.resume:
         run = resumable_config(args.out)
+        args.mode = json.loads((args.out / "run_config.json").read_text(encoding="utf-8"))["mode"]
     else:
         run = study_config(cohort, args.run_config, args.rounds)
         if args.out.exists() and any(args.out.iterdir()):

@@ -19,7 +19,7 @@ from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, state_dict_numpy
 from tace.common.training import TrainResult, train_image_model, train_tabular_model
-from tace.server.workflow import Arrays, SiteInfo, TrainReply
+from tace.server.workflow import Arrays, Evaluation, SiteInfo, TrainReply, TrainRound
 
 
 def train_pooled(
@@ -85,25 +85,16 @@ class InProcessFederation:
         models.load(arrays)
         return models
 
-    def train(
-        self,
-        stage: str,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        lr: float,
-        seed: int,
-        server_round: int,
-        backbone: str,
-        validate: tuple[str, ...] = (),
-    ) -> list[TrainReply]:
-        evaluation = self.evaluate(arrays, encoder, validate, False, backbone) if validate else None
+    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[TrainReply]:
+        q = request
+        evaluation = self.evaluate(arrays, encoder, Evaluation(q.validate, q.backbone)) if q.validate else None
         replies = []
         for i, group in enumerate(self.groups):
-            models = self._models(arrays, backbone)
-            result = train_pooled([self.tasks[s] for s in group], stage, models, encoder, lr, seed + i)
+            models = self._models(arrays, q.backbone)
+            result = train_pooled([self.tasks[s] for s in group], q.stage, models, encoder, q.lr, q.seed + i)
             name = self.group_name or "+".join(group)
             metrics = {"train-loss": result.loss, "samples-per-s": result.samples_per_second, "local-s": result.seconds}
-            replies.append(TrainReply(name, state_dict_numpy(models.module(stage)), result.num_examples, metrics, evaluation=evaluation))
+            replies.append(TrainReply(name, state_dict_numpy(models.module(q.stage)), result.num_examples, metrics, evaluation=evaluation))
             evaluation = None  # every site's validation rides on the first reply
         return replies
 
@@ -118,23 +109,14 @@ class InProcessFederation:
     def restore_strategy(self, stage: str, state: Arrays) -> None:
         pass
 
-    def evaluate(
-        self,
-        arrays: dict[str, Arrays],
-        encoder: ClinicalEncoder | None,
-        models: tuple[str, ...],
-        final: bool,
-        backbone: str,
-        tag: str = "",
-        role: str | None = None,
-        cutoffs: dict[str, Any] | None = None,
-    ) -> dict[str, dict[str, Any]]:
-        study_models = self._models(arrays, backbone)
+    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
+        q = request
+        study_models = self._models(arrays, q.backbone)
         out = {}
         for site, task in sorted(self.tasks.items()):
-            if (not final and task.role != "train") or (role is not None and task.role != role):
+            if (not q.final and task.role != "train") or (q.role is not None and task.role != q.role):
                 continue  # holdout sites are evaluated once, at the end
-            res = task.evaluate(study_models, encoder, models, write_predictions=final, tag=tag, summary=final, cutoffs=cutoffs)
+            res = task.evaluate(study_models, encoder, q.models, write_predictions=q.final, tag=q.tag, summary=q.final, cutoffs=q.cutoffs)
             res["role"] = task.role
             out[site] = res
         return out

@@ -18,7 +18,12 @@ def script_path(name: str) -> str:
 
 @pytest.mark.parametrize(
     ("script", "commands"),
-    [("tace-client", ["check", "preprocess"]), ("tace-sim", ["cohort", "demo"]), ("tace-server", []), ("tace-analysis", [])],
+    [
+        ("tace-client", ["check", "preprocess", "features", "keygen", "start"]),
+        ("tace-sim", ["cohort", "demo", "run"]),
+        ("tace-server", ["init", "sites", "start", "status", "stop"]),
+        ("tace-analysis", []),
+    ],
 )
 def test_help_and_version(script, commands):
     exe = script_path(script)

@@ -99,6 +99,17 @@ class Pilot:
             except OSError:
                 continue
 
+    def kill_site(self, site: str, client: subprocess.Popen) -> None:
+        """Like the site's machine going down: SIGKILL its client and the SuperNode and ClientApp it started."""
+        os.killpg(client.pid, signal.SIGKILL)
+        marker = f"{self.root / site}/".encode()
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and (marker in (p / "cmdline").read_bytes() or marker in (p / "environ").read_bytes()):
+                    os.kill(int(p.name), signal.SIGKILL)
+            except OSError:
+                continue
+
     def close(self) -> None:
         for proc in self.procs:
             if proc.poll() is None:
@@ -162,7 +173,9 @@ def test_three_sites_with_tls_refusals_and_coordinator_resume(pilot, cohort):
     # The coordinator dies after DLTR round 1 (sites keep running); `start --resume` finishes the run with exactly
     # the uninterrupted run's weights.
     server = pilot.server()
-    pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1")
+    pilot.wait_for(
+        lambda: pilot.study.latest_run() != reference and pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1"
+    )
     pilot.kill_coordinator(server)
     interrupted = pilot.study.latest_run()
     assert not (interrupted / "summary.json").exists()
@@ -181,7 +194,7 @@ def test_site_killed_mid_round_is_left_out_and_rejoins(pilot):
     server = pilot.server()
     clients = {s: pilot.client(f"site-{s}") for s in "abc"}
     pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1")
-    os.killpg(clients["b"].pid, signal.SIGKILL)  # the site's machine goes down during round 2
+    pilot.kill_site("site-b", clients["b"])  # the site's machine goes down
     pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 3, 600, "DLTR round 2 without site-b")
     pilot.client("site-b")  # back for a later round
     assert server.wait(timeout=1200) == 0, (pilot.root / "server.out").read_text()[-3000:]

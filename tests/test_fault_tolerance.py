@@ -177,3 +177,21 @@ def test_version_and_model_mismatch_are_refused_before_training(tiny_cohort, tmp
     monkeypatch.setattr(client_app, "model_signature", lambda *a: "0123456789abcdef")
     with pytest.raises(TaceError, match="builds different models than the coordinator"):
         FlowerFederation(FaultyGrid(run, SITES), run, expected_sites=5, wait_s=1)
+
+
+def test_tace_sim_resume(tiny_cohort, tmp_path, capsys):
+    """`tace-sim run --resume` continues an interrupted run with its own configuration (here: every stage was done
+    and only the final evaluation is repeated); a finished or empty folder is refused."""
+    from tace.simulation.cli import main as sim_main
+
+    out = tmp_path / "run"
+    args = ["run", "--cohort", str(tiny_cohort), "--out", str(out), "--mode", "centralized", "--run-config", SHORT]
+    assert sim_main(args) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert sim_main(["run", "--cohort", str(tiny_cohort), "--out", str(out), "--resume"]) == 2  # finished
+    assert "finished" in capsys.readouterr().err
+    (out / "summary.json").unlink()
+    assert sim_main(["run", "--cohort", str(tiny_cohort), "--out", str(out), "--resume"]) == 0  # its own mode and config
+    again = json.loads((out / "summary.json").read_text())
+    assert again["models"] == first["models"]
+    assert sim_main(["run", "--cohort", str(tiny_cohort), "--out", str(tmp_path / "none"), "--resume"]) == 2

@@ -19,7 +19,7 @@ from tace.common.errors import TaceError
 from tace.common.models import StudyModels
 from tace.server.app import FlowerFederation
 from tace.server.rundir import RunDir
-from tace.server.workflow import run_layouts
+from tace.server.workflow import TrainRound, run_layouts
 from tests.flower_grid import InProcessGrid, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import set_cell
 
@@ -121,7 +121,7 @@ def test_site_errors_are_sanitised(tiny_cohort, tmp_path):
     federation = FlowerFederation(grid, run, expected_sites=5, wait_s=1)
     arrays = StudyModels.build("small", 3, len(FEATURES)).arrays()
     arrays["dltr"] = {k: v[..., :1] if v.ndim else v for k, v in arrays["dltr"].items()}  # wrong shapes: the site fails
-    replies = federation.train("dltr", arrays, None, 0.001, 1, 1, "small")
+    replies = federation.train(arrays, None, TrainRound("dltr", 0.001, 1, 1, "small"))
     # Every training site failed: each reply says why, without the site's file names or a traceback.
     assert [r.site_id for r in replies] == ["site-a", "site-b", "site-c"]
     assert all(r.error == "internal error at the site (RuntimeError); the site's log has the details" for r in replies)
