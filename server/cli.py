@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("key", type=Path, help="the site's public key file (SITE.pub)")
     study_option(add)
     add.set_defaults(func=cmd_sites_add)
-    lst = site_sub.add_parser("list", help="list registered sites and their key fingerprints")
+    lst = site_sub.add_parser(
+        "list",
+        help="list registered sites and their key fingerprints",
+        description="List the registered sites with the SHA-256 fingerprints of their keys and when they were added.",
+    )
     study_option(lst)
     lst.set_defaults(func=cmd_sites_list)
 
@@ -70,12 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."', help="override keys of run_config.toml for this run")
     start.set_defaults(func=cmd_start)
 
-    stat = sub.add_parser("status", help="show the coordinator, the current round, sites online and per-site metrics")
+    stat = sub.add_parser(
+        "status",
+        help="show the coordinator, the current round, sites online and per-site metrics",
+        description="Show whether the coordinator runs, the current run's stage, round and pooled validation AUC, every "
+        "site's role, whether it is online and its last metrics, and the last faults the run survived.",
+    )
     study_option(stat)
     stat.add_argument("--json", action="store_true", help="print the status as JSON")
     stat.set_defaults(func=cmd_status)
 
-    stop = sub.add_parser("stop", help="stop the running coordinator (the run can be resumed)")
+    stop = sub.add_parser(
+        "stop",
+        help="stop the running coordinator (the run can be resumed)",
+        description="Stop the running coordinator and its SuperLink (SIGTERM, then SIGKILL after a minute). The run "
+        "keeps everything up to its last completed round: continue it with `tace-server start --resume`.",
+    )
     study_option(stop)
     stop.set_defaults(func=cmd_stop)
     return parser
