@@ -97,12 +97,12 @@ def payload(overrides: dict[str, str]) -> dict[str, float]:
     arrays = StudyModels.build(run.backbone, len(run.preprocess.sequences), len(FEATURES)).arrays()
     size = {stage: sum(v.nbytes for v in a.values()) for stage, a in arrays.items()}
     sent = {"dltr": ("dltr",), "head": ("dltr", "head"), "clinical": ("clinical",)}
-    out = {"model_mb": round(sum(size.values()) / 1e6, 3)}
+    out: dict[str, float] = {"model_kb": round(sum(size.values()) / 1e3, 1)}
     for stage, parts in sent.items():
-        down_train = sum(size[p] for p in parts)  # the stage's inputs travel with the train message
-        up_train = size[stage]
-        down_eval = down_train  # validation of the new global weights
-        out[f"{stage}_mb_per_round"] = round((down_train + up_train + down_eval) / 1e6, 3)
+        # One train message per round: the stage's inputs go down (the site validates them, then trains from
+        # them) and the stage's weights come up; the last round adds one evaluate message (weights down).
+        out[f"{stage}_kb_down_per_round"] = round(sum(size[p] for p in parts) / 1e3, 1)
+        out[f"{stage}_kb_up_per_round"] = round(size[stage] / 1e3, 1)
     return out
 
 
@@ -133,14 +133,20 @@ def main() -> None:
         sim_round, dep_round = per_round(sim, args.rounds), per_round(dep, args.rounds)
         flower = startup_seconds("import flwr.supernode.cli.flwr_clientapp, flwr.app, flwr.clientapp")
         ours = startup_seconds("import flwr.supernode.cli.flwr_clientapp, flwr.app, flwr.clientapp, tace.client.app")
+        torch_s = startup_seconds("import flwr.supernode.cli.flwr_clientapp, flwr.app, flwr.clientapp, torch") - flower
         figures = {
             "rounds_per_stage": args.rounds,
             "simulation_s_per_round": sim_round,
             "deployment_s_per_round": dep_round,
             "ratio_deployment_over_simulation": {s: round(dep_round[s] / sim_round[s], 2) for s in sim_round},
             "added_s_per_round": {s: round(dep_round[s] - sim_round[s], 2) for s in sim_round},
-            "clientapp_process_startup_s": {"flower_alone": round(flower, 2), "with_tace_clientapp": round(ours, 2)},
-            "messages_per_round_per_training_site": 2,
+            "clientapp_process_startup_s": {
+                "flower_alone": round(flower, 2),
+                "torch": round(torch_s, 2),
+                "with_tace_clientapp": round(ours, 2),
+            },
+            "messages_per_training_site": "1 per round, +1 evaluate after each stage's last round",
+            "clientapp_own_import_s": round(ours - flower - torch_s, 2),
             "wall_s": {"simulation": round(sim_wall, 1), "deployment": dep["timings"]["wall_s"]},
             "payload": payload(overrides),
         }

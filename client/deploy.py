@@ -245,6 +245,7 @@ def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = str(settings.threads) if settings.threads else None
     extra = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+    extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"  # start the ClientApp process sooner (Flower's default: 1 s)
     env = flower_env((settings.cache / "flwr").resolve(), extra)
     cmd = [str(flower_executable("flower-supernode", env)), "--superlink", settings.address, "--node-config", settings.node_config(),
            "--port", str(settings.runtime_port)]  # fmt: skip
