@@ -117,13 +117,13 @@ def query(msg: Message, context: Context) -> Message:
                 RecordDict({SITE: ConfigRecord({"site-id": site.site_id, "ok": False, "problems": problem_digest(exc)})}), reply_to=msg
             )
         info = {k: v for k, v in task.info().items()}
-        mismatch = _compatibility(msg, run)
+        signature = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
+        mismatch = _compatibility(msg, signature)
         if mismatch:
             log.error("%s", mismatch)  # the site's operator reads this in the client log
             return Message(
                 RecordDict({SITE: ConfigRecord({"site-id": task.site.site_id, "ok": False, "problems": mismatch})}), reply_to=msg
             )
-        signature = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
         return Message(
             RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version(), "model-signature": signature})}), reply_to=msg
         )
@@ -193,8 +193,9 @@ def _backbones(msg: Message, run: RunConfig) -> tuple[str, ...]:
     return tuple(n for n in names.split(",") if n) or (run.backbone,)
 
 
-def _compatibility(msg: Message, run: RunConfig) -> str:
-    """Why this site cannot take part with the coordinator's software (empty when it can)."""
+def _compatibility(msg: Message, ours: str) -> str:
+    """Why this site cannot take part with the coordinator's software (empty when it can); `ours` is this site's
+    model signature for the backbones the coordinator named."""
     config = msg.content.config_records[CONFIG]
     theirs = str(config.get("coordinator-version", ""))
     if not theirs:
@@ -203,7 +204,6 @@ def _compatibility(msg: Message, run: RunConfig) -> str:
         return (f"this site runs TACE-FL {_version()} but the coordinator runs {theirs}: install TACE-FL {theirs} at this site "
                 "(the same version everywhere guarantees the same model and preprocessing) and start the client again")  # fmt: skip
     wanted = str(config.get("model-signature", ""))
-    ours = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
     if wanted and wanted != ours:
         return (f"this site builds different models than the coordinator (model signature {ours}, coordinator {wanted}) although "
                 "both run the same TACE-FL version: the installation at this site was modified; reinstall TACE-FL")  # fmt: skip

@@ -9,7 +9,6 @@ plaintext connection), which end with a message saying what to do.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import signal
@@ -26,7 +25,7 @@ import tomllib
 from tace.common import pki
 from tace.common.config import check_site_id
 from tace.common.errors import ConfigError, TaceError
-from tace.common.launch import flower_env, flower_executable
+from tace.common.launch import flower_env, flower_executable, stop_group
 
 
 @dataclass(frozen=True)
@@ -219,18 +218,6 @@ def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
     lines.put(None)
 
 
-def _end_group(proc: subprocess.Popen[str], grace_s: float = 5.0) -> None:
-    """Stop a SuperNode and everything it started (SuperExec, a ClientApp), SIGKILL after `grace_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=grace_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
 class _Stop(Exception):
     pass
 
@@ -285,7 +272,7 @@ def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool
                     fatal = fatal or _fatal(line, settings)
                     if "Exit Code:" in line and exiting_since is None:
                         exiting_since = time.monotonic()
-                _end_group(proc)
+                stop_group(proc)
             if fatal:
                 raise TaceError(f"site {settings.site_id} could not join the study: {fatal}", f"the full log is {log_dir / 'client.log'}")
             restarts += 1
@@ -301,5 +288,5 @@ def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool
         return 0
     finally:
         if proc is not None:
-            _end_group(proc, grace_s=15.0)
+            stop_group(proc, grace_s=15.0)
         signal.signal(signal.SIGTERM, previous)

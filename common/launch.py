@@ -6,9 +6,12 @@ Nothing here imports Flower: the programs run as child processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +32,8 @@ FLOWER_ENV = {
 }
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A Python scalar as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
@@ -42,7 +46,7 @@ def write_app(folder: Path, run: RunConfig) -> Path:
     from tace.common.cli import version_string
 
     folder.mkdir(parents=True, exist_ok=True)
-    config = "\n".join(f"{k} = {_toml_value(v)}" for k, v in run.to_run_config().items())
+    config = "\n".join(f"{k} = {toml_value(v)}" for k, v in run.to_run_config().items())
     (folder / "pyproject.toml").write_text(
         f"""[build-system]
 requires = ["setuptools>=77"]
@@ -90,3 +94,16 @@ def flower_executable(name: str, env: dict[str, str]) -> Path:
             f"Flower's `{name}` command is not installed next to this Python nor on PATH", "install TACE-FL with its dependencies"
         )
     return Path(found)
+
+
+def stop_group(proc: subprocess.Popen[Any], grace_s: float = 5.0) -> None:
+    """Stop a process started in its own session and everything it started (SIGTERM to the group, SIGKILL after
+    `grace_s`); Flower's programs leave children (SuperExec, app processes) that must not outlive them."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -26,3 +26,15 @@ def jsonable(obj: Any, finite: bool = False) -> Any:
     if finite and isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON atomically: readers (`tace-server status`, a resume) see the previous file or
+    the new one, never half of one."""
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(jsonable(obj), indent=2), encoding="utf-8")
+    tmp.replace(path)
+    return path

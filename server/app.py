@@ -368,9 +368,7 @@ class Status:
         if self.federation is not None:
             data["sites_online"] = self.federation.online()
             data["sites"] = {s: self.federation.roles.get(s, "") for s in sorted(self.federation.info)}
-        tmp = self.rundir.path / ".status.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        tmp.replace(self.rundir.path / "status.json")
+        self.rundir.write_json("status.json", data)
 
     def round(self, stage: str, server_round: int, total: int, val_auc: float | None, sites: dict[str, str] | None = None) -> None:
         _print_round(stage, server_round, total, val_auc, sites)

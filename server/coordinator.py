@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tace.common.errors import TaceError
-from tace.common.launch import flower_env, flower_executable, processes, write_app
+from tace.common.launch import flower_env, flower_executable, processes, stop_group, write_app
 from tace.server.study import Study
 
 
@@ -51,18 +51,6 @@ def _read_pid(path: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) else None
-
-
-def _stop_group(pid: int, timeout_s: float = 20.0) -> None:
-    """SIGTERM a process group (a SuperLink and the ServerApp it started), SIGKILL after `timeout_s`."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _alive(pid):
-            time.sleep(0.2)
-        if not _alive(pid):
-            return
 
 
 def _stop_leftovers(study: Study) -> None:
@@ -186,7 +174,7 @@ def start(study: Study, resume: bool = False, insecure: bool = False, run_config
             env = flower_env(_connection(study, port, insecure))
             link = _superlink(study, env, "127.0.0.1", port, insecure)
             sites = _register_sites(study, env)
-            _stop_group(link.pid)
+            stop_group(link, grace_s=20.0)
         env = flower_env(_connection(study, settings["port"], insecure))
         link = _superlink(study, env, settings["listen"], settings["port"], insecure)
         if not insecure:
@@ -214,7 +202,7 @@ def start(study: Study, resume: bool = False, insecure: bool = False, run_config
         if runner is not None and runner.poll() is None:
             runner.terminate()
         if link is not None:
-            _stop_group(link.pid)
+            stop_group(link, grace_s=20.0)
         signal.signal(signal.SIGTERM, previous)
         pid_file.unlink(missing_ok=True)
     if (run_dir / "summary.json").exists():

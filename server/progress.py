@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from tace.common.errors import TaceError
+from tace.common.serialize import write_json
 
 FORMAT = 1
 Arrays = dict[str, np.ndarray]
@@ -39,7 +40,6 @@ class Progress:
 
     path: Path
     stages: dict[str, StageProgress] = field(default_factory=dict)
-    comparison: dict[str, float | None] = field(default_factory=dict)
 
     @classmethod
     def start(cls, folder: Path, resume: bool) -> Progress:
@@ -55,7 +55,7 @@ class Progress:
         except (ValueError, KeyError, TypeError):
             raise TaceError(f"{path} is damaged or from another TACE-FL version: the run cannot resume from it",
                             "start a new run (without --resume) in a new run folder") from None  # fmt: skip
-        return cls(path, stages, dict(data.get("comparison", {})))
+        return cls(path, stages)
 
     @property
     def resumed(self) -> bool:
@@ -65,10 +65,8 @@ class Progress:
         return self.stages.setdefault(label, StageProgress())
 
     def save(self) -> None:
-        data = {"format": FORMAT, "stages": {k: dataclasses.asdict(v) for k, v in self.stages.items()}, "comparison": self.comparison}
-        tmp = self.path.with_name(".progress.json.tmp")
-        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-        tmp.replace(self.path)  # atomic: a crash leaves the previous round's record, never half a file
+        # Atomic: a crash leaves the previous round's record, never half a file.
+        write_json(self.path, {"format": FORMAT, "stages": {k: dataclasses.asdict(v) for k, v in self.stages.items()}})
 
     def rounds_done(self) -> dict[str, int]:
         return {label: s.next_round - 1 for label, s in self.stages.items() if s.next_round > 1}

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tace.common.serialize import jsonable
+from tace.common.serialize import write_json
 
 if TYPE_CHECKING:
     from tace.server.workflow import TrainReply
@@ -61,10 +61,7 @@ class RunDir:
         self._handler.close()
 
     def write_json(self, name: str, obj: Any) -> Path:
-        path = self.path / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(jsonable(obj), indent=2))
-        return path
+        return write_json(self.path / name, obj)
 
     def record_round(
         self, stage: str, server_round: int, lr: float, replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str,

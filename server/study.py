@@ -29,16 +29,9 @@ import tomllib
 from tace.common import pki
 from tace.common.config import RunConfig, check_site_id
 from tace.common.errors import ConfigError, TaceError
+from tace.common.launch import toml_value
 
 DEFAULT_PORT = 9092
-
-
-def _toml_scalar(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value))
 
 
 @dataclass(frozen=True)
@@ -86,9 +79,9 @@ class Study:
         (path / "study.toml").write_text(
             "# TACE-FL study: the coordinator's settings (tace-server reads this file).\n"
             "[study]\n"
-            f"name = {_toml_scalar(name)}\n"
+            f"name = {toml_value(name)}\n"
             "# Names and addresses sites use to reach the coordinator (the server certificate is valid for exactly these).\n"
-            f"hosts = [{', '.join(_toml_scalar(h) for h in names)}]\n"
+            f"hosts = [{', '.join(toml_value(h) for h in names)}]\n"
             "# The one TCP port sites connect to (Flower's SuperLink: Fleet, Control and Runtime APIs over HTTPS).\n"
             f"port = {port}\n"
             "# Interface to listen on: 0.0.0.0 for every interface, 127.0.0.1 for this machine only.\n"
@@ -98,7 +91,7 @@ class Study:
         config = RunConfig(expected_sites=expected_sites).to_run_config()
         for key in ("cohort", "run-dir", "resume"):
             config.pop(key)
-        lines = "\n".join(f"{k} = {_toml_scalar(v)}" for k, v in config.items())
+        lines = "\n".join(f"{k} = {toml_value(v)}" for k, v in config.items())
         (path / "run_config.toml").write_text(
             "# The study's run configuration: every key is explained in docs/training.md.\n"
             "# Set expected-sites and holdout-sites before `tace-server start`.\n" + lines + "\n",

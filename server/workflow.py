@@ -343,7 +343,7 @@ def run_study(
         encoder = ClinicalEncoder.from_dict(json.loads(encoder_path.read_text(encoding="utf-8")))
         log.info("resuming %s: rounds already completed per stage %s", rundir.path, progress.rounds_done())
     else:
-        progress = Progress(progress.path)
+        progress = Progress(progress.path)  # no usable record (or no encoder to go with it): start from scratch
         stats = ClinicalStats()
         for st in federation.clinical_stats():
             stats = stats.merge(st)

@@ -36,3 +36,14 @@ def tree_digest(folder: Path) -> str:
         h.update(f.read_bytes())
         h.update(str(f.stat().st_mtime_ns).encode())
     return h.hexdigest()
+
+
+def final_weights(run_dir: Path) -> dict:
+    """A run's kept weights of every stage, keyed ``<stage>.<name>`` (to compare two runs exactly)."""
+    import numpy as np
+
+    out = {}
+    for stage in ("dltr", "head", "clinical"):
+        with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
+            out.update({f"{stage}.{k}": z[k] for k in z.files})
+    return out

@@ -20,6 +20,7 @@ import pytest
 
 from tace.common import pki
 from tace.server.study import Study
+from tests.helpers import final_weights
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -120,14 +121,6 @@ class Pilot:
                     os.killpg(proc.pid, signal.SIGKILL)
             proc.log.close()  # type: ignore[attr-defined]
         subprocess.run([BIN / "tace-server", "stop", "--study", self.study.path], capture_output=True)
-
-
-def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for stage in ("dltr", "head", "clinical"):
-        with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
-            out.update({f"{stage}.{k}": z[k] for k in z.files})
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from tace.server.app import FlowerFederation
 from tace.server.rundir import RunDir
 from tace.server.workflow import TrainReply, run_layouts, screen_updates
 from tests.flower_grid import Crash, FaultyGrid, task_identity  # noqa: F401 (an autouse fixture)
+from tests.helpers import final_weights
 
 SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0"
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
@@ -37,14 +38,6 @@ def study(grid: FaultyGrid, run: RunConfig) -> dict:
         return run_layouts(federation, run, rundir, initial, "federated")
     finally:
         rundir.close()
-
-
-def final_weights(run_dir: Path) -> dict[str, np.ndarray]:
-    out = {}
-    for stage in ("dltr", "head", "clinical"):
-        with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
-            out.update({f"{stage}.{k}": z[k] for k in z.files})
-    return out
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
