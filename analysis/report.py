@@ -317,11 +317,7 @@ class Report:
         dp = str(self.config.get("dp", "false")).lower() in ("true", "1")
         parts = ["<h2 id='privacy'>6. Privacy: what left each site</h2>"]
         if self.ledger:
-            rows = [
-                [site, e.get("epsilon"), e.get("delta"), e.get("rounds"), e.get("noise_multiplier")]
-                for site, e in self.ledger.get("sites", {}).items()
-            ]
-            parts.append("<h3>Differential-privacy ledger</h3>" + table(["site", "ε spent", "δ", "rounds", "noise multiplier"], rows))
+            parts.append(self.privacy_ledger())
         elif dp:
             parts.append("<p class='note'>Differential privacy was on, but the run folder holds no privacy_ledger.json.</p>")
         else:
@@ -331,6 +327,51 @@ class Report:
             parts.append(f"<h3>{_esc(site)} <span class='small'>({_esc(entry.get('role', ''))}; {_esc(entry.get('sharing', ''))}"
                          f"{'; min cell count ' + str(entry['min_cell_count']) if entry.get('min_cell_count') else ''})</span></h3><ul>{items}</ul>")  # fmt: skip
         return "".join(parts)
+
+    def privacy_ledger(self) -> str:
+        """The ledger as a table (one row per site, or one for the federation with client-level DP) and ε over rounds."""
+        led = self.ledger
+        unit = "each patient of a site's training split" if led.get("unit") == "patient" else "each hospital's whole contribution"
+        mode = {"sample": "sample-level DP-SGD at every site (Opacus)", "client-fixed": "client-level DP, fixed clipping (Flower)",
+                "client-adaptive": "client-level DP, adaptive clipping (Flower)"}.get(str(led.get("mode")), str(led.get("mode")))  # fmt: skip
+        rows = [
+            [site, e.get("epsilon"), e.get("delta"), e.get("budget"), e.get("rounds"), e.get("steps"), e.get("noise_multiplier"),
+             e.get("sample_rate"), ", ".join(e.get("declined", [])) or "none"]
+            for site, e in led.get("sites", {}).items()
+        ]  # fmt: skip
+        text = (
+            "<h3>Differential-privacy ledger</h3>"
+            f"<p>{_esc(mode)}; the unit protected is {unit}. ε is the whole run's, accounted with {_esc(led.get('accountant', 'RDP'))} "
+            f"over every release (also rounds repeated after an interruption); budget ε = {_num(led.get('target_epsilon'))}"
+            f"{'; secure aggregation on' if led.get('secagg') else ''}.</p>"
+            + table(["site", "ε spent", "δ", "budget", "training rounds", "steps", "noise multiplier", "sample rate", "declined"], rows)
+        )
+        releases = led.get("releases", [])
+        if not releases:
+            return text
+        import matplotlib.pyplot as plt
+
+        from tace.analysis.plots import GROUP_COLORS, save
+
+        fig, ax = plt.subplots(figsize=(7.5, 3.8))
+        for i, site in enumerate(led.get("sites", {})):
+            rows_ = [r for r in releases if r["site"] == site]
+            color = GROUP_COLORS[i % len(GROUP_COLORS)]
+            trained = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows_) if not r.get("declined")]
+            if trained:
+                ax.plot(*zip(*trained, strict=True), marker=".", color=color, label=site)
+            declined = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows_) if r.get("declined")]
+            if declined:
+                ax.plot(*zip(*declined, strict=True), "x", color=color, ms=9, label=f"{site}: declined")
+        if led.get("target_epsilon"):
+            ax.axhline(float(led["target_epsilon"]), color="#c0392b", ls="--", lw=1, label="budget")
+        ax.set(xlabel="training round of the run (all stages, in order)", ylabel="ε spent", ylim=(0, None))
+        ax.legend(fontsize=7, loc="lower right")
+        fig.tight_layout()
+        save(fig, self.figures, "privacy-epsilon")
+        return text + self.figure(
+            "privacy-epsilon", "Privacy spent over the run: ε after each training round, per site (× a declined round)."
+        )
 
     def software(self) -> str:
         run_versions = self.config_file.get("software", {})

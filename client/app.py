@@ -1,8 +1,9 @@
 """The Flower ClientApp a site runs: unpacks messages, calls `tace.client.task`, packs weights and aggregates.
 
 Flower recreates the ClientApp for every message, so nothing here keeps state between rounds: the site's
-preprocessing cache and feature cache are on its disk. Replies carry model weights (checked finite and of the
-expected names and shapes before sending) and aggregate metrics, never per-patient values.
+preprocessing cache, feature cache and privacy account are on its disk. Replies carry model weights (checked
+finite and of the expected names and shapes before sending) and aggregate metrics, never per-patient values.
+With secure aggregation (`secagg_mod`) the weights leave only masked.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import functools
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
 
+from tace.client.privacy import BudgetExhausted
 from tace.client.task import SiteTask
 from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.config import RunConfig, SiteConfig
@@ -24,7 +28,6 @@ from tace.common.errors import ManifestError, TaceError
 from tace.common.models import StudyModels, model_signature, state_dict_numpy
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
 
-app = ClientApp()
 log = logging.getLogger("tace.client")
 
 
@@ -101,6 +104,45 @@ def site_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
     return wrapped
 
 
+def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Secure aggregation (run-config secagg) for the train messages that carry a SecAgg+ protocol stage: Flower's
+    `secaggplus_mod` masks the weights our train handler returns; every other message passes unchanged."""
+    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    from flwr.client.mod import secaggplus_mod
+
+    return secaggplus_mod(msg, context, functools.partial(_masked_reply, call_next))
+
+
+def _masked_reply(call_next: ClientAppCallable, msg: Message, context: Context) -> Message:
+    """Our train reply in the form `secaggplus_mod` masks (Flower's legacy FitRes records); our own weight record is
+    removed so the weights leave only masked. The metrics and site records travel as usual."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        raise RuntimeError(reply.error.reason)  # the site's own message, for the coordinator's log
+    content = reply.content
+    if ARRAYS not in content.array_records:
+        raise RuntimeError(str(content.config_records[SITE].get("declined", "no weights to aggregate")))
+    arrays = {k: v.numpy() for k, v in content.array_records.pop(ARRAYS).items()}
+    run = RunConfig.from_run_config(context.run_config)
+    weight = 1 if run.client_dp else int(cast(int, content.metric_records[METRICS]["num-examples"]))
+    state = context.state.config_records[RECORD_KEY_STATE]
+    largest = max(float(np.abs(v).max()) for v in arrays.values() if v.size) * weight / float(cast(float, state["max_weight"]))
+    bound = float(cast(float, state["clipping_range"]))
+    if largest > bound:
+        raise TaceError(f"a weight of this site's update ({largest:.3g} after weighting) is beyond the secure-aggregation range "
+                        f"(±{bound:g})", "training diverged at this site: lower the learning rate (run-config lr)")  # fmt: skip
+    # The order of the arrays is the order of the names the coordinator unmasks into: sorted.
+    content.array_records["fitres.parameters"] = ArrayRecord({k: Array(np.ascontiguousarray(arrays[k])) for k in sorted(arrays)})
+    content.metric_records["fitres.num_examples"] = MetricRecord({"num_examples": weight})
+    content.config_records["fitres.metrics"] = ConfigRecord({})
+    content.config_records["fitres.status"] = ConfigRecord({"code": 0, "message": "Success"})
+    return reply
+
+
+app = ClientApp(mods=[secagg_mod])
+
+
 @app.query()
 @site_errors
 def query(msg: Message, context: Context) -> Message:
@@ -119,6 +161,9 @@ def query(msg: Message, context: Context) -> Message:
         info = {k: v for k, v in task.info().items()}
         signature = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
         mismatch = _compatibility(msg, signature)
+        if not mismatch and task.site.require_dp and not run.sample_dp:
+            mismatch = ("this site takes part only in runs with sample-level differential privacy (its node config require-dp): "
+                        "the coordinator must set run-config dp=true and dp-mode='sample'")  # fmt: skip
         if mismatch:
             log.error("%s", mismatch)  # the site's operator reads this in the client log
             return Message(
@@ -144,30 +189,69 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 @site_errors
 def train(msg: Message, context: Context) -> Message:
-    """One local training call of the stage named in the config; replies with that stage's weights."""
+    """One local training call of the stage named in the config; replies with that stage's weights.
+
+    With sample-level differential privacy the site trains by DP-SGD within its own privacy account, and declines
+    to train (replying with its validation, its privacy figures and the reason, but no weights) when the call
+    would exceed its budget. With client-level DP under secure aggregation the site clips its own update.
+    """
     task, run, config = _site(msg, context)
     stage = str(config["stage"])
+    server_round = int(config.get("server-round", 0))
     models = _models(run, config, msg)
-    expected = state_dict_numpy(models.module(stage))
+    expected = {k: v.copy() for k, v in state_dict_numpy(models.module(stage)).items()}  # the weights received (a copy)
     site: dict[str, Any] = {"site-id": task.site.site_id}
     validate = tuple(m for m in str(config.get("validate", "")).split(",") if m)
     if validate:
         # Internal validation of the global weights just received (the previous round's aggregate), before
         # training changes them: one message per round instead of a train and an evaluate message.
         site["validation"] = json.dumps(flatten_evaluation(task.evaluate(models, _encoder(config), validate)))
-    result = task.train(stage, models, _encoder(config), float(config["lr"]), int(config["seed"]))
+    privacy = None
+    if run.sample_dp:
+        privacy = task.privacy_account(str(config.get("study-id", "")), dict(json.loads(str(config.get("dp-plan", "") or "{}"))))
+    elif task.site.require_dp:
+        raise TaceError("this site trains only with sample-level differential privacy (its node config require-dp) and the run has it off",
+                        "the coordinator sets run-config dp=true and dp-mode='sample'")  # fmt: skip
+    try:
+        result = task.train(stage, models, _encoder(config), float(config["lr"]), int(config["seed"]), privacy, server_round)
+    except BudgetExhausted as exc:
+        assert privacy is not None
+        log.warning("%s", exc)
+        site["declined"] = exc.message
+        metrics = MetricRecord({"num-examples": 0, **privacy.report(trained=False)})
+        return Message(RecordDict({METRICS: metrics, SITE: ConfigRecord(site)}), reply_to=msg)
     arrays = state_dict_numpy(models.module(stage))
     check_outgoing(arrays, expected)
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.loss,
-            "samples-per-s": result.samples_per_second,
-            "local-s": result.seconds,
-        }
-    )
+    if run.client_dp and run.secagg:
+        # Client-level DP under secure aggregation: the coordinator cannot clip what it cannot see, so the site
+        # clips its own update to the clipping norm the coordinator sends (Flower's client-side fixed clipping).
+        _clip_update(arrays, expected, float(config["clipping-norm"]))
+    values: dict[str, int | float | list[int] | list[float]] = {
+        "num-examples": result.num_examples,
+        "train-loss": result.loss,
+        "samples-per-s": result.samples_per_second,
+        "local-s": result.seconds,
+    }
+    if run.client_dp:
+        values["site-weight"] = 1  # client-level DP averages the sites' updates unweighted (its sensitivity assumes so)
+    if privacy is not None:
+        values.update(privacy.report())
     # Exactly one ArrayRecord and one MetricRecord, as Flower's strategies expect (the validation rides in a ConfigRecord).
-    return Message(RecordDict({ARRAYS: _numpy_to_record(arrays), METRICS: metrics, SITE: ConfigRecord(site)}), reply_to=msg)
+    return Message(RecordDict({ARRAYS: _numpy_to_record(arrays), METRICS: MetricRecord(values), SITE: ConfigRecord(site)}), reply_to=msg)
+
+
+def _clip_update(arrays: dict[str, np.ndarray], received: dict[str, np.ndarray], clipping_norm: float) -> None:
+    """Scale the update (new minus received weights) to L2 norm at most `clipping_norm`, in place (Flower's helper)."""
+    from flwr.supercore.differential_privacy import compute_clip_model_update
+
+    names = list(arrays)
+    new = [arrays[k].astype(np.float64) for k in names]
+    old = [received[k].astype(np.float64) for k in names]
+    if not any(np.any(a != b) for a, b in zip(new, old, strict=True)):
+        return  # no update: nothing to clip (Flower's helper would divide by its zero norm)
+    compute_clip_model_update(param1=new, param2=old, clipping_norm=clipping_norm)
+    for k, v in zip(names, new, strict=True):
+        arrays[k] = v.astype(arrays[k].dtype)
 
 
 @app.evaluate()

@@ -46,6 +46,8 @@ class SiteSettings:
     min_patients: int = 5
     min_cell_count: int = 0
     share_patient_level: bool = False
+    max_epsilon: float = 0.0
+    require_dp: bool = False
     insecure: bool = False
 
     @classmethod
@@ -66,6 +68,8 @@ class SiteSettings:
                 raise ConfigError(f"{path}: [{section}] {key} must be true or false")
             if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
                 raise ConfigError(f"{path}: [{section}] {key} must be a whole number")
+            if kind is float and (isinstance(value, bool) or not isinstance(value, int | float) or value < 0):
+                raise ConfigError(f"{path}: [{section}] {key} must be a number, at least 0")
             if kind is str and not isinstance(value, str):
                 raise ConfigError(f'{path}: [{section}] {key} must be a text in quotes, like "value"')
             return value
@@ -94,6 +98,8 @@ class SiteSettings:
             min_patients=get("privacy", "min-patients", 5, int),
             min_cell_count=get("privacy", "min-cell-count", 0, int),
             share_patient_level=get("privacy", "share-patient-level", False, bool),
+            max_epsilon=float(get("privacy", "max-epsilon", 0.0, float)),
+            require_dp=get("privacy", "require-dp", False, bool),
             insecure=insecure,
         )
 
@@ -103,9 +109,10 @@ class SiteSettings:
             "site-id": self.site_id, "manifest-path": str(self.manifest.resolve()), "cache-dir": str(self.cache.resolve()),
             "output-dir": str(self.output.resolve()), "device": self.device, "threads": self.threads,
             "min-patients": self.min_patients, "min-cell-count": self.min_cell_count,
-            "share-patient-level": "true" if self.share_patient_level else "false",
+            "share-patient-level": "true" if self.share_patient_level else "false", "max-epsilon": self.max_epsilon,
+            "require-dp": "true" if self.require_dp else "false",
         }  # fmt: skip
-        return " ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={_quote(str(v))}" for k, v in items.items())
+        return " ".join(f"{k}={v}" if isinstance(v, int | float) else f"{k}={_quote(str(v))}" for k, v in items.items())
 
 
 def _quote(text: str) -> str:

@@ -11,7 +11,7 @@ import copy
 import csv
 import hashlib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -36,6 +36,9 @@ from tace.common.training import (
     train_tabular_model,
 )
 from tace.common.validate import check_site
+
+if TYPE_CHECKING:
+    from tace.client.privacy import SitePrivacy
 
 
 class SiteTask:
@@ -135,20 +138,50 @@ class SiteTask:
         tmp.replace(path)
         return feats
 
-    def train(self, stage: str, models: StudyModels, encoder: ClinicalEncoder | None, lr: float, seed: int) -> TrainResult:
-        """One local training call of `stage` ('dltr', 'head' or 'clinical') on the site's training split."""
+    def privacy_account(self, study_id: str, planned_rounds: dict[str, int]) -> SitePrivacy:
+        """The site's privacy account for a study run with sample-level differential privacy; `planned_rounds` (per
+        stage, from the coordinator) sizes the noise in target-ε mode."""
+        from tace.client.privacy import SitePrivacy, StagePlan
+
+        plan = {}
+        for stage, rounds in planned_rounds.items():
+            s = self.settings(stage, 1.0, 0)
+            plan[stage] = StagePlan(int(rounds), s.epochs, s.batch_size)
+        return SitePrivacy.open(self.site, self.run, study_id, len(self.train_records), plan)
+
+    def train(
+        self,
+        stage: str,
+        models: StudyModels,
+        encoder: ClinicalEncoder | None,
+        lr: float,
+        seed: int,
+        privacy: SitePrivacy | None = None,
+        server_round: int = 0,
+    ) -> TrainResult:
+        """One local training call of `stage` ('dltr', 'head' or 'clinical') on the site's training split.
+
+        With `privacy` the call trains by DP-SGD after the account confirmed the budget allows it (raising
+        `BudgetExhausted` otherwise), and the release is recorded in the account before the weights can leave.
+        """
         self.require_enough_patients()
         records = self.train_records
         settings = self.settings(stage, lr, seed)
+        dp = privacy.settings(stage, server_round, settings.epochs, settings.batch_size) if privacy else None
         labels = torch.tensor([float(r.response) for r in records], dtype=torch.float32)  # type: ignore[arg-type]
         if stage == "dltr":
-            return train_image_model(models.dltr, self.dataset(records, augment=self.run.augment, seed=seed), settings)
-        assert encoder is not None
-        clinical = torch.from_numpy(encoder.encode(records))
-        if stage == "clinical":
-            return train_tabular_model(models.clinical, [clinical], labels, settings)
-        features = torch.from_numpy(self.deep_features(models.dltr, records))
-        return train_tabular_model(models.head, [features, clinical], labels, settings)
+            result = train_image_model(models.dltr, self.dataset(records, augment=self.run.augment, seed=seed), settings, dp)
+        else:
+            assert encoder is not None
+            clinical = torch.from_numpy(encoder.encode(records))
+            if stage == "clinical":
+                result = train_tabular_model(models.clinical, [clinical], labels, settings, dp)
+            else:
+                features = torch.from_numpy(self.deep_features(models.dltr, records))
+                result = train_tabular_model(models.head, [features, clinical], labels, settings, dp)
+        if privacy is not None and dp is not None:
+            privacy.record(stage, server_round, dp, result.steps)
+        return result
 
     # -- evaluation ------------------------------------------------------------------------------------------
     def predict(

@@ -19,6 +19,9 @@ from tace.common.preprocess import PreprocessConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LAYOUTS = ("holdout", "loco")
+#: Differential privacy: per-patient DP-SGD at every site (Opacus), or per-site (client-level) DP through Flower's
+#: strategy wrappers with the update clipped to a fixed or an adaptive norm.
+DP_MODES = ("sample", "client-fixed", "client-adaptive")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -68,6 +71,15 @@ class RunConfig:
     round_timeout: int = 3600
     join_timeout: int = 600
     resume: bool = False
+    dp: bool = False
+    dp_mode: str = "sample"
+    dp_target_epsilon: float = 8.0
+    dp_delta: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_max_grad_norm: float = 1.0
+    dp_clipping_norm: float = 0.1
+    dp_secure_rng: bool = False
+    secagg: bool = False
     cohort: str = ""
     run_dir: str = ""
 
@@ -101,7 +113,42 @@ class RunConfig:
             raise ConfigError("hist-bins must be at most 100000")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
+        self._check_privacy()
         _ = self.preprocess  # validates the preprocessing keys
+
+    def _check_privacy(self) -> None:
+        if self.dp_mode not in DP_MODES:
+            raise ConfigError(f"dp-mode must be one of {', '.join(DP_MODES)}, not {self.dp_mode!r}")
+        if not self.dp_target_epsilon > 0:
+            raise ConfigError("dp-target-epsilon must be positive (the whole run's privacy budget per site)")
+        if not 0 <= self.dp_delta < 1:
+            raise ConfigError("dp-delta must be at least 0 and below 1 (0: 1/(10 n) for a site with n training patients)")
+        if self.dp_noise_multiplier < 0:
+            raise ConfigError("dp-noise-multiplier must not be negative (0: derived from dp-target-epsilon)")
+        for key in ("dp_max_grad_norm", "dp_clipping_norm"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key.replace('_', '-')} must be positive")
+        if self.dp and self.client_dp and self.strategy == "fedadam":
+            raise ConfigError(
+                "client-level differential privacy (dp-mode client-fixed or client-adaptive) needs strategy fedavg or fedprox",
+                "FedAdam's adaptive server step would see the updates before the noise; use strategy='fedavg', or dp-mode='sample'",
+            )
+        if self.dp and self.secagg and self.dp_mode == "client-adaptive":
+            raise ConfigError(
+                "secure aggregation cannot be combined with dp-mode client-adaptive",
+                "adaptive clipping needs each site's update norm; use dp-mode='client-fixed' (the sites clip their own updates) "
+                "or dp-mode='sample'",
+            )
+
+    @property
+    def client_dp(self) -> bool:
+        """Client-level (per-site) differential privacy through Flower's strategy wrappers."""
+        return self.dp and self.dp_mode.startswith("client-")
+
+    @property
+    def sample_dp(self) -> bool:
+        """Sample-level (per-patient) DP-SGD at every site."""
+        return self.dp and self.dp_mode == "sample"
 
     @property
     def holdout(self) -> tuple[str, ...]:
@@ -210,6 +257,8 @@ class SiteConfig:
     share_patient_level: bool = False
     device: str = ""  # the site's own choice (node config); empty: the run config's
     threads: int = 0  # idem; 0: the run config's
+    max_epsilon: float = 0.0  # the site's own privacy budget (node config); 0: the run's dp-target-epsilon
+    require_dp: bool = False  # the site trains only in runs with sample-level differential privacy
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -222,7 +271,8 @@ class SiteConfig:
             manifest = Path(str(node["manifest-path"]))
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
-            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), *_compute(node))
+            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), *_compute(node),
+                       *_budget(node))  # fmt: skip
         if "partition-id" in node:
             if not run.cohort:
                 raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
@@ -242,6 +292,8 @@ class SiteConfig:
                 run_dir / "sites" / site["site_id"],
                 *_privacy(node),
                 share,
+                *_compute(node),
+                *_budget(node),
             )
         raise ConfigError(
             "node configuration has neither 'manifest-path' (a hospital's site) nor 'partition-id' (simulation)",
@@ -249,14 +301,14 @@ class SiteConfig:
         )
 
 
-def _flag(value: Any) -> bool:
+def _flag(value: Any, key: str = "share-patient-level") -> bool:
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "yes"):
         return True
     if str(value).lower() in ("false", "0", "no", ""):
         return False
-    raise ConfigError(f"node-config key share-patient-level must be true or false, not {value!r}")
+    raise ConfigError(f"node-config key {key} must be true or false, not {value!r}")
 
 
 def _compute(node: Mapping[str, Any]) -> tuple[str, int]:
@@ -268,6 +320,19 @@ def _compute(node: Mapping[str, Any]) -> tuple[str, int]:
     if threads < 0:
         raise ConfigError("node-config key threads must not be negative")
     return str(node.get("device", "")), threads
+
+
+def _budget(node: Mapping[str, Any]) -> tuple[float, bool]:
+    """The site's own differential-privacy settings: `max-epsilon` (0: none of its own; the site never spends more
+    than the smaller of this and the run's dp-target-epsilon) and `require-dp` (refuse to train without sample-level
+    DP). The coordinator cannot change either."""
+    try:
+        max_epsilon = float(node.get("max-epsilon", 0.0))
+    except (TypeError, ValueError):
+        raise ConfigError("node-config key max-epsilon must be a number") from None
+    if max_epsilon < 0:
+        raise ConfigError("node-config key max-epsilon must not be negative (0: the run's dp-target-epsilon)")
+    return max_epsilon, _flag(node.get("require-dp", False), "require-dp")
 
 
 def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:

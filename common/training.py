@@ -9,12 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    from tace.common.privacy import DPSettings
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,14 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class TrainResult:
-    """Mean training loss, training samples (the FedAvg weight), samples processed over all epochs, wall time."""
+    """Mean training loss, training samples (the FedAvg weight), samples processed over all epochs, wall time,
+    optimiser steps."""
 
     loss: float
     num_examples: int
     samples_seen: int
     seconds: float
+    steps: int = 0
 
     @property
     def samples_per_second(self) -> float:
@@ -90,10 +95,11 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     start = time.perf_counter()
     for epoch in range(settings.epochs):
         for batch in batches(epoch):
+            steps += 1
             optimiser.zero_grad(set_to_none=True)
             with _autocast(settings.device, settings.amp):
                 logits, labels = forward(model, batch)
@@ -104,7 +110,7 @@ def fit(
             total += float(loss.detach()) * len(labels)
             count += len(labels)
     seconds = time.perf_counter() - start
-    return TrainResult(loss=total / max(count, 1), num_examples=num_examples, samples_seen=count, seconds=seconds)
+    return TrainResult(loss=total / max(count, 1), num_examples=num_examples, samples_seen=count, seconds=seconds, steps=steps)
 
 
 def image_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, seed: int) -> DataLoader[Any]:
@@ -112,8 +118,9 @@ def image_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, seed: in
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0, drop_last=False)
 
 
-def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSettings) -> TrainResult:
-    """Train DLTR on a dataset of ``{"image", "label"}`` items (unlabelled items must be excluded beforehand)."""
+def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSettings, dp: DPSettings | None = None) -> TrainResult:
+    """Train DLTR on a dataset of ``{"image", "label"}`` items (unlabelled items must be excluded beforehand); with
+    `dp`, by DP-SGD (`tace.common.privacy.dp_fit`)."""
 
     def batches(epoch: int) -> DataLoader[Any]:
         return image_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
@@ -121,12 +128,29 @@ def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSe
     def forward(m: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         return m(batch["image"].to(settings.device)), batch["label"].to(settings.device)
 
+    if dp is not None:
+        from tace.common.privacy import dp_fit
+
+        return dp_fit(model, dataset, forward, settings, dp)
     return fit(model, batches, forward, len(dataset), settings)  # type: ignore[arg-type]
 
 
-def train_tabular_model(model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor, settings: TrainSettings) -> TrainResult:
-    """Train a model on in-memory tensors (the fusion head on deep features + clinical, or the clinical model)."""
+def train_tabular_model(
+    model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor, settings: TrainSettings, dp: DPSettings | None = None
+) -> TrainResult:
+    """Train a model on in-memory tensors (the fusion head on deep features + clinical, or the clinical model); with
+    `dp`, by DP-SGD (`tace.common.privacy.dp_fit`)."""
     n = len(labels)
+    if dp is not None:
+        from torch.utils.data import TensorDataset
+
+        from tace.common.privacy import dp_fit
+
+        def forward_dp(m: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            *xs, y = batch
+            return m(*[x.to(settings.device) for x in xs]), y.to(settings.device)
+
+        return dp_fit(model, TensorDataset(*inputs, labels), forward_dp, settings, dp)
 
     def batches(epoch: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         g = torch.Generator().manual_seed(settings.seed * 1000 + epoch)

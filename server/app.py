@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
@@ -25,6 +25,7 @@ from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, model_signature
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
+from tace.server.privacy import PrivacyLedger, planned_rounds
 from tace.server.rundir import RunDir
 from tace.server.workflow import Arrays, Evaluation, SiteInfo, TrainReply, TrainRound, run_layouts
 
@@ -40,13 +41,46 @@ def _record(arrays: Arrays) -> ArrayRecord:
     return ArrayRecord(torch_state_dict={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
-def _strategy(run: RunConfig) -> FedAvg:
+def _strategy(run: RunConfig, noise_multiplier: float = 0.0, n_sites: int = 1) -> Any:
+    """The aggregation strategy of a stage; with client-level differential privacy wrapped in Flower's DP wrapper
+    (an unweighted mean: its sensitivity is one site's clipped update divided by the number of sites)."""
     common: dict[str, Any] = {"min_train_nodes": 1, "min_evaluate_nodes": 1, "min_available_nodes": 1}
+    if run.client_dp:
+        common["weighted_by_key"] = "site-weight"
     if run.strategy == "fedprox":
-        return FedProx(proximal_mu=run.proximal_mu, **common)
-    if run.strategy == "fedadam":
-        return FedAdam(eta=run.server_lr, **common)
-    return FedAvg(**common)
+        inner: FedAvg = FedProx(proximal_mu=run.proximal_mu, **common)
+    elif run.strategy == "fedadam":
+        inner = FedAdam(eta=run.server_lr, **common)
+    else:
+        inner = FedAvg(**common)
+    if not run.client_dp:
+        return inner
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyClientSideFixedClipping,
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        DifferentialPrivacyServerSideFixedClipping,
+    )
+
+    n = max(n_sites, 1)
+    if run.dp_mode == "client-adaptive":
+        # Flower's default noise on the clipped-update count (n / 20) suits hundreds of sites; with a handful it
+        # cannot reach the requested noise multiplier. This choice costs the updates about 5 % more noise.
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            inner, noise_multiplier, n, initial_clipping_norm=run.dp_clipping_norm, clipped_count_stddev=max(n / 20, 1.6 * noise_multiplier)
+        )
+    if run.secagg:  # the coordinator cannot see the updates: the sites clip them (tace.client.app)
+        return DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier, run.dp_clipping_norm, n)
+    return DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier, run.dp_clipping_norm, n)
+
+
+def _synthetic_replies(aggregate: Arrays, weights: list[int], key: str) -> list[Message]:
+    """Stand-in train replies holding an already aggregated mean (secure aggregation), one per weight: a strategy
+    averaging them returns that mean (and a DP wrapper counts as many sites as contributed to it)."""
+    record = _record(aggregate)
+    return [
+        Message(RecordDict({ARRAYS: record, METRICS: MetricRecord({"num-examples": w, key: w})}), dst_node_id=0, message_type="train")
+        for w in weights
+    ]
 
 
 class FlowerFederation:
@@ -60,12 +94,22 @@ class FlowerFederation:
     """
 
     def __init__(
-        self, grid: Grid, run: RunConfig, expected_sites: int, wait_s: float | None = None, timeout_s: float | None = None
+        self,
+        grid: Grid,
+        run: RunConfig,
+        expected_sites: int,
+        wait_s: float | None = None,
+        timeout_s: float | None = None,
+        ledger: PrivacyLedger | None = None,
     ) -> None:
         self.grid = grid
         self.run = run
         self.timeout_s = float(run.round_timeout if timeout_s is None else timeout_s)
         self.on_event: Callable[[str, str, int, str, str], None] | None = None
+        if run.dp and ledger is None:
+            raise TaceError("a run with differential privacy needs its privacy ledger", "report this as a bug")
+        self.ledger = ledger
+        self._secure: dict[str, tuple[Arrays, list[int]]] = {}  # stage -> (secure aggregate, its sites' weights)
         self.signature = model_signature(run.backbone_candidates or (run.backbone,), len(run.preprocess.sequences), len(FEATURES))
         wait_s = float(run.join_timeout if wait_s is None else wait_s)
         deadline = time.monotonic() + wait_s
@@ -136,7 +180,15 @@ class FlowerFederation:
         if unknown:
             raise TaceError(f"holdout-sites names unknown site(s) {', '.join(unknown)}", f"connected sites: {', '.join(sorted(self.info))}")
         self.roles = {s: ("holdout" if s in holdout else "train") for s in self.info}
-        self.strategies = {stage: _strategy(self.run) for stage in STAGE_ARRAYS}
+        self.strategies = {stage: self._strategy() for stage in STAGE_ARRAYS}
+
+    def _strategy(self) -> Any:
+        noise = 0.0
+        if self.run.client_dp:
+            assert self.ledger is not None
+            n_train = sum(r == "train" for r in self.roles.values())
+            noise = float(self.ledger.central(len(self.info), n_train)["noise_multiplier"])
+        return _strategy(self.run, noise, sum(r == "train" for r in self.roles.values()))
 
     def _nodes(self, role: str | None = None) -> list[int]:
         return [n for n, s in sorted(self.nodes.items(), key=lambda kv: kv[1]) if role is None or self.roles.get(s) == role]
@@ -210,26 +262,60 @@ class FlowerFederation:
         q = request
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in STAGE_ARRAYS[q.stage]}))})
         # Seeds follow the site's place in the (sorted) list of training sites, not its node id.
-        settings = {"stage": q.stage, "lr": q.lr, "backbone": q.backbone, "server-round": q.server_round, "validate": ",".join(q.validate)}
+        settings: dict[str, Any] = {"stage": q.stage, "lr": q.lr, "backbone": q.backbone, "server-round": q.server_round,
+                                    "validate": ",".join(q.validate)}  # fmt: skip
+        if self.run.sample_dp:
+            assert self.ledger is not None
+            settings["study-id"] = self.ledger.study_id
+            settings["dp-plan"] = json.dumps(planned_rounds(self.run, len(self.info)))
+        if self.run.client_dp and self.run.secagg:
+            settings["clipping-norm"] = self.run.dp_clipping_norm
         per = {n: self._config(n, {**settings, "seed": q.seed + i}, encoder) for i, n in enumerate(nodes)}
-        replies, errors = self._send(nodes, "train", content, per)
+        if self.run.secagg:
+            replies, errors = self._train_secure(q, nodes, content, per, arrays[q.stage])
+        else:
+            replies, errors = self._send(nodes, "train", content, per)
         out = []
         # Aggregate in a fixed (site) order: replies arrive in any order and float sums depend on it.
         for node in sorted(nodes, key=lambda n: self.nodes[n]):
+            site = self.nodes[node]
             if node in errors:
-                out.append(TrainReply(self.nodes[node], {}, 0, {}, error=errors[node]))
+                out.append(TrainReply(site, {}, 0, {}, error=errors[node], declined=errors[node].startswith("declined")))
                 continue
             reply = replies[node]
-            metrics = dict(reply.content.metric_records[METRICS])
             try:
-                received = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
-                num = int(cast(int, metrics["num-examples"]))
+                metrics = dict(reply.content.metric_records[METRICS])
                 values = {k: float(cast(float, v)) for k, v in metrics.items()}
+                num = int(cast(int, metrics["num-examples"]))
+                declined = str(reply.content.config_records[SITE].get("declined", "")) if SITE in reply.content.config_records else ""
+                if self.ledger is not None:
+                    self.ledger.record_site(site, q.stage, q.server_round, values, declined)
+                if declined:
+                    out.append(TrainReply(site, {}, 0, values, error=declined, evaluation=self._validation(reply, node), declined=True))
+                    continue
+                received = {} if self.run.secagg else {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
             except (KeyError, IndexError, TypeError, ValueError) as exc:
-                out.append(TrainReply(self.nodes[node], {}, 0, {}, error=f"malformed reply ({type(exc).__name__})"))
+                out.append(TrainReply(site, {}, 0, {}, error=f"malformed reply ({type(exc).__name__})"))
                 continue
-            out.append(TrainReply(self.nodes[node], received, num, values, raw=reply, evaluation=self._validation(reply, node)))
+            out.append(TrainReply(site, received, num, values, raw=reply, evaluation=self._validation(reply, node), masked=self.run.secagg))
         return out
+
+    def _train_secure(
+        self, q: TrainRound, nodes: list[int], content: RecordDict, per: dict[int, ConfigRecord], current: Arrays
+    ) -> tuple[dict[int, Message], dict[int, str]]:
+        """A training round under SecAgg+ (`tace.server.secagg`): the replies carry the sites' metrics, and the
+        aggregate waits for `aggregate`."""
+        from tace.server.secagg import secure_round
+
+        contents = {n: RecordDict({**dict(content.items()), CONFIG: per[n]}) for n in nodes}
+        weights = {n: 1 if self.run.client_dp else int(self.info[self.nodes[n]]["labelled-train"]) for n in nodes}
+        result = secure_round(self.grid, q.server_round, contents, sorted(current), max(weights.values(), default=1), self.timeout_s)
+        errors = {n: clean_reason(why) for n, why in result.errors.items()}
+        if result.aggregate is not None:
+            self._secure[q.stage] = (result.aggregate, [weights[n] for n in sorted(result.replies)])
+        else:
+            self._secure.pop(q.stage, None)
+        return {n: m for n, m in result.replies.items() if n not in errors}, errors
 
     def _validation(self, reply: Message, node: int) -> dict[str, dict[str, Any]] | None:
         """The site's validation of the weights it received, carried by its train reply."""
@@ -246,16 +332,44 @@ class FlowerFederation:
     def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
         if server_round == 1:
             # A new stage (or a new candidate backbone): FedAdam's moments must not carry over.
-            self.strategies[stage] = _strategy(self.run)
+            self.strategies[stage] = self._strategy()
         strategy = self.strategies[stage]
-        if hasattr(strategy, "current_arrays"):
+        raws = self._secure_replies(stage, server_round, current) if self.run.secagg else [r.raw for r in replies]
+        if self.run.client_dp:
+            assert self.ledger is not None
+            self.ledger.check_central(stage, server_round)
+            strategy.num_sampled_clients = len(raws)  # the sites in this mean: the noise is sized for them
+            if hasattr(strategy, "current_arrays"):  # server-side clipping needs the global weights, in the replies' order
+                names = list(raws[0].content.array_records[ARRAYS].keys())
+                strategy.current_arrays = ArrayRecord({k: Array(np.ascontiguousarray(current[k])) for k in names})
+        elif hasattr(strategy, "current_arrays"):
             # FedOpt strategies keep the global weights they set in configure_train; our server sends its own
             # messages (only to training sites), so hand them the weights directly.
             strategy.current_arrays = {k: np.asarray(v) for k, v in current.items()}
-        aggregated, _ = strategy.aggregate_train(server_round, [r.raw for r in replies])
+        aggregated, _ = strategy.aggregate_train(server_round, raws)
         if aggregated is None:
             raise TaceError(f"aggregation of stage {stage} failed in round {server_round}", "see run.log")
-        return {k: v.numpy() for k, v in aggregated.items()}
+        if self.run.client_dp:
+            assert self.ledger is not None
+            self.ledger.record_central(stage, server_round, len(raws), float(strategy.clipping_norm))
+        return {k: v.numpy().astype(current[k].dtype) for k, v in aggregated.items()}
+
+    def _secure_replies(self, stage: str, server_round: int, current: Arrays) -> list[Message]:
+        """The round's secure aggregate as replies a strategy can average (see `_synthetic_replies`)."""
+        if stage not in self._secure:
+            raise TaceError(f"round {server_round} of stage {stage}: secure aggregation gave no aggregate", "see run.log")
+        aggregate, weights = self._secure.pop(stage)
+        bad = [k for k, v in aggregate.items() if k not in current or v.shape != current[k].shape or not np.isfinite(v).all()]
+        if bad or set(aggregate) != set(current):
+            raise TaceError(
+                f"round {server_round} of stage {stage}: the securely aggregated weights are not finite or not of the model's shapes "
+                f"({(bad or ['names'])[0]}); secure aggregation hides which site sent the bad update",
+                "a site's training diverged: lower the learning rate (run-config lr), then `tace-server start --resume`",
+            )
+        aggregate = {k: aggregate[k].astype(current[k].dtype) for k in current}
+        key = "site-weight" if self.run.client_dp else "num-examples"
+        # Client-level DP: one stand-in per site (weight 1) so the wrapper sizes its noise for them; else one.
+        return _synthetic_replies(aggregate, weights if self.run.client_dp else [sum(weights)], key)
 
     def strategy_state(self, stage: str) -> Arrays:
         strategy = self.strategies[stage]
@@ -263,14 +377,18 @@ class FlowerFederation:
         for name in ("m_t", "v_t"):
             for k, v in (getattr(strategy, name, None) or {}).items():
                 out[f"{name}/{k}"] = np.asarray(v)
+        if self.run.dp_mode == "client-adaptive" and self.run.client_dp:
+            out["dp/clipping_norm"] = np.asarray(float(strategy.clipping_norm))  # adapted every round
         return out
 
     def restore_strategy(self, stage: str, state: Arrays) -> None:
-        strategy = self.strategies[stage] = _strategy(self.run)
+        strategy = self.strategies[stage] = self._strategy()
         for name in ("m_t", "v_t"):
             values = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}/")}
             if values:
                 setattr(strategy, name, values)
+        if "dp/clipping_norm" in state:
+            strategy.clipping_norm = float(state["dp/clipping_norm"])
 
     def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
         # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
@@ -330,7 +448,8 @@ def main(grid: Grid, context: Context) -> None:
     status = Status(rundir)
     try:
         status.write("waiting for sites", expected_sites=expected)
-        federation = FlowerFederation(grid, run, expected)
+        ledger = PrivacyLedger(rundir.path / "privacy_ledger.json", run) if run.dp else None
+        federation = FlowerFederation(grid, run, expected, ledger=ledger)
         federation.on_event = rundir.record_event
         status.federation = federation
         status.write("training" if not run.resume else "resuming")

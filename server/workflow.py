@@ -40,6 +40,8 @@ class TrainReply:
     raw: Any = None  # the transport's own reply (a Flower Message), for strategies that aggregate those
     error: str = ""  # the site did not deliver an update this round (it failed, vanished or timed out): why
     evaluation: dict[str, dict[str, Any]] | None = None  # {site: validation of the weights it received}, when asked
+    declined: bool = False  # the site declined to train (its privacy budget): `error` says why
+    masked: bool = False  # secure aggregation: the update is inside the round's aggregate, `arrays` is empty
 
 
 @dataclass(frozen=True)
@@ -158,15 +160,18 @@ def update_norm(update: Arrays, current: Arrays) -> float:
 def screen_updates(replies: list[TrainReply], current: Arrays, max_norm_ratio: float) -> tuple[list[TrainReply], dict[str, str]]:
     """Split a round's replies into usable updates and excluded ones (site -> reason).
 
-    Excluded: sites that failed or did not answer; updates whose names or shapes differ from the global model's;
-    non-finite updates; and (when `max_norm_ratio` > 0 and at least two updates are left) updates farther from the
-    global weights than `max_norm_ratio` times the median distance of the other sites' updates.
+    Excluded: sites that failed, declined or did not answer; updates whose names or shapes differ from the global
+    model's; non-finite updates; and (when `max_norm_ratio` > 0 and at least two updates are left) updates farther
+    from the global weights than `max_norm_ratio` times the median distance of the other sites' updates. Masked
+    updates (secure aggregation) cannot be looked into: they are accepted, and the federation checks their aggregate.
     """
     accepted: list[TrainReply] = []
     excluded: dict[str, str] = {}
     for r in replies:
         if r.error:
             excluded[r.site_id] = r.error
+        elif r.masked:
+            accepted.append(r)
         elif set(r.arrays) != set(current):
             excluded[r.site_id] = "update with unexpected weight names (another TACE-FL version or model definition?)"
         elif bad := [k for k, v in r.arrays.items() if v.shape != current[k].shape]:
@@ -175,8 +180,8 @@ def screen_updates(replies: list[TrainReply], current: Arrays, max_norm_ratio: f
             excluded[r.site_id] = "non-finite update (NaN or infinity): training diverged at the site"
         else:
             accepted.append(r)
-    if max_norm_ratio > 0 and len(accepted) >= 2:
-        norms = {r.site_id: update_norm(r.arrays, current) for r in accepted}
+    if max_norm_ratio > 0 and sum(not r.masked for r in accepted) >= 2:
+        norms = {r.site_id: update_norm(r.arrays, current) for r in accepted if not r.masked}
         far = {}
         for site, norm in norms.items():
             others = float(np.median([n for s, n in norms.items() if s != site]))
@@ -279,15 +284,26 @@ def run_stage(
             if stop_early():
                 break  # this round's local training is discarded
         accepted, excluded = screen_updates(replies, current, run.max_update_norm_ratio)
+        declined = {rep.site_id for rep in replies if rep.declined}
         for site, reason in sorted(excluded.items()):
-            rundir.record_event("excluded", label, r, site, reason)
+            rundir.record_event("declined" if site in declined else "excluded", label, r, site, reason)
         required = min(run.min_sites, len(replies))
         if len(accepted) < max(required, 1):
+            hint = (
+                "bring the missing sites back online, then continue the run with `tace-server start --resume` (progress up to the "
+                "previous round is kept); or lower run-config min-sites"
+            )
+            if declined:
+                hint = (
+                    "the run stops cleanly: the completed rounds and each site's privacy account are kept. Sites out of privacy "
+                    "budget can train again only with their ethics boards' approval of a larger budget (run-config "
+                    "dp-target-epsilon, the site's own max-epsilon), then `tace-server start --resume`; or start a new run "
+                    "with fewer rounds or more noise"
+                )
             raise TaceError(
                 f"round {r} of stage {label}: {len(accepted)} usable update(s), fewer than min-sites ({required}); "
                 + "; ".join(f"{s}: {why}" for s, why in sorted(excluded.items())),
-                "bring the missing sites back online, then continue the run with `tace-server start --resume` (progress up to the "
-                "previous round is kept); or lower run-config min-sites",
+                hint,
             )
         current = federation.aggregate(stage, r, accepted, current)
         pending = Pending(r, lr, accepted, excluded, time.perf_counter() - start, current)
@@ -344,10 +360,15 @@ def run_study(
         log.info("resuming %s: rounds already completed per stage %s", rundir.path, progress.rounds_done())
     else:
         progress = Progress(progress.path)  # no usable record (or no encoder to go with it): start from scratch
-        stats = ClinicalStats()
-        for st in federation.clinical_stats():
-            stats = stats.merge(st)
-        encoder = ClinicalEncoder.from_stats(stats)
+        if run.dp:
+            # Under differential privacy nothing about the training patients leaves a site but DP-trained weights:
+            # no clinical statistics; the encoder uses fixed reference values (docs/privacy.md).
+            encoder = ClinicalEncoder.reference()
+        else:
+            stats = ClinicalStats()
+            for st in federation.clinical_stats():
+                stats = stats.merge(st)
+            encoder = ClinicalEncoder.from_stats(stats)
         rundir.write_json("clinical_encoder.json", encoder.to_dict())
     timings["statistics_s"] = time.perf_counter() - t0
 
@@ -415,20 +436,31 @@ def final_evaluation(
         evaluation.update(external)
     for site, res in sorted(evaluation.items()):
         rundir.write_json(f"site_returns/{site}.json", res["summary"])
-    rundir.write_json("data_sharing.json", data_sharing(evaluation, rundir.rounds_recorded()))
+    rundir.write_json("data_sharing.json", data_sharing(evaluation, rundir.rounds_recorded(), run))
     return evaluation, cutoffs
 
 
-def data_sharing(evaluation: dict[str, dict[str, Any]], rounds: dict[str, int]) -> dict[str, Any]:
+def data_sharing(evaluation: dict[str, dict[str, Any]], rounds: dict[str, int], run: RunConfig | None = None) -> dict[str, Any]:
     """What left each site during the run, and in which mode it shared its final evaluation."""
+    run = run or RunConfig()
+    how = ""
+    if run.sample_dp:
+        how = " (trained by DP-SGD: see privacy_ledger.json)"
+    elif run.client_dp:
+        how = " (clipped; the coordinator adds noise to their mean: see privacy_ledger.json)"
+    if run.secagg:
+        how += ", masked by secure aggregation (only their weighted mean was revealed)"
     out: dict[str, Any] = {}
     for site, res in sorted(evaluation.items()):
         summary = res["summary"]
         sent = []
         if summary["role"] == "train":
-            sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
-            sent += [f"model weights after local training: {n} round(s) of stage {stage}" for stage, n in sorted(rounds.items())]
+            if not run.dp:
+                sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
+            sent += [f"model weights after local training: {n} round(s) of stage {stage}{how}" for stage, n in sorted(rounds.items())]
             sent.append("per round: number of training samples, training loss, speed; internal-validation AUC and score histograms")
+            if run.sample_dp:
+                sent.append("per round: privacy spent (ε, δ, noise multiplier, sample rate, steps)")
         table = summary["scores"]
         cells = len(table["cells"]) if "cells" in table else sum(len(v) for v in table["marginals"].values())
         kind = "joint score table" if "cells" in table else f"one score table per model (cells of >= {summary['min_cell_count']} patients)"
@@ -528,4 +560,9 @@ def run_layouts(
 
 
 def save_models(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
+    """The final models in the run folder, and the exported model file hospitals predict with (models/tace-model.zip)."""
+    from tace.common.artifact import FILENAME, write_model
+
     rundir.save_models(result.arrays, result.backbone, len(run.preprocess.sequences), run.preprocess.shape, result.encoder.to_dict())
+    write_model(rundir.path / "models" / FILENAME, result.arrays, result.backbone, run.preprocess, result.encoder.to_dict(), result.cutoffs,
+                run.analysis_bins, source=rundir.path.name)  # fmt: skip

@@ -123,6 +123,8 @@ def run_federated(
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
         _stop_superlink(flwr_home)
     error_path = out / "error.txt"
     if not summary_path.exists() and error_path.exists():
@@ -176,6 +178,12 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
     from tace.simulation.inprocess import InProcessFederation
 
     out = out.resolve()
+    if run.dp or run.secagg:
+        raise TaceError(
+            f"the {mode} reference runs without sites exchanging anything: differential privacy and secure aggregation "
+            "apply to federated runs",
+            "run it with dp=false secagg=false, or use --mode federated",
+        )
     # The references are plain (pooled or site-alone) training: no FedProx term, whatever the federated run uses.
     run = replace(_with_paths(run, cohort, out), strategy="fedavg")
     tasks = site_tasks(cohort, run)

@@ -3,6 +3,8 @@ node's context, as Flower does, without Ray or network. `FaultyGrid` adds the fa
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
@@ -23,24 +25,29 @@ def task_identity():
 
 
 class InProcessGrid:
-    """A Flower Grid whose nodes are ClientApp handlers called in this process (node i = partition i)."""
+    """A Flower Grid whose nodes are the ClientApp (with its mods) called in this process (node i = partition i).
 
-    def __init__(self, run: RunConfig, partitions: list[int]) -> None:
+    Each node keeps its Context across messages, as a SuperNode does within a run; `node_config` adds a site's own
+    settings (by partition)."""
+
+    def __init__(self, run: RunConfig, partitions: list[int], node_config: dict[int, dict] | None = None) -> None:
         self.run_config = run.to_run_config()
         self.nodes = {100 + i: pid for i, pid in enumerate(partitions)}
+        self.contexts = {
+            node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, **(node_config or {}).get(pid, {})},
+                          state=RecordDict(), run_config=self.run_config)
+            for node, pid in self.nodes.items()
+        }  # fmt: skip
         self.sent: list[Message] = []
+        self.replies: list[Message] = []
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
 
     def handle(self, msg: Message) -> Message | None:
-        handlers = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}
-        node = msg.metadata.dst_node_id
-        ctx = Context(
-            run_id=1, node_id=node, node_config={"partition-id": self.nodes[node]}, state=RecordDict(), run_config=self.run_config
-        )
         try:
-            return handlers[msg.metadata.message_type](msg, ctx)
+            # A copy, as the wire gives each node its own: Flower's mods modify what they receive.
+            return client_app.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
         except Exception as exc:  # what Flower does with an exception in a ClientApp
             return Message(Error(code=1, reason=str(exc)), reply_to=msg)
 
@@ -51,6 +58,7 @@ class InProcessGrid:
             reply = self.handle(msg)
             if reply is not None:
                 replies.append(reply)
+                self.replies.append(reply)
         return replies[::-1]  # replies arrive in any order
 
 

@@ -127,3 +127,23 @@ def test_start_refuses_without_registered_sites_or_expected_sites(tmp_path):
     assert server_main(["start", "--study", str(tmp_path / "s"), "--resume", "--insecure"]) == 2  # nothing to resume
     assert server_main(["status", "--study", str(tmp_path / "s")]) == 0
     assert server_main(["status", "--study", str(tmp_path / "nowhere")]) == 2
+
+
+def test_site_privacy_settings_reach_the_clientapp(tiny_cohort, tmp_path, site_copy):
+    """[privacy] max-epsilon and require-dp in site.toml become node config the ClientApp reads (the coordinator
+    cannot change them)."""
+    from flwr.common.config import parse_config_args
+
+    from tace.common.config import RunConfig, SiteConfig
+
+    manifest = site_copy("site-a")
+    Study.init(tmp_path / "s", "t", ["localhost"])
+    pki.generate_site_key(tmp_path, "site-a")
+    path = site_toml(tmp_path / "site.toml", manifest, tmp_path / "s" / "pki" / "ca.crt", tmp_path / "site-a.key")
+    path.write_text(path.read_text() + "[privacy]\nmax-epsilon = 3.5\nrequire-dp = true\n")
+    node = parse_config_args([SiteSettings.read(path).node_config()])
+    site = SiteConfig.from_node_config(node, RunConfig())
+    assert site.max_epsilon == 3.5 and site.require_dp is True
+    path.write_text(path.read_text().replace("max-epsilon = 3.5", 'max-epsilon = "high"'))
+    with pytest.raises(ConfigError, match="max-epsilon must be a number"):
+        SiteSettings.read(path)

@@ -1,0 +1,146 @@
+"""The exported model of a finished run (``tace-model.zip``): everything a hospital needs to predict, nothing about
+any patient.
+
+One zip file holding ``model.json`` (format, TACE-FL version, backbone, model signature, preprocessing parameters,
+clinical standardisation, the cut-offs fixed on the training sites, the score grid, a digest of the weights) and
+``weights.npz`` (the three models' weights as plain arrays: no pickled code runs when a hospital loads it).
+`read_model` refuses a file another TACE-FL version cannot reproduce predictions from, and says which version to
+use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tace.common.errors import TaceError
+from tace.common.preprocess import PIPELINE_VERSION, PreprocessConfig
+
+FORMAT = "tace-model/1"
+FILENAME = "tace-model.zip"
+STAGES = ("dltr", "head", "clinical")
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class ModelArtefact:
+    """A model file's content: the weights per stage and how to use them.
+
+    Attributes
+    ----------
+    cutoffs : {model: {"youden_bin", "youden_threshold", "risk_bins", "risk_thresholds", "risk_groups", ...}}
+        Fixed on the training sites (`tace.common.summaries.fix_cutoffs`); `bins` is their score grid.
+    """
+
+    arrays: dict[str, Arrays]
+    backbone: str
+    preprocess: PreprocessConfig
+    encoder: dict[str, Any]
+    cutoffs: dict[str, Any]
+    bins: int
+    version: str
+    signature: str
+    source: str = ""  # the run it came from (its folder name), for the record
+
+
+def _digest(arrays: dict[str, Arrays]) -> str:
+    h = hashlib.sha256()
+    for stage in STAGES:
+        for k in sorted(arrays[stage]):
+            v = np.ascontiguousarray(arrays[stage][k])
+            h.update(f"{stage}.{k}|{v.dtype}|{v.shape}".encode())
+            h.update(v.tobytes())
+    return h.hexdigest()
+
+
+def write_model(
+    path: Path, arrays: dict[str, Arrays], backbone: str, preprocess: PreprocessConfig, encoder: dict[str, Any], cutoffs: dict[str, Any],
+    bins: int, source: str = "",
+) -> Path:  # fmt: skip
+    """Write the model file atomically; returns its path."""
+    from tace.common.cli import version_string
+    from tace.common.clinical import FEATURES
+    from tace.common.models import model_signature
+
+    card = {
+        "format": FORMAT, "tace_fl_version": version_string(), "backbone": backbone,
+        "model_signature": model_signature((backbone,), len(preprocess.sequences), len(FEATURES)),
+        "preprocessing": {**preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
+        "clinical_encoder": encoder, "cutoffs": cutoffs, "score_bins": int(bins), "weights_sha256": _digest(arrays), "source_run": source,
+        "outputs": "probability of objective response (mRECIST CR/PR) from DLTRMLP, DLTR and the clinical model",
+    }  # fmt: skip
+    buffer = io.BytesIO()
+    flat: dict[str, Any] = {f"{stage}.{k}": np.asarray(v) for stage in STAGES for k, v in arrays[stage].items()}
+    np.savez(buffer, **flat)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("model.json", json.dumps(card, indent=2))
+        z.writestr("weights.npz", buffer.getvalue())
+    tmp.replace(path)
+    return path
+
+
+def locate(path: Path | str) -> Path:
+    """The model file named by `path`: the file itself, or a run folder's ``models/tace-model.zip``."""
+    path = Path(path)
+    if path.is_dir():
+        candidate = path / "models" / FILENAME
+        if candidate.is_file():
+            return candidate
+        raise TaceError(f"{path} holds no exported model ({candidate.relative_to(path)} is missing)",
+                        "give the model file (tace-model.zip) of a finished run, or the folder of a run that finished")  # fmt: skip
+    if not path.is_file():
+        raise TaceError(f"model file {path} does not exist", "give the tace-model.zip a finished run wrote (RUN/models/tace-model.zip)")
+    return path
+
+
+def read_model(path: Path | str) -> ModelArtefact:
+    """Read and check a model file (or a run folder's); raises `TaceError` saying what is wrong and what to do."""
+    from tace.common.cli import version_string
+    from tace.common.clinical import FEATURES
+    from tace.common.models import BACKBONES, model_signature
+
+    path = locate(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            card = json.loads(z.read("model.json").decode("utf-8"))
+            with np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz:
+                flat = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, UnicodeDecodeError):
+        raise TaceError(f"{path} is not a TACE-FL model file, or it is damaged",
+                        "copy the tace-model.zip of the run again (compare its size with the coordinator's)") from None  # fmt: skip
+    made_by = card.get("tace_fl_version", "unknown")
+    if card.get("format") != FORMAT:
+        raise TaceError(f"{path} has model format {card.get('format')!r}, which TACE-FL {version_string()} cannot read "
+                        f"(it reads {FORMAT}); it was made by TACE-FL {made_by}", f"install TACE-FL {made_by} to use it")  # fmt: skip
+    arrays: dict[str, Arrays] = {s: {} for s in STAGES}
+    for key, value in flat.items():
+        stage, _, name = key.partition(".")
+        if stage not in arrays:
+            raise TaceError(f"{path} holds an unexpected weight {key!r}", "the file was modified; copy the run's model file again")
+        arrays[stage][name] = value
+    if _digest(arrays) != card.get("weights_sha256"):
+        raise TaceError(
+            f"{path}: the weights do not match the digest recorded with them", "the file was damaged or modified; copy it again"
+        )
+    pre = dict(card.get("preprocessing", {}))
+    pipeline = pre.pop("pipeline_version", None)
+    backbone = str(card.get("backbone", ""))
+    if pipeline != PIPELINE_VERSION or list(card.get("clinical_features", [])) != list(FEATURES) or backbone not in BACKBONES:
+        raise TaceError(f"{path} was made by TACE-FL {made_by}, whose preprocessing or clinical factors differ from this "
+                        f"version's ({version_string()}): its predictions could not be reproduced", f"install TACE-FL {made_by} to use it")  # fmt: skip
+    preprocess = PreprocessConfig.from_mapping(pre)
+    ours = model_signature((backbone,), len(preprocess.sequences), len(FEATURES))
+    if card.get("model_signature") != ours:
+        raise TaceError(f"{path} was made by TACE-FL {made_by}, whose {backbone} model differs from this version's "
+                        f"({version_string()}; signature {card.get('model_signature')} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
+    return ModelArtefact(arrays, backbone, preprocess, dict(card["clinical_encoder"]), dict(card.get("cutoffs", {})),
+                         int(card.get("score_bins", 100_000)), str(made_by), ours, str(card.get("source_run", "")))  # fmt: skip
