@@ -26,7 +26,7 @@ from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import ManifestError, TaceError
 from tace.common.models import StudyModels, model_signature, state_dict_numpy
-from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
+from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_FINETUNE, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
 
 log = logging.getLogger("tace.client")
 
@@ -183,7 +183,32 @@ def query(msg: Message, context: Context) -> Message:
             ),
             reply_to=msg,
         )
+    if kind == QUERY_FINETUNE:
+        return _finetune(msg, context)
     raise TaceError(f"unknown query {kind!r}")
+
+
+def _finetune(msg: Message, context: Context) -> Message:
+    """Fine-tune the final models on this site's training split; reply with the global and fine-tuned validation
+    AUCs (aggregates). The fine-tuned model stays in the site's output folder (finetuned/tace-model.zip)."""
+    from tace.client.finetune import finetune
+    from tace.common.artifact import FILENAME, TRAINING_KEYS, write_model
+
+    task, run, config = _site(msg, context)
+    models = _models(run, config, msg)
+    encoder = _encoder(config)
+    assert encoder is not None
+    backbone = str(config["backbone"])
+    result = finetune(task, models, encoder, backbone, str(config["mode"]), int(config.get("epochs", 0)), 0.0, int(config.get("seed", 0)))
+    assert result.models is not None
+    training = {k: v for k, v in run.to_run_config().items() if k in TRAINING_KEYS}
+    write_model(task.site.output_dir / "finetuned" / FILENAME, result.models.arrays(), backbone, run.preprocess, encoder.to_dict(),
+                json.loads(str(config.get("cutoffs", "") or "{}")), int(config.get("bins", run.analysis_bins)),
+                source=f"fine-tuned ({result.mode}) at {task.site.site_id}", training=training)  # fmt: skip
+    metrics: dict[str, int | float | list[int] | list[float]] = {"global-auc": -1.0 if result.global_auc is None else result.global_auc,
+               "finetuned-auc": -1.0 if result.finetuned_auc is None else result.finetuned_auc,
+               "n-train": result.n_train, "n-val": result.n_val, "epochs": result.epochs, "seconds": result.seconds}  # fmt: skip
+    return Message(RecordDict({METRICS: MetricRecord(metrics), SITE: ConfigRecord({"site-id": task.site.site_id})}), reply_to=msg)
 
 
 @app.train()

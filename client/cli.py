@@ -60,6 +60,47 @@ def build_parser() -> argparse.ArgumentParser:
     feat.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
     feat.set_defaults(func=cmd_features)
 
+    pred = sub.add_parser(
+        "predict",
+        help="predict new patients with a finished study's model: probabilities, groups, saliency maps, one card each",
+        description="Apply a finished study's exported model (MODEL: its tace-model.zip, or the run folder) to the "
+        "patients of a manifest (the response column may be empty or absent). Validates the manifest and every image "
+        "first, as `tace-client check`. Writes OUT/predictions.csv (DLTRMLP, DLTR and clinical-model probabilities of "
+        "objective response, the predicted group at the cut-off fixed on the training sites, the PFS risk group, the "
+        "share of the saliency map in and around the tumour), one HTML card per patient in OUT/cards/ (the numbers, "
+        "and a saliency map over axial, coronal and sagittal slices through the tumour for every phase) and "
+        "OUT/index.html. Everything stays at the site.",
+    )
+    pred.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
+    pred.add_argument("--manifest", type=Path, required=True, help="the new patients' manifest CSV (docs/manifest.md)")
+    pred.add_argument("--out", type=Path, required=True, help="output folder")
+    pred.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
+    pred.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    pred.add_argument("--no-saliency", action="store_true", help="skip the saliency maps and the cards (faster)")
+    pred.add_argument("--no-cards", action="store_true", help="compute the saliency share but write no HTML cards")
+    pred.add_argument("--saliency", choices=("gradient", "gradcam"), default="gradient",
+                      help="saliency method: input gradient per phase, or Grad-CAM at the backbone's last stage (default %(default)s)")  # fmt: skip
+    pred.set_defaults(func=cmd_predict)
+
+    tune = sub.add_parser(
+        "finetune",
+        help="adapt a study's model to this site's own data and compare it with the global model",
+        description="Fine-tune a finished study's exported model on this site's training split (the fusion head; with "
+        "--last-stage also the last stage of the DLTR backbone) and evaluate the global and the fine-tuned model on "
+        "its validation split: AUC side by side. Writes OUT/finetune.json and the fine-tuned model "
+        "OUT/tace-model-finetuned.zip (usable with `tace-client predict`). Nothing leaves the site.",
+    )
+    tune.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
+    tune.add_argument("--manifest", type=Path, required=True, help="the site's manifest, with train and val splits and responses")
+    tune.add_argument("--out", type=Path, required=True, help="output folder")
+    tune.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
+    tune.add_argument("--last-stage", action="store_true", help="also adapt the last stage of the DLTR backbone (slower)")
+    tune.add_argument("--epochs", type=int, help="passes over the training split (default: 20 for the head, 5 with --last-stage)")
+    tune.add_argument("--lr", type=float, help="learning rate (default: the study's head-lr, or its lr with --last-stage)")
+    tune.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    tune.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    tune.set_defaults(func=cmd_finetune)
+
     keygen = sub.add_parser(
         "keygen",
         help="create the site's key pair for joining a study (send the .pub file to the coordinator)",
@@ -187,6 +228,55 @@ def cmd_features(args: argparse.Namespace) -> int:
     path = write_features(table, args.out)
     n_feat = sum(c.startswith("feature_") for c in table.columns)
     print(f"wrote {path}: {len(table)} patients, 3 model scores and {n_feat} deep features, in {time.perf_counter() - start:.1f} s")
+    return EXIT_OK
+
+
+def _check_or_report(manifest: Path, what: str) -> bool:
+    report = check_site(manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
+    if not report.ok:
+        print_report(report)
+        print(f"{what}: fix the problems above first.", file=sys.stderr)
+    return report.ok
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tace.client.features import TrainedModels
+    from tace.client.predict import predict
+
+    trained = TrainedModels.load(args.model)  # an incompatible or damaged model fails before the images are read
+    if not _check_or_report(args.manifest, "No prediction was made"):
+        return EXIT_PROBLEMS
+    result = predict(trained, args.manifest, args.out, args.cache or args.out / "cache", device=args.device, saliency=not args.no_saliency,
+                     cards=not (args.no_saliency or args.no_cards), validate=False, progress=progress, method=args.saliency)  # fmt: skip
+    table = result.table
+    groups = table["predicted_group"].value_counts().to_dict()
+    print(f"predicted {len(table)} patients in {result.seconds['total']:.1f} s ({result.patients_per_second:.2f} patients/s): "
+          + ", ".join(f"{n} {g}" for g, n in sorted(groups.items())))  # fmt: skip
+    if "saliency_in_tumour" in table:
+        print(f"saliency in and around the tumour: median {table['saliency_in_tumour'].median():.2f} of each map "
+              f"(the region is a median {table['saliency_chance'].median():.2f} of the box)")  # fmt: skip
+    print(
+        f"wrote {result.csv}"
+        + (f", {len(result.cards)} cards in {args.out / 'cards'} (open {args.out / 'index.html'})" if result.cards else "")
+    )
+    return EXIT_OK
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from tace.client.features import TrainedModels
+    from tace.client.finetune import finetune_site
+
+    trained = TrainedModels.load(args.model)
+    if not _check_or_report(args.manifest, "Nothing was fine-tuned"):
+        return EXIT_PROBLEMS
+    result = finetune_site(trained, args.manifest, args.out, args.cache or args.out / "cache", last_stage=args.last_stage,
+                           epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device)  # fmt: skip
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    print(f"fine-tuned {result.mode} for {result.epochs} epochs on {result.n_train} training patients in {result.seconds:.1f} s")
+    print(
+        f"validation split ({result.n_val} patients): DLTRMLP AUC global {fmt(result.global_auc)}, fine-tuned {fmt(result.finetuned_auc)}"
+    )
+    print(f"wrote {args.out / 'finetune.json'} and {args.out / 'tace-model-finetuned.zip'}")
     return EXIT_OK
 
 

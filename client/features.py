@@ -7,8 +7,7 @@ folder the user names. Nothing here needs a response label.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,59 +17,50 @@ import torch
 
 from tace.client.cache import PreprocessCache
 from tace.client.data import SiteDataset
+from tace.common.artifact import FILENAME, locate, read_model
 from tace.common.clinical import FEATURES, ClinicalEncoder
-from tace.common.config import RunConfig
 from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import parse_manifest
 from tace.common.models import StudyModels
+from tace.common.preprocess import PreprocessConfig
 from tace.common.training import predict_images, predict_tabular, select_device
 from tace.common.validate import check_site
 
 
 @dataclass
 class TrainedModels:
-    """The final models of a run folder with everything needed to apply them: preprocessing and clinical encoding."""
+    """A finished run's models with everything needed to apply them: preprocessing, clinical standardisation and
+    the cut-offs fixed on the training sites (read from the run's exported model file, `tace.common.artifact`)."""
 
     models: StudyModels
     encoder: ClinicalEncoder
-    run: RunConfig
+    preprocess: PreprocessConfig
     path: Path
+    cutoffs: dict[str, Any] = field(default_factory=dict)
+    bins: int = 100_000
+    backbone: str = "small"
+    version: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path | str) -> TrainedModels:
+        """From a model file (tace-model.zip) or a finished run folder; an incompatible file is a clear error."""
+        art = read_model(path)
+        models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
+        models.load(art.arrays)
+        return cls(
+            models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone, art.version
+        )
 
     @classmethod
     def from_run(cls, run_dir: Path | str) -> TrainedModels:
         run_dir = Path(run_dir)
-        card_path = run_dir / "models" / "model.json"
-        config_path = run_dir / "run_config.json"
-        for p in (card_path, config_path):
-            if not p.is_file():
-                raise TaceError(
-                    f"{p} not found: {run_dir} is not a finished run folder",
-                    "give the folder a finished `tace-sim run`/`tace-server` run wrote",
-                )
-        try:
-            card = json.loads(card_path.read_text(encoding="utf-8"))
-            mapping = json.loads(config_path.read_text(encoding="utf-8"))["run_config"]
-        except (json.JSONDecodeError, KeyError) as exc:
+        if not run_dir.is_dir() or not (run_dir / "models" / FILENAME).is_file():
             raise TaceError(
-                f"{run_dir}: model card or run config is damaged ({exc})", "rerun the study or restore the run folder"
-            ) from None
-        if list(card.get("clinical_features", [])) != list(FEATURES):
-            raise TaceError(
-                f"{card_path}: the run's clinical features differ from this TACE-FL version's",
-                "use the TACE-FL version that trained the run",
-            )  # fmt: skip
-        run = RunConfig.from_run_config(mapping)
-        models = StudyModels.build(card["backbone"], int(card["in_channels"]), len(FEATURES))
-        for stage in ("dltr", "head", "clinical"):
-            path = run_dir / "models" / f"{stage}.pt"
-            try:
-                state = torch.load(path, map_location="cpu", weights_only=True)
-                models.module(stage).load_state_dict(state, strict=True)
-            except (OSError, RuntimeError) as exc:
-                raise TaceError(
-                    f"{path}: cannot load the {stage} weights ({type(exc).__name__})", "rerun the study or restore the run folder"
-                ) from None
-        return cls(models, ClinicalEncoder.from_dict(card["clinical_encoder"]), run, run_dir)
+                f"{run_dir / 'models' / FILENAME} not found: {run_dir} is not a finished run folder",
+                "give the folder a finished `tace-sim run`/`tace-server` run wrote",
+            )
+        return cls.load(run_dir)
 
     def extract(
         self, manifest: Path | str, cache_dir: Path | str, device: str = "auto", batch_size: int = 16, validate: bool = True
@@ -94,9 +84,9 @@ class TrainedModels:
         if not records:
             raise TaceError(f"{manifest} lists no patients", "add the cohort's patients to the manifest")
         dev = select_device(device)
-        cache = PreprocessCache(cache_dir, self.run.preprocess)
+        cache = PreprocessCache(cache_dir, self.preprocess)
         dataset = SiteDataset(records, parsed.root, cache)
-        probs, feats = predict_images(self.models.dltr, _Progress(dataset), batch_size=batch_size, device=dev, amp=self.run.amp)
+        probs, feats = predict_images(self.models.dltr, _Progress(dataset), batch_size=batch_size, device=dev)
         clinical = torch.from_numpy(self.encoder.encode(records))
         table: dict[str, Any] = {
             "patient_id": [r.patient_id for r in records],

@@ -14,7 +14,7 @@ import hashlib
 import io
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ from tace.common.preprocess import PIPELINE_VERSION, PreprocessConfig
 FORMAT = "tace-model/1"
 FILENAME = "tace-model.zip"
 STAGES = ("dltr", "head", "clinical")
+#: Run-config keys a model file carries for local fine-tuning at a hospital (nothing about any patient).
+TRAINING_KEYS = ("lr", "head-lr", "weight-decay", "batch-size", "augment", "amp", "seed")
 Arrays = dict[str, np.ndarray]
 
 
@@ -48,6 +50,7 @@ class ModelArtefact:
     version: str
     signature: str
     source: str = ""  # the run it came from (its folder name), for the record
+    training: dict[str, Any] = field(default_factory=dict)  # run-config keys local fine-tuning starts from (lr, head-lr, ...)
 
 
 def _digest(arrays: dict[str, Arrays]) -> str:
@@ -62,7 +65,7 @@ def _digest(arrays: dict[str, Arrays]) -> str:
 
 def write_model(
     path: Path, arrays: dict[str, Arrays], backbone: str, preprocess: PreprocessConfig, encoder: dict[str, Any], cutoffs: dict[str, Any],
-    bins: int, source: str = "",
+    bins: int, source: str = "", training: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
     """Write the model file atomically; returns its path."""
     from tace.common.cli import version_string
@@ -74,6 +77,7 @@ def write_model(
         "model_signature": model_signature((backbone,), len(preprocess.sequences), len(FEATURES)),
         "preprocessing": {**preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
         "clinical_encoder": encoder, "cutoffs": cutoffs, "score_bins": int(bins), "weights_sha256": _digest(arrays), "source_run": source,
+        "training": training or {},
         "outputs": "probability of objective response (mRECIST CR/PR) from DLTRMLP, DLTR and the clinical model",
     }  # fmt: skip
     buffer = io.BytesIO()
@@ -143,4 +147,5 @@ def read_model(path: Path | str) -> ModelArtefact:
         raise TaceError(f"{path} was made by TACE-FL {made_by}, whose {backbone} model differs from this version's "
                         f"({version_string()}; signature {card.get('model_signature')} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
     return ModelArtefact(arrays, backbone, preprocess, dict(card["clinical_encoder"]), dict(card.get("cutoffs", {})),
-                         int(card.get("score_bins", 100_000)), str(made_by), ours, str(card.get("source_run", "")))  # fmt: skip
+                         int(card.get("score_bins", 100_000)), str(made_by), ours, str(card.get("source_run", "")),
+                         dict(card.get("training", {})))  # fmt: skip

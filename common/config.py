@@ -22,6 +22,8 @@ LAYOUTS = ("holdout", "loco")
 #: Differential privacy: per-patient DP-SGD at every site (Opacus), or per-site (client-level) DP through Flower's
 #: strategy wrappers with the update clipped to a fixed or an adaptive norm.
 DP_MODES = ("sample", "client-fixed", "client-adaptive")
+#: Local fine-tuning at every training site after federation: off, the fusion head, or the head and the backbone's last stage.
+FINETUNE_MODES = ("", "head", "last-stage")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -80,6 +82,8 @@ class RunConfig:
     dp_clipping_norm: float = 0.1
     dp_secure_rng: bool = False
     secagg: bool = False
+    finetune: str = ""
+    finetune_epochs: int = 0
     cohort: str = ""
     run_dir: str = ""
 
@@ -114,6 +118,11 @@ class RunConfig:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         self._check_privacy()
+        if self.finetune not in FINETUNE_MODES:
+            raise ConfigError(f"finetune must be one of {', '.join(repr(m) for m in FINETUNE_MODES)}, not {self.finetune!r}",
+                              "'' (off), 'head' (the fusion head) or 'last-stage' (the head and the backbone's last stage)")  # fmt: skip
+        if self.finetune_epochs < 0:
+            raise ConfigError("finetune-epochs must not be negative (0: 20 for the head, 5 with the last stage)")
         _ = self.preprocess  # validates the preprocessing keys
 
     def _check_privacy(self) -> None:

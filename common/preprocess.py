@@ -222,3 +222,12 @@ def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfi
     except ImageReadError as exc:
         exc.column, exc.file = exc.column or "mask_path", exc.file or record.mask
         raise
+
+
+def box_mask(record: PatientRecord, root: Path, config: PreprocessConfig) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The tumour mask on the patient's network-input box: uint8 ``(D, H, W)`` (nearest neighbour), and the box's
+    voxel spacing (x, y, z) in mm (larger than the configured one when a large tumour was rescaled)."""
+    mask = _read_located(record.mask_path(root), "mask_path", record.mask)
+    grid, _ = box_grid(*tumour_bounds(mask), config)
+    resampled = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    return sitk.GetArrayFromImage(resampled), tuple(float(s) for s in grid.GetSpacing())  # type: ignore[return-value]

@@ -112,6 +112,40 @@ def calibrate_noise(
     return high
 
 
+def conv3d_grad_sample(layer: nn.Conv3d, activations: list[torch.Tensor], backprops: torch.Tensor) -> dict[Any, torch.Tensor]:
+    """Per-sample gradients of a 3D convolution as one grouped convolution over the batch (each sample its own
+    group), instead of Opacus' unfold of every 3x3x3 neighbourhood, which dominates DP-SGD's cost on 3D CNNs.
+
+    Registered for `nn.Conv3d` with Opacus by `use_fast_conv3d`; tests compare it with Opacus' own sampler.
+    """
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    x = activations[0].to(backprops.dtype)
+    n = x.shape[0]
+    if n == 0 or isinstance(layer.padding, str):
+        return dict(compute_conv_grad_sample(layer, activations, backprops))
+    out: dict[Any, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        cin, cout, groups = layer.in_channels, layer.out_channels, layer.groups
+        from torch.nn.grad import conv3d_weight
+
+        grad = conv3d_weight(
+            x.reshape(1, n * cin, *x.shape[2:]), (n * cout, cin // groups, *layer.kernel_size), backprops.reshape(1, n * cout, *backprops.shape[2:]),
+            stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=n * groups,
+        )  # fmt: skip
+        out[layer.weight] = grad.view(n, *layer.weight.shape)
+    if layer.bias is not None and layer.bias.requires_grad:
+        out[layer.bias] = backprops.sum(dim=(2, 3, 4))
+    return out
+
+
+def use_fast_conv3d() -> None:
+    """Make Opacus compute 3D convolutions' per-sample gradients with `conv3d_grad_sample` (idempotent)."""
+    from opacus import GradSampleModule
+
+    GradSampleModule.GRAD_SAMPLERS[nn.Conv3d] = conv3d_grad_sample
+
+
 def poisson_loader(dataset: Dataset[Any], rate: float, steps: int, generator: torch.Generator) -> DataLoader[Any]:
     """`steps` batches, each holding every item independently with probability `rate`; an empty batch is None."""
     from opacus.utils.uniform_sampler import UniformWithReplacementSampler
@@ -150,6 +184,7 @@ def dp_fit(
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
 
+    use_fast_conv3d()
     n = len(dataset)  # type: ignore[arg-type]
     steps = round(1 / dp.sample_rate)
     torch.manual_seed(settings.seed)  # dropout and augmentation: the run's seed

@@ -16,6 +16,7 @@ MODELS = ("clinical", "dltr", "dltrmlp")
 # Query kinds (ConfigRecord "query").
 QUERY_INFO = "info"
 QUERY_STATS = "stats"
+QUERY_FINETUNE = "finetune"
 
 # Record names inside a message's RecordDict.
 ARRAYS = "arrays"

@@ -24,10 +24,10 @@ from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, model_signature
-from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
+from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_FINETUNE, QUERY_INFO, QUERY_STATS, SITE, pack, unflatten_evaluation
 from tace.server.privacy import PrivacyLedger, planned_rounds
 from tace.server.rundir import RunDir
-from tace.server.workflow import Arrays, Evaluation, SiteInfo, TrainReply, TrainRound, run_layouts
+from tace.server.workflow import Arrays, Evaluation, Finetune, SiteInfo, TrainReply, TrainRound, run_layouts
 
 log = logging.getLogger("tace.server")
 app = ServerApp()
@@ -416,6 +416,35 @@ class FlowerFederation:
                 res["summary"] = _summary(reply, self.nodes[node])
             out[self.nodes[node]] = res
         return out
+
+    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+        nodes = self._nodes("train")
+        content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in ("dltr", "head", "clinical")}))})
+        q = request
+        extra = {"query": QUERY_FINETUNE, "mode": q.mode, "epochs": q.epochs, "backbone": q.backbone, "seed": q.seed,
+                 "cutoffs": json.dumps(q.cutoffs), "bins": self.run.analysis_bins}  # fmt: skip
+        replies, errors = self._send(nodes, "query", content, {n: self._config(n, extra, encoder) for n in nodes})
+        out: dict[str, dict[str, Any]] = {self.nodes[n]: {"error": why} for n, why in errors.items()}
+        for node, reply in replies.items():
+            try:
+                out[self.nodes[node]] = _finetune_entry(reply)
+            except (KeyError, TypeError, ValueError) as exc:
+                out[self.nodes[node]] = {"error": f"malformed reply ({type(exc).__name__})"}
+        return dict(sorted(out.items()))
+
+
+def _finetune_entry(reply: Message) -> dict[str, Any]:
+    """A site's fine-tuning figures (an AUC of -1 means undefined: a single-class validation split)."""
+    m = dict(reply.content.metric_records[METRICS])
+
+    def number(key: str) -> float:
+        return float(cast(float, m[key]))
+
+    aucs = {
+        name: (None if number(key) < 0 else number(key)) for name, key in (("global_auc", "global-auc"), ("finetuned_auc", "finetuned-auc"))
+    }
+    return {**aucs, "n_train": int(number("n-train")), "n_val": int(number("n-val")), "epochs": int(number("epochs")),
+            "seconds": round(number("seconds"), 2)}  # fmt: skip
 
 
 def _summary(reply: Message, site: str) -> Any:

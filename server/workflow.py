@@ -70,6 +70,18 @@ class Evaluation:
     cutoffs: dict[str, Any] | None = None
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """What fine-tuning asks of the training sites: the mode ('head' or 'last-stage'), epochs (0: the default),
+    the backbone, and the cut-offs the fine-tuned model keeps (the global model's)."""
+
+    mode: str
+    epochs: int
+    backbone: str
+    seed: int
+    cutoffs: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass
 class SiteInfo:
     site_id: str
@@ -108,6 +120,11 @@ class Federation(Protocol):
 
     def set_roles(self, holdout: tuple[str, ...]) -> None: ...
 
+    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+        """Local fine-tuning at every training site (`tace.client.finetune`): per site the global and the fine-tuned
+        DLTRMLP AUC on its validation split, its counts, or ``{"error": why}``."""
+        ...
+
 
 @dataclass
 class StudyResult:
@@ -119,6 +136,7 @@ class StudyResult:
     backbone: str = ""
     backbone_comparison: dict[str, float | None] = field(default_factory=dict)
     cutoffs: dict[str, Any] = field(default_factory=dict)
+    finetune: dict[str, Any] = field(default_factory=dict)
 
 
 def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train") -> float | None:
@@ -404,8 +422,31 @@ def run_study(
     t = time.perf_counter()
     evaluation, cutoffs = final_evaluation(federation, run, rundir, arrays, encoder, roles, chosen, tag)
     timings["evaluation_s"] = time.perf_counter() - t
+    tuned: dict[str, Any] = {}
+    if run.finetune:
+        t = time.perf_counter()
+        tuned = finetune_sites(federation, run, rundir, arrays, encoder, chosen, cutoffs)
+        timings["finetune_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
-    return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison, cutoffs)
+    return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison, cutoffs, tuned)
+
+
+def finetune_sites(
+    federation: Federation, run: RunConfig, rundir: RunDir, arrays: dict[str, Arrays], encoder: ClinicalEncoder, backbone: str,
+    cutoffs: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Personalisation after federation: each training site fine-tunes the final model on its own training split and
+    reports the global and the fine-tuned DLTRMLP AUC on its validation split (the fine-tuned model stays there)."""
+    if run.dp:
+        note = ("not run: with differential privacy on, a fine-tuned model's validation AUC would be a release about the "
+                "training patients outside the privacy account; fine-tune at the site with `tace-client finetune`")  # fmt: skip
+        return {"mode": run.finetune, "note": note, "sites": {}}
+    sites = federation.finetune(arrays, encoder, Finetune(run.finetune, run.finetune_epochs, backbone, run.seed, cutoffs))
+    for site, entry in sorted(sites.items()):
+        if "error" in entry:
+            rundir.record_event("finetune-failed", "finetune", 0, site, str(entry["error"]))
+    rundir.write_json("finetune.json", {"mode": run.finetune, "sites": sites})
+    return {"mode": run.finetune, "sites": sites}
 
 
 def final_evaluation(
@@ -509,7 +550,7 @@ def summarise(results: list[StudyResult], mode: str, layout: str) -> dict[str, A
     for res in results:
         for k, v in res.timings.items():
             timings[k] = round(timings.get(k, 0.0) + v, 3)
-    return {
+    out = {
         "mode": mode,
         "layout": layout,
         "backbone": results[0].backbone,
@@ -518,6 +559,10 @@ def summarise(results: list[StudyResult], mode: str, layout: str) -> dict[str, A
         "timings": timings,
         "folds": [{"holdout": [s for s, r in res.roles.items() if r == "holdout"], "backbone": res.backbone} for res in results],
     }
+    if results[0].finetune:
+        folds = {",".join(s for s, role in r.roles.items() if role == "holdout"): r.finetune for r in results}
+        out["finetune"] = results[0].finetune if layout != "loco" else {"folds": folds}
+    return out
 
 
 def run_layouts(
@@ -561,8 +606,9 @@ def run_layouts(
 
 def save_models(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
     """The final models in the run folder, and the exported model file hospitals predict with (models/tace-model.zip)."""
-    from tace.common.artifact import FILENAME, write_model
+    from tace.common.artifact import FILENAME, TRAINING_KEYS, write_model
 
     rundir.save_models(result.arrays, result.backbone, len(run.preprocess.sequences), run.preprocess.shape, result.encoder.to_dict())
+    training = {k: v for k, v in run.to_run_config().items() if k in TRAINING_KEYS}
     write_model(rundir.path / "models" / FILENAME, result.arrays, result.backbone, run.preprocess, result.encoder.to_dict(), result.cutoffs,
-                run.analysis_bins, source=rundir.path.name)  # fmt: skip
+                run.analysis_bins, source=rundir.path.name, training=training)  # fmt: skip

@@ -183,6 +183,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (run_dir / "summary.json").write_text(json.dumps(study, indent=2))
     print()
     print(results_table(study))
+    if finetune_table(study):
+        print(finetune_table(study))
     analysis_s = analyse(run_dir)
     analysis_s += radiogenomics(run_dir, out)
     from tace.analysis.report import write_report
@@ -332,6 +334,23 @@ def results_table(summary: dict[str, object]) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 
 
+def finetune_table(summary: dict[str, object]) -> str:
+    """Global vs locally fine-tuned DLTRMLP AUC per training site (run-config finetune), as text; '' when not run."""
+    tuned = summary.get("finetune")
+    if not isinstance(tuned, dict) or "sites" not in tuned:
+        return ""
+    if not tuned["sites"]:
+        return f"local fine-tuning: {tuned.get('note', 'no training site reported')}"
+    f = lambda v: "n/a" if v is None else f"{float(v):.3f}"  # noqa: E731
+    rows = [
+        (s, str(e.get("n_val", "")), f(e.get("global_auc")), f(e.get("finetuned_auc")), str(e.get("error", "")))
+        for s, e in tuned["sites"].items()
+    ]
+    return f"local fine-tuning ({tuned['mode']}), DLTRMLP AUC on each training site's validation split:\n" + _columns(
+        ("site", "n val", "global", "fine-tuned", "error"), rows, indent="  "
+    )
+
+
 def _round_printer() -> Callable[[str], None]:
     def show(line: str) -> None:
         if line.startswith("TACE-ROUND"):
@@ -372,6 +391,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print()
     print(results_table(summary))
+    if finetune_table(summary):
+        print(finetune_table(summary))
     print(f"\nrun folder: {args.out} (summary.json, metrics.csv, models/, run.log); wall time {summary['timings'].get('wall_s', 0):.0f} s")
     print(f"analyse it with: tace-analysis validate {args.out} && tace-analysis survival {args.out} && tace-analysis report {args.out}")
     return EXIT_OK

@@ -19,7 +19,7 @@ from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, state_dict_numpy
 from tace.common.training import TrainResult, train_image_model, train_tabular_model
-from tace.server.workflow import Arrays, Evaluation, SiteInfo, TrainReply, TrainRound
+from tace.server.workflow import Arrays, Evaluation, Finetune, SiteInfo, TrainReply, TrainRound
 
 
 def train_pooled(
@@ -119,4 +119,16 @@ class InProcessFederation:
             res = task.evaluate(study_models, encoder, q.models, write_predictions=q.final, tag=q.tag, summary=q.final, cutoffs=q.cutoffs)
             res["role"] = task.role
             out[site] = res
+        return out
+
+    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+        from tace.client.finetune import finetune
+
+        out: dict[str, dict[str, Any]] = {}
+        for site, task in sorted(self.tasks.items()):
+            if task.role == "train":
+                r = finetune(
+                    task, self._models(arrays, request.backbone), encoder, request.backbone, request.mode, request.epochs, 0.0, request.seed
+                )
+                out[site] = {k: v for k, v in r.to_dict().items() if k not in ("site", "mode", "lr")}
         return out

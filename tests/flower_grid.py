@@ -105,3 +105,27 @@ class FaultyGrid(InProcessGrid):
             arrays = {k: (sent[k] + 1000.0 * (v - sent[k])).astype(v.dtype) for k, v in arrays.items()}
         reply.content.array_records[ARRAYS] = ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
         return reply
+
+
+def study(grid: InProcessGrid, run: RunConfig) -> dict:
+    """The ServerApp's study (as `tace.server.app.main` runs it, privacy ledger included) on an in-process grid."""
+    from pathlib import Path
+
+    from tace.common.clinical import FEATURES
+    from tace.common.models import StudyModels
+    from tace.server.app import FlowerFederation
+    from tace.server.privacy import PrivacyLedger
+    from tace.server.rundir import RunDir
+    from tace.server.workflow import run_layouts
+
+    out = Path(run.run_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ledger = PrivacyLedger(out / "privacy_ledger.json", run) if run.dp else None
+    federation = FlowerFederation(grid, run, expected_sites=len(grid.nodes), wait_s=1, ledger=ledger)
+    rundir = RunDir(out, run.to_run_config(), "federated")
+    federation.on_event = rundir.record_event
+    try:
+        return run_layouts(federation, run, rundir, lambda b: StudyModels.build(b or run.backbone, 3, len(FEATURES), seed=run.seed).arrays(),
+                           "federated")  # fmt: skip
+    finally:
+        rundir.close()

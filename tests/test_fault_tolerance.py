@@ -11,14 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
-from tace.common.models import StudyModels
 from tace.server.app import FlowerFederation
-from tace.server.rundir import RunDir
-from tace.server.workflow import TrainReply, run_layouts, screen_updates
-from tests.flower_grid import Crash, FaultyGrid, task_identity  # noqa: F401 (an autouse fixture)
+from tace.server.workflow import TrainReply, screen_updates
+from tests.flower_grid import Crash, FaultyGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights
 
 SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0"
@@ -27,17 +24,6 @@ SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 def config(cohort: Path, out: Path, extra: str = "") -> RunConfig:
     return RunConfig.from_run_config({**parse_overrides(SHORT + " " + extra), "cohort": str(cohort), "run-dir": str(out)})
-
-
-def study(grid: FaultyGrid, run: RunConfig) -> dict:
-    federation = FlowerFederation(grid, run, expected_sites=len(grid.nodes), wait_s=1)
-    rundir = RunDir(Path(run.run_dir), run.to_run_config(), "federated")
-    federation.on_event = rundir.record_event
-    try:
-        initial = lambda b: StudyModels.build(b or run.backbone, 3, len(FEATURES), seed=run.seed).arrays()  # noqa: E731
-        return run_layouts(federation, run, rundir, initial, "federated")
-    finally:
-        rundir.close()
 
 
 def metric_rows(run_dir: Path) -> list[dict]:

@@ -22,10 +22,9 @@ from tace.common.models import DLTR, StudyModels
 from tace.common.privacy import ORDERS, DPSettings, calibrate_noise, dp_fit, epsilon
 from tace.common.training import TrainSettings, train_image_model
 from tace.server.app import FlowerFederation
-from tace.server.privacy import CENTRAL, PrivacyLedger
-from tace.server.rundir import RunDir
-from tace.server.workflow import TrainRound, run_layouts, screen_updates
-from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, task_identity  # noqa: F401 (an autouse fixture)
+from tace.server.privacy import CENTRAL
+from tace.server.workflow import TrainRound, screen_updates
+from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights
 
 # One local epoch per stage: with the tiny sites (<= 8 training patients) every call is one full-batch DP step.
@@ -36,20 +35,6 @@ SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 def config(cohort: Path, out: Path, extra: str = "") -> RunConfig:
     return RunConfig.from_run_config({**parse_overrides(SHORT + " " + extra), "cohort": str(cohort), "run-dir": str(out)})
-
-
-def study(grid: InProcessGrid, run: RunConfig) -> dict:
-    """The ServerApp's study (as `tace.server.app.main` runs it) on an in-process grid."""
-    out = Path(run.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ledger = PrivacyLedger(out / "privacy_ledger.json", run) if run.dp else None
-    federation = FlowerFederation(grid, run, expected_sites=len(grid.nodes), wait_s=1, ledger=ledger)
-    rundir = RunDir(out, run.to_run_config(), "federated")
-    federation.on_event = rundir.record_event
-    try:
-        return run_layouts(federation, run, rundir, lambda b: StudyModels.build(b or run.backbone, 3, len(FEATURES)).arrays(), "federated")
-    finally:
-        rundir.close()
 
 
 def reference_epsilon(history: list[tuple[float, float, int]], delta: float) -> float:
@@ -93,6 +78,27 @@ def test_calibrated_noise_spends_the_budget_and_no_more():
     assert spend(sigma) <= 3.0 < spend(sigma / 1.01)
     with pytest.raises(ConfigError, match="raise dp-target-epsilon"):
         calibrate_noise(plan, 1e-4, 1e-3)
+
+
+@pytest.mark.parametrize(("stride", "groups", "bias"), [(1, 1, False), (2, 1, True), (1, 2, True)])
+def test_fast_conv3d_per_sample_gradients_match_autograd_and_opacus(stride, groups, bias):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+    from torch import nn
+
+    from tace.common.privacy import conv3d_grad_sample
+
+    torch.manual_seed(0)
+    layer = nn.Conv3d(4, 6, 3, stride=stride, padding=1, groups=groups, bias=bias)
+    x = torch.randn(5, 4, 7, 8, 9)
+    g = torch.randn_like(layer(x))
+    ours, opacus = conv3d_grad_sample(layer, [x], g), compute_conv_grad_sample(layer, [x], g)
+    assert ours.keys() == opacus.keys()
+    for param, value in ours.items():
+        assert torch.allclose(value, opacus[param], atol=1e-4, rtol=1e-4)
+        for i in range(len(x)):  # one sample at a time, by autograd: the reference both are checked against
+            layer.zero_grad()
+            (layer(x[i : i + 1]) * g[i : i + 1]).sum().backward()
+            assert torch.allclose(value[i], param.grad, atol=1e-4, rtol=1e-4)
 
 
 class _Images(Dataset):

@@ -1,0 +1,266 @@
+"""Using a finished study at a hospital: the exported model file, `tace-client predict` (probabilities, groups,
+saliency maps, patient cards) and local fine-tuning (`tace-client finetune`, and the run option `finetune`)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tace.client.cli import main as client_main
+from tace.client.features import TrainedModels
+from tace.common.artifact import read_model
+from tace.common.config import RunConfig, parse_overrides
+from tace.common.errors import TaceError
+from tests.flower_grid import InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
+from tests.helpers import read_rows, set_cell, write_rows
+
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+SITES = [0, 1, 2, 3, 4]
+
+
+def config(cohort: Path, out: Path, extra: str = "") -> RunConfig:
+    return RunConfig.from_run_config({**parse_overrides(SHORT + " " + extra), "cohort": str(cohort), "run-dir": str(out)})
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_cohort, tmp_path_factory):
+    """A finished federated run of the tiny cohort whose training sites fine-tuned the final model ('head')."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        run = config(tiny_cohort, tmp_path_factory.mktemp("predict") / "run", "finetune='head'")
+        summary = study(InProcessGrid(run, SITES), run)
+        return Path(run.run_dir), summary
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def csv_rows(path: Path) -> dict[str, dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as fh:
+        return {r["patient_id"]: r for r in csv.DictReader(fh)}
+
+
+# -- the model file -------------------------------------------------------------------------------------------
+
+
+def test_the_model_file_holds_everything_to_predict_and_nothing_about_patients(finished, tiny_cohort):
+    run_dir, _ = finished
+    path = run_dir / "models" / "tace-model.zip"
+    art = read_model(path)
+    assert art.backbone == "small" and set(art.arrays) == {"dltr", "head", "clinical"}
+    assert art.preprocess.box_voxels == (8, 8, 8) and art.cutoffs["dltrmlp"]["risk_groups"] and art.bins == 100_000
+    assert art.training["head-lr"] == 0.005 and art.encoder["features"]
+    blob = zipfile.ZipFile(path).read("model.json").decode() + str(zipfile.ZipFile(path).namelist())
+    ids = {r["patient_id"] for s in "abcde" for r in read_rows(tiny_cohort / f"sites/site-{s}/manifest.csv")[1]}
+    assert not any(pid in blob for pid in ids) and str(tiny_cohort) not in blob  # no patient, no site path
+
+
+def _rewrite(path: Path, out: Path, change) -> Path:
+    with zipfile.ZipFile(path) as z:
+        card, weights = json.loads(z.read("model.json")), z.read("weights.npz")
+    card, weights = change(card, weights)
+    with zipfile.ZipFile(out, "w") as z:
+        z.writestr("model.json", json.dumps(card))
+        z.writestr("weights.npz", weights)
+    return out
+
+
+def test_an_incompatible_or_damaged_model_file_is_a_clear_error(finished, tmp_path, monkeypatch, capsys):
+    path = finished[0] / "models" / "tace-model.zip"
+
+    def newer(card, w):
+        return {**card, "format": "tace-model/9", "tace_fl_version": "9.0"}, w
+
+    def tampered(card, w):
+        z = dict(np.load(io.BytesIO(w)))
+        z["head.mlp.3.bias"] = z["head.mlp.3.bias"] + 1
+        buffer = io.BytesIO()
+        np.savez(buffer, **z)
+        return card, buffer.getvalue()
+
+    with pytest.raises(TaceError, match=r"(?s)cannot read.*install TACE-FL 9.0"):
+        read_model(_rewrite(path, tmp_path / "a.zip", newer))
+    with pytest.raises(TaceError, match="do not match the digest"):
+        read_model(_rewrite(path, tmp_path / "b.zip", tampered))
+    with pytest.raises(TaceError, match="preprocessing or clinical factors differ"):
+        read_model(
+            _rewrite(path, tmp_path / "c.zip", lambda c, w: ({**c, "preprocessing": {**c["preprocessing"], "pipeline_version": 0}}, w))
+        )
+    (tmp_path / "d.zip").write_bytes(b"not a zip")
+    with pytest.raises(TaceError, match="not a TACE-FL model file"):
+        read_model(tmp_path / "d.zip")
+    monkeypatch.setattr("tace.common.models.model_signature", lambda *a: "0123456789abcdef")
+    with pytest.raises(TaceError, match="model differs from this version's"):
+        read_model(path)
+    monkeypatch.undo()
+    # The command says so before reading any image, with exit status 2.
+    assert client_main(["predict", "--model", str(tmp_path / "d.zip"), "--manifest", "x.csv", "--out", str(tmp_path / "o")]) == 2
+    assert "not a TACE-FL model file" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+# -- prediction -----------------------------------------------------------------------------------------------
+
+
+def test_predictions_equal_those_of_the_run(finished, tiny_cohort, tmp_path, capsys):
+    run_dir, _ = finished
+    manifest = tiny_cohort / "sites/site-d/manifest.csv"
+    out = tmp_path / "pred"
+    assert client_main(["predict", "--model", str(run_dir / "models/tace-model.zip"), "--manifest", str(manifest), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "patients/s" in printed and "cards in" in printed
+    ours, theirs = csv_rows(out / "predictions.csv"), csv_rows(run_dir / "sites/site-d/predictions.csv")
+    assert ours.keys() == theirs.keys()
+    for pid, row in ours.items():
+        for model in ("dltrmlp", "dltr", "clinical"):
+            assert abs(float(row[model]) - float(theirs[pid][model])) < 2e-6, (pid, model)
+        # the group follows the cut-off fixed on the training sites
+        cut = json.loads((run_dir / "cutoffs.json").read_text())["dltrmlp"]
+        responder = int(float(row["dltrmlp"]) * 100_000) >= cut["youden_bin"]
+        assert row["predicted_group"] == ("predicted responder" if responder else "predicted non-responder")
+        assert row["pfs_risk_group"] in cut["risk_groups"] and row["known_response"] in ("0", "1")
+        assert 0 <= float(row["saliency_in_tumour"]) <= 1
+    cards = sorted((out / "cards").glob("*.html"))
+    assert [c.stem for c in cards] == sorted(ours)
+    card = cards[0].read_text(encoding="utf-8")
+    assert "data:image/png;base64," in card and "predicted" in card and "not a medical device" in card
+    assert "http://" not in card and "https://" not in card  # opens offline
+    assert all(f"cards/{pid}.html" in (out / "index.html").read_text() for pid in ours)
+
+
+def test_new_patients_without_responses_and_bad_input(finished, tiny_cohort, tmp_path, capsys):
+    run_dir, _ = finished
+    site = tmp_path / "new"
+    shutil.copytree(tiny_cohort / "sites/site-e", site)
+    header, rows = read_rows(site / "manifest.csv")
+    drop = [c for c in header if c in ("response", "pfs_days", "pfs_event")]
+    write_rows(site / "manifest.csv", [c for c in header if c not in drop], [{k: v for k, v in r.items() if k not in drop} for r in rows])
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(run_dir), "--manifest", str(site / "manifest.csv"), "--out", str(out), "--no-cards"]
+    assert client_main(args) == 0
+    table = csv_rows(out / "predictions.csv")
+    assert len(table) == len(rows) and "known_response" not in next(iter(table.values())) and not (out / "cards").exists()
+    capsys.readouterr()
+    row = set_cell(site / "manifest.csv", 1, "age", "two hundred")
+    assert client_main([*args[:-3], "--out", str(tmp_path / "pred2")]) == 1
+    err = capsys.readouterr().err
+    assert f"row {row}" in err and "age" in err and "No prediction was made" in err
+    assert not (tmp_path / "pred2").exists()
+
+
+# -- fine-tuning ---------------------------------------------------------------------------------------------
+
+
+def test_finetune_command_adapts_the_head_or_the_last_stage(finished, tiny_cohort, tmp_path, capsys):
+    run_dir, _ = finished
+    manifest = str(tiny_cohort / "sites/site-b/manifest.csv")
+    global_ = read_model(run_dir)
+    for flag, out in (([], tmp_path / "head"), (["--last-stage", "--epochs", "2"], tmp_path / "last")):
+        assert client_main(["finetune", "--model", str(run_dir), "--manifest", manifest, "--out", str(out), *flag]) == 0
+        assert "DLTRMLP AUC global" in capsys.readouterr().out
+        report = json.loads((out / "finetune.json").read_text())
+        assert report["n_train"] > 0 and report["n_val"] > 0 and {"global_auc", "finetuned_auc"} <= set(report)
+        tuned = read_model(out / "tace-model-finetuned.zip")  # usable with `tace-client predict`
+        assert tuned.cutoffs == global_.cutoffs
+        changed = {k for k, v in tuned.arrays["dltr"].items() if not np.array_equal(v, global_.arrays["dltr"][k])}
+        assert any(not np.array_equal(v, global_.arrays["head"][k]) for k, v in tuned.arrays["head"].items())
+        assert np.array_equal(tuned.arrays["clinical"]["linear.weight"], global_.arrays["clinical"]["linear.weight"])
+        if flag:  # only the backbone's last stage moved
+            assert changed and all(k.startswith("backbone.body.7.") for k in changed)
+        else:
+            assert not changed
+
+
+def test_the_run_option_finetunes_at_every_training_site(finished):
+    run_dir, summary = finished
+    sites = summary["finetune"]["sites"]
+    assert summary["finetune"]["mode"] == "head" and set(sites) == {"site-a", "site-b", "site-c"}
+    for site, entry in sites.items():
+        assert {"global_auc", "finetuned_auc", "n_train", "n_val"} <= set(entry), site
+        assert (run_dir / "sites" / site / "finetuned" / "tace-model.zip").is_file()  # the fine-tuned model stays at the site
+    assert json.loads((run_dir / "finetune.json").read_text())["sites"] == json.loads(json.dumps(sites))
+    # The same run's global AUC on a site's validation split is what the final evaluation measured there.
+    val = summary["models"]["dltrmlp"]["sites"]["site-b"]["auc"]
+    assert sites["site-b"]["global_auc"] == pytest.approx(val) if val is not None else sites["site-b"]["global_auc"] is None
+
+
+def test_trained_models_load_from_file_or_run_folder(finished):
+    a, b = TrainedModels.load(finished[0]), TrainedModels.load(finished[0] / "models" / "tace-model.zip")
+    assert a.path == b.path and torch.equal(next(a.models.dltr.parameters()), next(b.models.dltr.parameters()))
+    with pytest.raises(TaceError, match="holds no exported model"):
+        TrainedModels.load(finished[0] / "sites")
+
+
+@pytest.mark.gpu
+def test_prediction_on_the_gpu_matches_the_cpu(finished, tiny_cohort, tmp_path):
+    from tace.client.predict import predict
+
+    trained = TrainedModels.load(finished[0])
+    manifest = tiny_cohort / "sites/site-d/manifest.csv"
+    cpu = predict(trained, manifest, tmp_path / "cpu", tmp_path / "cache", device="cpu", cards=False).table
+    gpu = predict(trained, manifest, tmp_path / "gpu", tmp_path / "cache", device="cuda", cards=False).table
+    assert np.allclose(cpu[["dltrmlp", "dltr", "clinical"]], gpu[["dltrmlp", "dltr", "clinical"]], atol=2e-2)  # bf16 autocast on the GPU
+
+
+# -- saliency -------------------------------------------------------------------------------------------------
+
+
+class _Masked(torch.nn.Module):
+    """A backbone that sees only the voxels of `mask` (a model whose decision provably rests on one region)."""
+
+    def __init__(self, backbone: torch.nn.Module, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.backbone, self.mask = backbone, mask
+        self.out_features = backbone.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x * self.mask)
+
+
+def test_gradient_saliency_finds_the_region_a_model_looks_at():
+    from tace.common.models import StudyModels
+    from tace.common.saliency import Explainer, mass_fraction, total, tumour_region
+
+    mask = np.zeros((16, 24, 24), np.uint8)
+    mask[5:11, 8:16, 8:16] = 1
+    models = StudyModels.build("small", 3, 14, seed=1)
+    models.dltr.backbone = _Masked(models.dltr.backbone, torch.from_numpy(mask).float())
+    image = np.random.default_rng(0).normal(size=(3, 16, 24, 24)).astype(np.float32)
+    saliency = Explainer(models, "small")(image, np.zeros(14, np.float32))
+    assert saliency.shape == image.shape and saliency.min() >= 0 and saliency.max() == pytest.approx(1.0)
+    inside, chance = mass_fraction(total(saliency), tumour_region(mask, (2, 2, 2)))
+    assert chance < 0.3 and inside > 0.9  # all of it but the smoothing's spill over the border
+    cam = Explainer(StudyModels.build("small", 3, 14), "small", method="gradcam")(image, np.zeros(14, np.float32))
+    assert cam.shape == image.shape and np.isfinite(cam).all()
+
+
+@pytest.mark.slow
+def test_saliency_concentrates_on_the_tumour_of_generated_patients(tmp_path):
+    """A synthetic case from the project's generator at the demo's resolution: a model trained on one centre, then
+    its saliency maps on an external centre's patients put more of their mass in and around the tumour than the
+    region's share of the box (the measured figures are in docs/prediction.md)."""
+    from tace.simulation.cohort import generate_cohort, make_preset
+    from tace.simulation.runner import run_reference
+
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, make_preset("demo", n_sites=3, patients_per_site=36), seed=3)
+    run = RunConfig.from_run_config({**parse_overrides("rounds=8 head-rounds=6 clinical-rounds=4 patience=0 holdout-sites='site-b,site-c'"),
+                                     "cohort": str(cohort), "run-dir": str(tmp_path / "run")})  # fmt: skip
+    run_reference("centralized", cohort, tmp_path / "run", run)
+    out = tmp_path / "pred"
+    assert client_main(["predict", "--model", str(tmp_path / "run"), "--manifest", str(cohort / "sites/site-c/manifest.csv"),
+                        "--out", str(out), "--no-cards"]) == 0  # fmt: skip
+    table = csv_rows(out / "predictions.csv")
+    inside = np.array([float(r["saliency_in_tumour"]) for r in table.values()])
+    chance = np.array([float(r["saliency_chance"]) for r in table.values()])
+    # Measured with seed 3: median share 0.49 against a median region share of 0.15; 33 of 36 patients above chance.
+    assert np.median(inside) > 2 * np.median(chance) and np.mean(inside > chance) > 0.8, (np.median(inside), np.median(chance))
