@@ -23,7 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from tace.client.privacy import BudgetExhausted
 from tace.client.task import SiteTask
 from tace.common.clinical import FEATURES, ClinicalEncoder
-from tace.common.config import RunConfig, SiteConfig
+from tace.common.config import RunConfig, SiteConfig, _flag
 from tace.common.errors import ManifestError, TaceError
 from tace.common.models import StudyModels, model_signature, state_dict_numpy
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_FINETUNE, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
@@ -107,7 +107,12 @@ def site_errors(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
 def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Secure aggregation (run-config secagg) for the train messages that carry a SecAgg+ protocol stage: Flower's
     `secaggplus_mod` masks the weights our train handler returns; every other message passes unchanged."""
-    if msg.metadata.message_type != "train" or RECORD_KEY_CONFIGS not in msg.content.config_records:
+    if msg.metadata.message_type != "train":
+        return call_next(msg, context)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        if _flag(context.node_config.get("require-secagg", False), "require-secagg"):
+            raise TaceError("this site sends its weights only masked (its node config require-secagg) and the coordinator "
+                            "asked for them in the clear", "the coordinator sets run-config secagg=true")  # fmt: skip
         return call_next(msg, context)
     from flwr.client.mod import secaggplus_mod
 
@@ -121,13 +126,21 @@ def _masked_reply(call_next: ClientAppCallable, msg: Message, context: Context) 
     if reply.has_error():
         raise RuntimeError(reply.error.reason)  # the site's own message, for the coordinator's log
     content = reply.content
-    if ARRAYS not in content.array_records:
-        raise RuntimeError(str(content.config_records[SITE].get("declined", "no weights to aggregate")))
-    arrays = {k: v.numpy() for k, v in content.array_records.pop(ARRAYS).items()}
     run = RunConfig.from_run_config(context.run_config)
-    weight = 1 if run.client_dp else int(cast(int, content.metric_records[METRICS]["num-examples"]))
+    if ARRAYS in content.array_records:
+        arrays = {k: v.numpy() for k, v in content.array_records.pop(ARRAYS).items()}
+        weight = 1 if run.client_dp else int(cast(int, content.metric_records[METRICS]["num-examples"]))
+    else:
+        # The site declined to train (its privacy budget): it takes part with weight 0, so its validation and privacy
+        # figures still reach the coordinator and the protocol keeps its neighbours' masks balanced.
+        stage = str(msg.content.config_records[CONFIG]["stage"])
+        sent = msg.content.array_records[ARRAYS]
+        arrays = {k.split(".", 1)[1]: np.zeros_like(v.numpy()) for k, v in sent.items() if k.startswith(f"{stage}.")}
+        weight = 0
     state = context.state.config_records[RECORD_KEY_STATE]
-    largest = max(float(np.abs(v).max()) for v in arrays.values() if v.size) * weight / float(cast(float, state["max_weight"]))
+    largest = (
+        max((float(np.abs(v).max()) for v in arrays.values() if v.size), default=0.0) * weight / float(cast(float, state["max_weight"]))
+    )
     bound = float(cast(float, state["clipping_range"]))
     if largest > bound:
         raise TaceError(f"a weight of this site's update ({largest:.3g} after weighting) is beyond the secure-aggregation range "
@@ -161,6 +174,9 @@ def query(msg: Message, context: Context) -> Message:
         info = {k: v for k, v in task.info().items()}
         signature = model_signature(_backbones(msg, run), len(run.preprocess.sequences), len(FEATURES))
         mismatch = _compatibility(msg, signature)
+        if not mismatch and task.site.require_secagg and not run.secagg:
+            mismatch = ("this site sends its weights only masked by secure aggregation (its node config require-secagg): the "
+                        "coordinator must set run-config secagg=true")  # fmt: skip
         if not mismatch and task.site.require_dp and not run.sample_dp:
             mismatch = ("this site takes part only in runs with sample-level differential privacy (its node config require-dp): "
                         "the coordinator must set run-config dp=true and dp-mode='sample'")  # fmt: skip
@@ -173,7 +189,10 @@ def query(msg: Message, context: Context) -> Message:
             RecordDict({SITE: ConfigRecord({**info, "ok": True, "version": _version(), "model-signature": signature})}), reply_to=msg
         )
     if kind == QUERY_STATS:
-        task, _, _ = _site(msg, context)
+        task, run, _ = _site(msg, context)
+        if run.dp or task.site.require_dp:
+            raise TaceError("this site sends no clinical statistics in a run with differential privacy (or when its node config "
+                            "require-dp is set): they are not covered by its privacy account", "the coordinator uses the reference encoder")  # fmt: skip
         return Message(
             RecordDict(
                 {
@@ -191,10 +210,13 @@ def query(msg: Message, context: Context) -> Message:
 def _finetune(msg: Message, context: Context) -> Message:
     """Fine-tune the final models on this site's training split; reply with the global and fine-tuned validation
     AUCs (aggregates). The fine-tuned model stays in the site's output folder (finetuned/tace-model.zip)."""
-    from tace.client.finetune import finetune
+    from tace.client.finetune import FINETUNED_CUTOFFS, FINETUNED_PRIVACY, finetune
     from tace.common.artifact import FILENAME, TRAINING_KEYS, write_model
 
     task, run, config = _site(msg, context)
+    if run.dp:
+        raise TaceError("this site does not fine-tune in a run with differential privacy: the fine-tuned model's AUC would leave "
+                        "outside its privacy account", "fine-tune locally with `tace-client finetune`, where nothing leaves")  # fmt: skip
     models = _models(run, config, msg)
     encoder = _encoder(config)
     assert encoder is not None
@@ -202,9 +224,11 @@ def _finetune(msg: Message, context: Context) -> Message:
     result = finetune(task, models, encoder, backbone, str(config["mode"]), int(config.get("epochs", 0)), 0.0, int(config.get("seed", 0)))
     assert result.models is not None
     training = {k: v for k, v in run.to_run_config().items() if k in TRAINING_KEYS}
-    write_model(task.site.output_dir / "finetuned" / FILENAME, result.models.arrays(), backbone, run.preprocess, encoder.to_dict(),
+    folder = task.site.output_dir / "finetuned" / (str(config.get("tag", "")) or "model")
+    write_model(folder / FILENAME, result.models.arrays(), backbone, run.preprocess, encoder.to_dict(),
                 json.loads(str(config.get("cutoffs", "") or "{}")), int(config.get("bins", run.analysis_bins)),
-                source=f"fine-tuned ({result.mode}) at {task.site.site_id}", training=training)  # fmt: skip
+                source=f"fine-tuned ({result.mode}) at {task.site.site_id}", training=training,
+                privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
     metrics: dict[str, int | float | list[int] | list[float]] = {"global-auc": -1.0 if result.global_auc is None else result.global_auc,
                "finetuned-auc": -1.0 if result.finetuned_auc is None else result.finetuned_auc,
                "n-train": result.n_train, "n-val": result.n_val, "epochs": result.epochs, "seconds": result.seconds}  # fmt: skip
@@ -251,12 +275,11 @@ def train(msg: Message, context: Context) -> Message:
         # Client-level DP under secure aggregation: the coordinator cannot clip what it cannot see, so the site
         # clips its own update to the clipping norm the coordinator sends (Flower's client-side fixed clipping).
         _clip_update(arrays, expected, float(config["clipping-norm"]))
-    values: dict[str, int | float | list[int] | list[float]] = {
-        "num-examples": result.num_examples,
-        "train-loss": result.loss,
-        "samples-per-s": result.samples_per_second,
-        "local-s": result.seconds,
-    }
+    values: dict[str, int | float | list[int] | list[float]] = {"num-examples": result.num_examples}
+    if privacy is None:
+        # Under sample-level DP the training loss (computed on the sampled patients, without noise) and the speed (from
+        # which the number of patients sampled follows) stay at the site: only DP-trained weights describe them.
+        values.update({"train-loss": result.loss, "samples-per-s": result.samples_per_second, "local-s": result.seconds})
     if run.client_dp:
         values["site-weight"] = 1  # client-level DP averages the sites' updates unweighted (its sensitivity assumes so)
     if privacy is not None:

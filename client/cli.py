@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--out", type=Path, required=True, help="output folder")
     pred.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
     pred.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    pred.add_argument("--patient", action="append", metavar="ID", help="predict only this patient of the manifest (repeatable)")
     pred.add_argument("--no-saliency", action="store_true", help="skip the saliency maps and the cards (faster)")
     pred.add_argument("--no-cards", action="store_true", help="compute the saliency share but write no HTML cards")
     pred.add_argument("--saliency", choices=("gradient", "gradcam"), default="gradient",
@@ -247,7 +248,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not _check_or_report(args.manifest, "No prediction was made"):
         return EXIT_PROBLEMS
     result = predict(trained, args.manifest, args.out, args.cache or args.out / "cache", device=args.device, saliency=not args.no_saliency,
-                     cards=not (args.no_saliency or args.no_cards), validate=False, progress=progress, method=args.saliency)  # fmt: skip
+                     cards=not (args.no_saliency or args.no_cards), validate=False, progress=progress, method=args.saliency,
+                     patients=args.patient)  # fmt: skip
     table = result.table
     groups = table["predicted_group"].value_counts().to_dict()
     print(f"predicted {len(table)} patients in {result.seconds['total']:.1f} s ({result.patients_per_second:.2f} patients/s): "

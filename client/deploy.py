@@ -48,6 +48,7 @@ class SiteSettings:
     share_patient_level: bool = False
     max_epsilon: float = 0.0
     require_dp: bool = False
+    require_secagg: bool = False
     insecure: bool = False
 
     @classmethod
@@ -100,6 +101,7 @@ class SiteSettings:
             share_patient_level=get("privacy", "share-patient-level", False, bool),
             max_epsilon=float(get("privacy", "max-epsilon", 0.0, float)),
             require_dp=get("privacy", "require-dp", False, bool),
+            require_secagg=get("privacy", "require-secagg", False, bool),
             insecure=insecure,
         )
 
@@ -110,7 +112,7 @@ class SiteSettings:
             "output-dir": str(self.output.resolve()), "device": self.device, "threads": self.threads,
             "min-patients": self.min_patients, "min-cell-count": self.min_cell_count,
             "share-patient-level": "true" if self.share_patient_level else "false", "max-epsilon": self.max_epsilon,
-            "require-dp": "true" if self.require_dp else "false",
+            "require-dp": "true" if self.require_dp else "false", "require-secagg": "true" if self.require_secagg else "false",
         }  # fmt: skip
         return " ".join(f"{k}={v}" if isinstance(v, int | float) else f"{k}={_quote(str(v))}" for k, v in items.items())
 

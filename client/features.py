@@ -7,6 +7,7 @@ folder the user names. Nothing here needs a response label.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tace.client.data import SiteDataset
 from tace.common.artifact import FILENAME, locate, read_model
 from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.errors import ManifestError, TaceError
-from tace.common.manifest import parse_manifest
+from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.models import StudyModels
 from tace.common.preprocess import PreprocessConfig
 from tace.common.training import predict_images, predict_tabular, select_device
@@ -41,6 +42,9 @@ class TrainedModels:
     backbone: str = "small"
     version: str = ""
     training: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    privacy: dict[str, Any] = field(default_factory=dict)
+    cutoffs_note: str = ""
 
     @classmethod
     def load(cls, path: Path | str) -> TrainedModels:
@@ -48,9 +52,8 @@ class TrainedModels:
         art = read_model(path)
         models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
         models.load(art.arrays)
-        return cls(
-            models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone, art.version
-        )
+        return cls(models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
+                   art.version, art.training, art.source, art.privacy, art.cutoffs_note)  # fmt: skip
 
     @classmethod
     def from_run(cls, run_dir: Path | str) -> TrainedModels:
@@ -63,7 +66,13 @@ class TrainedModels:
         return cls.load(run_dir)
 
     def extract(
-        self, manifest: Path | str, cache_dir: Path | str, device: str = "auto", batch_size: int = 16, validate: bool = True
+        self,
+        manifest: Path | str,
+        cache_dir: Path | str,
+        device: str = "auto",
+        batch_size: int = 16,
+        validate: bool = True,
+        patients: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """Per-patient scores and deep features of every patient in `manifest`, in manifest order.
 
@@ -80,7 +89,7 @@ class TrainedModels:
         problems = check_site(parsed).problems if validate else list(parsed.problems)
         if problems:
             raise ManifestError(problems, str(manifest))
-        records = parsed.records
+        records = select(parsed.records, patients, manifest)
         if not records:
             raise TaceError(f"{manifest} lists no patients", "add the cohort's patients to the manifest")
         dev = select_device(device)
@@ -98,6 +107,19 @@ class TrainedModels:
         frame = pd.DataFrame(table)
         _check_finite(frame)
         return frame
+
+
+def select(records: list[PatientRecord], patients: Sequence[str] | None, manifest: Path) -> list[PatientRecord]:
+    """The manifest's records of `patients` (all when None), in manifest order; unknown ids are an error."""
+    if patients is None:
+        return records
+    known = {r.patient_id for r in records}
+    missing = [p for p in patients if p not in known]
+    if missing:
+        raise TaceError(f"{len(missing)} patient id(s) given are not in {manifest}: {', '.join(missing[:5])}",
+                        "check the ids against the manifest's patient_id column")  # fmt: skip
+    wanted = set(patients)
+    return [r for r in records if r.patient_id in wanted]
 
 
 class _Progress(torch.utils.data.Dataset[dict[str, Any]]):

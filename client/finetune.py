@@ -27,6 +27,9 @@ from tace.common.models import StudyModels
 from tace.common.training import TrainResult, TrainSettings, fit, image_loader, train_tabular_model
 
 MODES = ("head", "last-stage")
+#: What a fine-tuned model file says about its cut-offs and its privacy (written into its model.json).
+FINETUNED_CUTOFFS = "of the global model, fixed on the training sites: not refitted after fine-tuning at this site"
+FINETUNED_PRIVACY = "fine-tuned at this site without differential privacy: keep it at the site"
 DEFAULT_EPOCHS = {"head": 20, "last-stage": 5}
 
 
@@ -148,5 +151,5 @@ def finetune_site(
     write_json(Path(out) / "finetune.json", {**result.to_dict(), "model": str(trained.path), "manifest": str(manifest)})
     write_model(Path(out) / "tace-model-finetuned.zip", result.models.arrays(), trained.backbone, pre, trained.encoder.to_dict(),
                 trained.cutoffs, trained.bins, source=f"{trained.path.name} fine-tuned ({result.mode}) at this site",
-                training=trained.training)  # fmt: skip
+                training=trained.training, privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
     return result

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tace.client.features import TrainedModels, write_features
+from tace.client.features import TrainedModels, select, write_features
 from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.summaries import RESPONSE_GROUPS, groupings
@@ -56,6 +56,7 @@ def predict(
     validate: bool = True,
     progress: Any = None,
     method: str = "gradient",
+    patients: list[str] | None = None,
 ) -> PredictionRun:
     """Predict every patient of `manifest` (those with a known response too: it is listed, not used).
 
@@ -66,6 +67,7 @@ def predict(
     out : output folder (created); `cache_dir` : preprocessing cache
     saliency, cards : compute saliency maps; write the per-patient HTML cards (they need the maps)
     method : the saliency method, "gradient" or "gradcam" (`tace.common.saliency`)
+    patients : only these patient ids of the manifest (default: every patient)
     validate : check the manifest and every image first, as `tace-client check` (raises `ManifestError`)
     progress : optional ``progress(iterable, desc=..., unit=...)`` wrapper (a progress bar)
     """
@@ -78,11 +80,11 @@ def predict(
     problems = check_site(parsed).problems if validate else list(parsed.problems)
     if problems:
         raise ManifestError(problems, str(manifest))
-    records = parsed.records
+    records = select(parsed.records, patients, manifest)
     if not records:
         raise TaceError(f"{manifest} lists no patients", "add the patients to predict to the manifest")
     dev = select_device(device)
-    table = trained.extract(manifest, cache_dir, device=dev, validate=False)
+    table = trained.extract(manifest, cache_dir, device=dev, validate=False, patients=patients)
     timings = {"scores": time.perf_counter() - start}
     result = table[["patient_id", "dltrmlp", "dltr", "clinical"]].copy()
     scores = {m: result[m].to_numpy() for m in ("dltrmlp", "dltr", "clinical")}
@@ -94,7 +96,7 @@ def predict(
     result["cutoff"] = cut.get("youden_threshold", np.nan)
     result["pfs_risk_group"] = [risk[1][g] for g in risk[0]] if risk else "n/a (no risk groups in the model)"
     if parsed.labelled:
-        result["known_response"] = [r.response if r.response is not None else "" for r in records]
+        result["known_response"] = [r.response if r.response is not None else "" for r in records]  # listed for audit, never used
     written: list[Path] = []
     if saliency or cards:
         t = time.perf_counter()
@@ -126,7 +128,9 @@ def _explain(
     for record, row in progress(items, desc="saliency", unit="patient") if progress else items:
         image = cache.load(record, root).array
         mask, spacing = box_mask(record, root, trained.preprocess)
-        saliency = explainer(image, trained.encoder.encode([record])[0])
+        group = str(row["predicted_group"])
+        responder = True if group == RESPONSE_GROUPS[1] else False if group == RESPONSE_GROUPS[0] else None
+        saliency = explainer(image, trained.encoder.encode([record])[0], responder)
         margin = tuple(int(np.ceil(margin_mm / s)) for s in (spacing[2], spacing[1], spacing[0]))
         try:
             inside, chance = mass_fraction(total(saliency), tumour_region(mask, margin))  # type: ignore[arg-type]
@@ -212,7 +216,7 @@ def _write_card(
         f"<h1>TACE response prediction</h1><p class='sub'>Patient <b>{html.escape(record.patient_id)}</b></p>"
         "<div class='grid'><div><table>"
         f"<tr><th>DLTRMLP: probability of objective response (mRECIST CR/PR)</th><td class='big'>{_fmt(row['dltrmlp'])}</td></tr>"
-        f"<tr><th>predicted group (cut-off {_fmt(row['cutoff'])}, fixed on the training sites)</th>"
+        f"<tr><th>predicted group (cut-off {_fmt(row['cutoff'])}, {html.escape(trained.cutoffs_note or 'fixed on the training sites')})</th>"
         f"<td class='{'resp' if responder else 'nonresp'}'><b>{html.escape(str(row['predicted_group']))}</b></td></tr>"
         f"<tr><th>progression-free survival risk group</th><td>{html.escape(str(row['pfs_risk_group']))}</td></tr>"
         f"<tr><th>DLTR (image only)</th><td>{_fmt(row['dltr'])}</td></tr>"
@@ -224,20 +228,21 @@ def _write_card(
         "saliency of the DLTRMLP decision (red: most influence) over the network's input, per phase, slices through the tumour "
         "centre; tumour outlined in white.</p>"
         f"<img src='data:image/png;base64,{png}' alt='saliency'>"
-        f"<p class='note'>{DISCLAIMER}</p><p class='sub'>Model: {html.escape(trained.path.name)} (run {html.escape(_source(trained))}, "
-        f"TACE-FL {html.escape(trained.version)}, backbone {html.escape(trained.backbone)}).</p></body></html>"
+        f"<p class='note'>{DISCLAIMER}</p><p class='sub'>Model: {html.escape(trained.path.name)} (run {html.escape(trained.source or 'n/a')}, "
+        f"TACE-FL {html.escape(trained.version)}, backbone {html.escape(trained.backbone)}; {html.escape(_privacy_text(trained.privacy))}).</p></body></html>"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
 
 
-def _source(trained: TrainedModels) -> str:
-    from tace.common.artifact import read_model
-
-    try:
-        return read_model(trained.path).source or "n/a"
-    except TaceError:
-        return "n/a"
+def _privacy_text(privacy: dict[str, Any]) -> str:
+    """How the model's training was protected, in words, from its model file."""
+    if "note" in privacy:
+        return str(privacy["note"])
+    if str(privacy.get("dp", "false")).lower() in ("true", "1"):
+        unit = "per patient at each site" if privacy.get("dp-mode") == "sample" else "per hospital"
+        return f"trained with differential privacy ({unit}, budget ε = {privacy.get('dp-target-epsilon')})"
+    return "trained without differential privacy"
 
 
 def _write_index(out: Path, table: pd.DataFrame, trained: TrainedModels) -> None:

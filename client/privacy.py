@@ -77,6 +77,10 @@ class SitePrivacy:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 if data.get("format") != FORMAT:
                     raise ValueError("format")
+                # The budget the account was opened with binds: the coordinator alone cannot raise it (a larger
+                # dp-target-epsilon later); only the site's own max-epsilon can.
+                if not site.max_epsilon:
+                    budget = min(budget, float(data["budget"]))
                 return cls(path, study_id, int(data["n_train"]), float(data["delta"]), float(data["noise_multiplier"]),
                            float(data["max_grad_norm"]), budget, bool(data["secure_rng"]),
                            [(float(s), float(q), int(k)) for s, q, k in data["history"]], list(data["releases"]))  # fmt: skip
@@ -116,8 +120,8 @@ class SitePrivacy:
             raise BudgetExhausted(
                 f"declined to train {stage} round {server_round}: it would take this site's privacy spending from ε = "
                 f"{self.epsilon:.3g} to {projected:.3g}, beyond its budget of ε = {self.budget:g} (δ = {self.delta:.3g})",
-                "the site still evaluates; to train further, the site's ethics board must approve a larger budget "
-                "(run-config dp-target-epsilon and the site's own max-epsilon)",
+                "the site still evaluates; to train further, the site's ethics board must approve a larger budget, which the "
+                "site sets itself ([privacy] max-epsilon in its site.toml; the run's dp-target-epsilon caps it too)",
             )
         return DPSettings(self.noise_multiplier, self.max_grad_norm, rate, self.secure_rng)
 
@@ -147,7 +151,7 @@ class SitePrivacy:
         """Atomically: a crash leaves the previous account, never half a file."""
         write_json(self.path, {
             "format": FORMAT, "study_id": self.study_id, "n_train": self.n_train, "delta": self.delta,
-            "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm, "secure_rng": self.secure_rng,
+            "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm, "secure_rng": self.secure_rng, "budget": self.budget,
             "accountant": "rdp (Opacus)", "history": [list(h) for h in self.history], "releases": self.releases,
         })  # fmt: skip
         os.chmod(self.path, 0o600)

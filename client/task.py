@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,13 @@ class SiteTask:
         records = self.train_records
         settings = self.settings(stage, lr, seed)
         dp = privacy.settings(stage, server_round, settings.epochs, settings.batch_size) if privacy else None
+        if dp is not None:
+            # Under DP the augmentation and dropout draws come from the site's own entropy too: from a seed the
+            # coordinator knows, their order would tell it which patients a step sampled.
+            import secrets
+
+            seed = secrets.randbits(31)
+            settings = dataclasses.replace(settings, seed=seed)
         labels = torch.tensor([float(r.response) for r in records], dtype=torch.float32)  # type: ignore[arg-type]
         if stage == "dltr":
             result = train_image_model(models.dltr, self.dataset(records, augment=self.run.augment, seed=seed), settings, dp)

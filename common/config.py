@@ -268,6 +268,7 @@ class SiteConfig:
     threads: int = 0  # idem; 0: the run config's
     max_epsilon: float = 0.0  # the site's own privacy budget (node config); 0: the run's dp-target-epsilon
     require_dp: bool = False  # the site trains only in runs with sample-level differential privacy
+    require_secagg: bool = False  # the site sends its weights only masked by secure aggregation
 
     @classmethod
     def from_node_config(cls, node: Mapping[str, Any], run: RunConfig) -> SiteConfig:
@@ -280,8 +281,9 @@ class SiteConfig:
             manifest = Path(str(node["manifest-path"]))
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
-            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), *_compute(node),
-                       *_budget(node))  # fmt: skip
+            device, threads = _compute(node)
+            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), device, threads,
+                       **_budget(node))  # fmt: skip
         if "partition-id" in node:
             if not run.cohort:
                 raise ConfigError("simulation needs the run-config key 'cohort' (absolute path of a cohort folder)")
@@ -301,8 +303,7 @@ class SiteConfig:
                 run_dir / "sites" / site["site_id"],
                 *_privacy(node),
                 share,
-                *_compute(node),
-                *_budget(node),
+                **_budget(node),
             )
         raise ConfigError(
             "node configuration has neither 'manifest-path' (a hospital's site) nor 'partition-id' (simulation)",
@@ -331,17 +332,18 @@ def _compute(node: Mapping[str, Any]) -> tuple[str, int]:
     return str(node.get("device", "")), threads
 
 
-def _budget(node: Mapping[str, Any]) -> tuple[float, bool]:
-    """The site's own differential-privacy settings: `max-epsilon` (0: none of its own; the site never spends more
-    than the smaller of this and the run's dp-target-epsilon) and `require-dp` (refuse to train without sample-level
-    DP). The coordinator cannot change either."""
+def _budget(node: Mapping[str, Any]) -> dict[str, Any]:
+    """The site's own privacy settings: `max-epsilon` (0: none of its own; the site never spends more than the
+    smaller of this and the run's dp-target-epsilon), `require-dp` (refuse to train without sample-level DP) and
+    `require-secagg` (refuse to send weights unmasked). The coordinator cannot change them."""
     try:
         max_epsilon = float(node.get("max-epsilon", 0.0))
     except (TypeError, ValueError):
         raise ConfigError("node-config key max-epsilon must be a number") from None
     if max_epsilon < 0:
         raise ConfigError("node-config key max-epsilon must not be negative (0: the run's dp-target-epsilon)")
-    return max_epsilon, _flag(node.get("require-dp", False), "require-dp")
+    return {"max_epsilon": max_epsilon, "require_dp": _flag(node.get("require-dp", False), "require-dp"),
+            "require_secagg": _flag(node.get("require-secagg", False), "require-secagg")}  # fmt: skip
 
 
 def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:

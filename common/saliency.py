@@ -69,17 +69,19 @@ class Explainer:
             GradCAM(nn_module=self.wrapper, target_layers=CAM_LAYERS[backbone]) if method == "gradcam" else VanillaGrad(self.wrapper)
         )
 
-    def __call__(self, image: np.ndarray | torch.Tensor, clinical: np.ndarray | torch.Tensor) -> np.ndarray:
+    def __call__(self, image: np.ndarray | torch.Tensor, clinical: np.ndarray | torch.Tensor, responder: bool | None = None) -> np.ndarray:
         """Saliency ``(C, D, H, W)`` (one map per phase; Grad-CAM's one map repeated) in [0, 1] for one image
-        ``(C, D, H, W)`` and its encoded clinical factors ``(K,)``. `total` sums it over the phases."""
+        ``(C, D, H, W)`` and its encoded clinical factors ``(K,)``, explaining `responder` (the group the card shows,
+        at the study's cut-off; None: the sign of the logit). `total` sums it over the phases."""
         from scipy.ndimage import gaussian_filter
 
         self.wrapper.clinical = torch.as_tensor(clinical, dtype=torch.float32).reshape(1, -1).to(self.device)
         x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
+        index = None if responder is None else int(responder)
         if self.method == "gradcam":
-            cam = np.nan_to_num(self.explain(x)[0, 0].detach().float().cpu().numpy(), nan=0.0)  # (D, H, W), in [0, 1]
+            cam = np.nan_to_num(self.explain(x, class_idx=index)[0, 0].detach().float().cpu().numpy(), nan=0.0)  # (D, H, W), in [0, 1]
             return np.repeat(cam[None], x.shape[1], axis=0)
-        grad = np.abs(self.explain(x)[0].detach().float().cpu().numpy())  # (C, D, H, W)
+        grad = np.abs(self.explain(x, index=index)[0].detach().float().cpu().numpy())  # (C, D, H, W)
         maps = np.stack([gaussian_filter(g, 1.5) for g in grad])
         peak = float(maps.max())
         return maps / peak if peak > 0 else maps

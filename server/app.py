@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -55,19 +56,15 @@ def _strategy(run: RunConfig, noise_multiplier: float = 0.0, n_sites: int = 1) -
         inner = FedAvg(**common)
     if not run.client_dp:
         return inner
-    from flwr.serverapp.strategy import (
-        DifferentialPrivacyClientSideFixedClipping,
-        DifferentialPrivacyServerSideAdaptiveClipping,
-        DifferentialPrivacyServerSideFixedClipping,
-    )
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, DifferentialPrivacyServerSideFixedClipping
 
     n = max(n_sites, 1)
     if run.dp_mode == "client-adaptive":
         # Flower's default noise on the clipped-update count (n / 20) suits hundreds of sites; with a handful it
         # cannot reach the requested noise multiplier. This choice costs the updates about 5 % more noise.
-        return DifferentialPrivacyServerSideAdaptiveClipping(
-            inner, noise_multiplier, n, initial_clipping_norm=run.dp_clipping_norm, clipped_count_stddev=max(n / 20, 1.6 * noise_multiplier)
-        )
+        from tace.server.privacy import adaptive_clipping
+
+        return adaptive_clipping(inner, noise_multiplier, n, run.dp_clipping_norm, max(n / 20, 1.6 * noise_multiplier))
     if run.secagg:  # the coordinator cannot see the updates: the sites clip them (tace.client.app)
         return DifferentialPrivacyClientSideFixedClipping(inner, noise_multiplier, run.dp_clipping_norm, n)
     return DifferentialPrivacyServerSideFixedClipping(inner, noise_multiplier, run.dp_clipping_norm, n)
@@ -267,7 +264,7 @@ class FlowerFederation:
         if self.run.sample_dp:
             assert self.ledger is not None
             settings["study-id"] = self.ledger.study_id
-            settings["dp-plan"] = json.dumps(planned_rounds(self.run, len(self.info)))
+            settings["dp-plan"] = json.dumps(planned_rounds(self.run, len(self.info)))  # this site's rounds
         if self.run.client_dp and self.run.secagg:
             settings["clipping-norm"] = self.run.dp_clipping_norm
         per = {n: self._config(n, {**settings, "seed": q.seed + i}, encoder) for i, n in enumerate(nodes)}
@@ -280,7 +277,7 @@ class FlowerFederation:
         for node in sorted(nodes, key=lambda n: self.nodes[n]):
             site = self.nodes[node]
             if node in errors:
-                out.append(TrainReply(site, {}, 0, {}, error=errors[node], declined=errors[node].startswith("declined")))
+                out.append(TrainReply(site, {}, 0, {}, error=errors[node], declined="declined to train" in errors[node]))
                 continue
             reply = replies[node]
             try:
@@ -311,8 +308,14 @@ class FlowerFederation:
         weights = {n: 1 if self.run.client_dp else int(self.info[self.nodes[n]]["labelled-train"]) for n in nodes}
         result = secure_round(self.grid, q.server_round, contents, sorted(current), max(weights.values(), default=1), self.timeout_s)
         errors = {n: clean_reason(why) for n, why in result.errors.items()}
-        if result.aggregate is not None:
-            self._secure[q.stage] = (result.aggregate, [weights[n] for n in sorted(result.replies)])
+        # A site that declined (privacy budget) took part with weight 0: its reply carries its validation and privacy.
+        trained = [
+            n
+            for n, m in sorted(result.replies.items())
+            if not (SITE in m.content.config_records and m.content.config_records[SITE].get("declined"))
+        ]
+        if result.aggregate is not None and trained:
+            self._secure[q.stage] = (result.aggregate, [weights[n] for n in trained])
         else:
             self._secure.pop(q.stage, None)
         return {n: m for n, m in result.replies.items() if n not in errors}, errors
@@ -351,7 +354,7 @@ class FlowerFederation:
             raise TaceError(f"aggregation of stage {stage} failed in round {server_round}", "see run.log")
         if self.run.client_dp:
             assert self.ledger is not None
-            self.ledger.record_central(stage, server_round, len(raws), float(strategy.clipping_norm))
+            self.ledger.record_central(stage, server_round, len(raws), float(getattr(strategy, "round_norm", strategy.clipping_norm)))
         return {k: v.numpy().astype(current[k].dtype) for k, v in aggregated.items()}
 
     def _secure_replies(self, stage: str, server_round: int, current: Arrays) -> list[Message]:
@@ -422,7 +425,7 @@ class FlowerFederation:
         content = RecordDict({ARRAYS: _record(pack({k: arrays[k] for k in ("dltr", "head", "clinical")}))})
         q = request
         extra = {"query": QUERY_FINETUNE, "mode": q.mode, "epochs": q.epochs, "backbone": q.backbone, "seed": q.seed,
-                 "cutoffs": json.dumps(q.cutoffs), "bins": self.run.analysis_bins}  # fmt: skip
+                 "cutoffs": json.dumps(q.cutoffs), "bins": self.run.analysis_bins, "tag": q.tag}  # fmt: skip
         replies, errors = self._send(nodes, "query", content, {n: self._config(n, extra, encoder) for n in nodes})
         out: dict[str, dict[str, Any]] = {self.nodes[n]: {"error": why} for n, why in errors.items()}
         for node, reply in replies.items():
@@ -459,6 +462,9 @@ def _summary(reply: Message, site: str) -> Any:
 def clean_reason(reason: str | None) -> str:
     """The site's own message from a Flower error reason, without the traceback text Ray wraps around it."""
     text = (reason or "no reason given").strip()
+    wrapped = re.fullmatch(r"<class '[^']*'>:<'(.*)'>", text, flags=re.DOTALL)  # Flower's format for a ClientApp exception
+    if wrapped:
+        text = wrapped.group(1)
     if "Message: " in text:
         text = text.rsplit("Message: ", 1)[1]
     elif "Traceback" in text or 'File "' in text:

@@ -32,12 +32,19 @@ FORMAT = 1
 CENTRAL = "all sites (client-level)"
 
 
-def planned_rounds(run: RunConfig, n_sites: int) -> dict[str, int]:
-    """Rounds each stage may run for one training site over the whole run (every candidate backbone, and every
-    leave-one-centre-out fold the site trains in): what target-ε mode sizes the noise for."""
-    folds = max(n_sites - 1, 1) if run.layout == "loco" else 1
+#: Rounds per stage the plan adds for resuming: a coordinator that stops mid-stage repeats up to two rounds (the
+#: one awaiting its validation and the one in flight), and their weights left the sites all the same.
+RESUME_HEADROOM = 2
+
+
+def planned_rounds(run: RunConfig, n_sites: int, central: bool = False) -> dict[str, int]:
+    """Rounds each stage may run over the whole run (every candidate backbone, every leave-one-centre-out fold a
+    training site trains in, or with `central` every fold), plus `RESUME_HEADROOM`: what target-ε mode sizes the
+    noise for."""
+    folds = (n_sites if central else max(n_sites - 1, 1)) if run.layout == "loco" else 1
     candidates = len(run.backbone_candidates) or 1
-    return {"dltr": run.rounds * candidates * folds, "head": run.head_rounds * folds, "clinical": run.clinical_rounds * folds}
+    plan = {"dltr": run.rounds * candidates, "head": run.head_rounds, "clinical": run.clinical_rounds}
+    return {stage: (rounds + RESUME_HEADROOM) * folds for stage, rounds in plan.items()}
 
 
 class PrivacyLedger:
@@ -106,7 +113,7 @@ class PrivacyLedger:
         state = self.data.get("central")
         if state is None:
             delta = self.run.dp_delta or 1.0 / (10 * max(n_training, 1))
-            total = sum(planned_rounds(self.run, n_sites).values())
+            total = sum(planned_rounds(self.run, n_sites, central=True).values())
             sigma = self.run.dp_noise_multiplier or calibrate_noise([(1.0, total)], self.run.dp_target_epsilon, delta)
             state = self.data["central"] = {"delta": delta, "noise_multiplier": sigma, "history": []}
             self.save()
@@ -138,3 +145,33 @@ class PrivacyLedger:
             "steps": 1, "budget": self.run.dp_target_epsilon, "sites": n_sites, "clipping_norm": clipping_norm,
         })  # fmt: skip
         return eps
+
+
+def adaptive_clipping(strategy: Any, noise_multiplier: float, n_sites: int, initial_norm: float, count_stddev: float) -> Any:
+    """Flower's server-side adaptive-clipping wrapper with two corrections, so that what is accounted is what happens.
+
+    Flower 1.42's `DifferentialPrivacyServerSideAdaptiveClipping` (1) moves the norm with the share of updates that
+    *were* clipped where Andrew et al.'s rule uses the share that were *not*, which drives the norm away from the
+    target quantile, and (2) sizes the round's noise with the norm already updated for the next round, while the
+    updates were clipped to the current one: whenever the norm shrinks, less noise than the noise multiplier says.
+    """
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideAdaptiveClipping
+
+    class AdaptiveClipping(DifferentialPrivacyServerSideAdaptiveClipping):
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            self.round_norm = self.clipping_norm  # the norm this round's updates are clipped to
+            return super().aggregate_train(server_round, replies)
+
+        def _geometric_update(self, clipped_fraction: float) -> None:
+            super()._geometric_update(1.0 - clipped_fraction)  # Andrew et al.: the share of updates not clipped
+
+        def _add_noise_to_aggregated_arrays(self, aggregated: Any) -> Any:
+            updated, self.clipping_norm = self.clipping_norm, self.round_norm
+            try:
+                return super()._add_noise_to_aggregated_arrays(aggregated)
+            finally:
+                self.clipping_norm = updated
+
+    wrapper = AdaptiveClipping(strategy, noise_multiplier, n_sites, initial_clipping_norm=initial_norm, clipped_count_stddev=count_stddev)
+    wrapper.round_norm = initial_norm
+    return wrapper

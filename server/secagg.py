@@ -147,7 +147,13 @@ def secure_round(
 
     state = WorkflowState()
     for stage in (workflow.setup_stage, workflow.share_keys_stage, workflow.collect_masked_vectors_stage, workflow.unmask_stage):
-        if not stage(recording, round_, state):  # type: ignore[arg-type]
+        try:
+            ok = stage(recording, round_, state)  # type: ignore[arg-type]
+        except ZeroDivisionError:  # every site that sent masked weights declined (weight 0): nothing to average
+            return SecureRound(
+                None, dict(recording.collected), {n: why for n, why in recording.errors.items() if n not in recording.collected}
+            )
+        if not ok:
             reason = "secure aggregation halted: too few sites took part in every step of the protocol"
             errors = {n: recording.errors.get(n, reason) for n in nodes}
             return SecureRound(None, {}, errors)

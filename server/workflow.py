@@ -80,6 +80,7 @@ class Finetune:
     backbone: str
     seed: int
     cutoffs: dict[str, Any] = field(default_factory=dict)
+    tag: str = ""  # leave-one-centre-out: the fold, so each fold's fine-tuned model is kept apart at the site
 
 
 @dataclass
@@ -425,7 +426,7 @@ def run_study(
     tuned: dict[str, Any] = {}
     if run.finetune:
         t = time.perf_counter()
-        tuned = finetune_sites(federation, run, rundir, arrays, encoder, chosen, cutoffs)
+        tuned = finetune_sites(federation, run, rundir, arrays, encoder, chosen, cutoffs, tag)
         timings["finetune_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
     return StudyResult(arrays, encoder, evaluation, roles, timings, chosen, comparison, cutoffs, tuned)
@@ -433,7 +434,7 @@ def run_study(
 
 def finetune_sites(
     federation: Federation, run: RunConfig, rundir: RunDir, arrays: dict[str, Arrays], encoder: ClinicalEncoder, backbone: str,
-    cutoffs: dict[str, Any],
+    cutoffs: dict[str, Any], tag: str = "",
 ) -> dict[str, Any]:  # fmt: skip
     """Personalisation after federation: each training site fine-tunes the final model on its own training split and
     reports the global and the fine-tuned DLTRMLP AUC on its validation split (the fine-tuned model stays there)."""
@@ -441,7 +442,7 @@ def finetune_sites(
         note = ("not run: with differential privacy on, a fine-tuned model's validation AUC would be a release about the "
                 "training patients outside the privacy account; fine-tune at the site with `tace-client finetune`")  # fmt: skip
         return {"mode": run.finetune, "note": note, "sites": {}}
-    sites = federation.finetune(arrays, encoder, Finetune(run.finetune, run.finetune_epochs, backbone, run.seed, cutoffs))
+    sites = federation.finetune(arrays, encoder, Finetune(run.finetune, run.finetune_epochs, backbone, run.seed, cutoffs, tag))
     for site, entry in sorted(sites.items()):
         if "error" in entry:
             rundir.record_event("finetune-failed", "finetune", 0, site, str(entry["error"]))
@@ -499,9 +500,11 @@ def data_sharing(evaluation: dict[str, dict[str, Any]], rounds: dict[str, int], 
             if not run.dp:
                 sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
             sent += [f"model weights after local training: {n} round(s) of stage {stage}{how}" for stage, n in sorted(rounds.items())]
-            sent.append("per round: number of training samples, training loss, speed; internal-validation AUC and score histograms")
             if run.sample_dp:
-                sent.append("per round: privacy spent (ε, δ, noise multiplier, sample rate, steps)")
+                sent.append("per round: number of training patients; privacy spent (ε, δ, noise multiplier, sample rate, steps); "
+                            "internal-validation AUC and score histograms (validation split)")  # fmt: skip
+            else:
+                sent.append("per round: number of training samples, training loss, speed; internal-validation AUC and score histograms")
         table = summary["scores"]
         cells = len(table["cells"]) if "cells" in table else sum(len(v) for v in table["marginals"].values())
         kind = "joint score table" if "cells" in table else f"one score table per model (cells of >= {summary['min_cell_count']} patients)"
@@ -606,9 +609,10 @@ def run_layouts(
 
 def save_models(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
     """The final models in the run folder, and the exported model file hospitals predict with (models/tace-model.zip)."""
-    from tace.common.artifact import FILENAME, TRAINING_KEYS, write_model
+    from tace.common.artifact import FILENAME, PRIVACY_KEYS, TRAINING_KEYS, write_model
 
     rundir.save_models(result.arrays, result.backbone, len(run.preprocess.sequences), run.preprocess.shape, result.encoder.to_dict())
-    training = {k: v for k, v in run.to_run_config().items() if k in TRAINING_KEYS}
+    config = run.to_run_config()
     write_model(rundir.path / "models" / FILENAME, result.arrays, result.backbone, run.preprocess, result.encoder.to_dict(), result.cutoffs,
-                run.analysis_bins, source=rundir.path.name, training=training)  # fmt: skip
+                run.analysis_bins, source=rundir.path.name, training={k: config[k] for k in TRAINING_KEYS},
+                privacy={k: config[k] for k in PRIVACY_KEYS})  # fmt: skip

@@ -190,6 +190,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from tace.analysis.report import write_report
 
     report_path, _ = write_report(run_dir)
+    hospital = [s["site_id"] for s in meta["sites"] if s["site_id"] in run.holdout][:1]
+    if hospital:
+        analysis_s += predict_at_hospital(run_dir, out, hospital[0])
     print(
         f"\nrun folder: {run_dir}; federated run {study['timings'].get('wall_s', 0):.0f} s; analysis {analysis_s:.0f} s; "
         f"demo total {time.perf_counter() - demo_start:.0f} s"
@@ -225,6 +228,24 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     found = {k: len(planted & set(v)) for k, v in section["enriched"].items()}
     print(f"  planted pathways found (FDR < 0.05): over-representation {found['ora']}/{len(planted)}, "
           f"GSEA pre-ranked {found['prerank']}/{len(planted)}  (study: angiogenesis, EMT, hypoxia, TGF-beta)")  # fmt: skip
+    return time.perf_counter() - start
+
+
+def predict_at_hospital(run_dir: Path, cohort: Path, site: str, n: int = 5) -> float:
+    """What an external hospital does with the finished study: `tace-client predict` with the exported model for a
+    few of its patients, with saliency maps and one card each."""
+    from tace.client.features import TrainedModels
+    from tace.client.predict import predict
+    from tace.common.manifest import parse_manifest
+
+    start = time.perf_counter()
+    manifest = cohort / "sites" / site / "manifest.csv"
+    ids = [r.patient_id for r in parse_manifest(manifest).records[:n]]
+    out = run_dir / "predictions" / site
+    result = predict(TrainedModels.load(run_dir), manifest, out, cohort / "cache" / site, validate=False, patients=ids)
+    groups = ", ".join(f"{k}: {v}" for k, v in sorted(result.table["predicted_group"].value_counts().items()))
+    print(f"\nprediction at {site} with the exported model {run_dir / 'models' / 'tace-model.zip'}: {len(ids)} patients ({groups}), "
+          f"{result.patients_per_second:.1f} patients/s with saliency maps; patient cards: {out / 'index.html'}")  # fmt: skip
     return time.perf_counter() - start
 
 

@@ -48,8 +48,8 @@ class InProcessGrid:
         try:
             # A copy, as the wire gives each node its own: Flower's mods modify what they receive.
             return client_app.app(copy.deepcopy(msg), self.contexts[msg.metadata.dst_node_id])
-        except Exception as exc:  # what Flower does with an exception in a ClientApp
-            return Message(Error(code=1, reason=str(exc)), reply_to=msg)
+        except Exception as exc:  # what Flower does with an exception in a ClientApp (its reason format included)
+            return Message(Error(code=1, reason=str(type(exc)) + ":<'" + str(exc) + "'>"), reply_to=msg)
 
     def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
         replies = []

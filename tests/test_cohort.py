@@ -196,6 +196,7 @@ def test_demo_command_on_tiny(tmp_path):
     assert "DLTRMLP" in first.stdout and "oracle" in first.stdout and "holdout pooled" in first.stdout
     (run,) = (out / "runs").iterdir()
     assert json.loads((run / "summary.json").read_text())["mode"] == "federated"
+    assert "patient cards:" in first.stdout and len(list((run / "predictions" / "site-d" / "cards").glob("*.html"))) == 5
     second = _sim("demo", "--preset", "tiny", "--out", str(out), "--run-config", "rounds=0")
     assert "using the existing" in second.stdout and "(8 cached)" in second.stdout
     assert second.returncode == 2 and "rounds must be at least 1" in second.stderr

@@ -65,10 +65,18 @@ def test_the_model_file_holds_everything_to_predict_and_nothing_about_patients(f
     assert not any(pid in blob for pid in ids) and str(tiny_cohort) not in blob  # no patient, no site path
 
 
-def _rewrite(path: Path, out: Path, change) -> Path:
+def _rewrite(path: Path, out: Path, change, redigest: bool = True) -> Path:
+    """A copy of a model file with `change(card, weights)` applied; re-digested as a file another version wrote would be."""
+    from tace.common.artifact import _card_digest
+
     with zipfile.ZipFile(path) as z:
         card, weights = json.loads(z.read("model.json")), z.read("weights.npz")
     card, weights = change(card, weights)
+    if redigest:
+        arrays: dict = {"dltr": {}, "head": {}, "clinical": {}}
+        for k, v in np.load(io.BytesIO(weights)).items():
+            arrays[k.split(".", 1)[0]][k.split(".", 1)[1]] = v
+        card["sha256"] = _card_digest(card, arrays)
     with zipfile.ZipFile(out, "w") as z:
         z.writestr("model.json", json.dumps(card))
         z.writestr("weights.npz", weights)
@@ -90,8 +98,10 @@ def test_an_incompatible_or_damaged_model_file_is_a_clear_error(finished, tmp_pa
 
     with pytest.raises(TaceError, match=r"(?s)cannot read.*install TACE-FL 9.0"):
         read_model(_rewrite(path, tmp_path / "a.zip", newer))
-    with pytest.raises(TaceError, match="do not match the digest"):
-        read_model(_rewrite(path, tmp_path / "b.zip", tampered))
+    with pytest.raises(TaceError, match="does not match the digest"):
+        read_model(_rewrite(path, tmp_path / "b.zip", tampered, redigest=False))
+    with pytest.raises(TaceError, match="does not match the digest"):  # an edited card (here: the cut-offs)
+        read_model(_rewrite(path, tmp_path / "e.zip", lambda c, w: ({**c, "cutoffs": {}}, w), redigest=False))
     with pytest.raises(TaceError, match="preprocessing or clinical factors differ"):
         read_model(
             _rewrite(path, tmp_path / "c.zip", lambda c, w: ({**c, "preprocessing": {**c["preprocessing"], "pipeline_version": 0}}, w))
@@ -186,7 +196,8 @@ def test_the_run_option_finetunes_at_every_training_site(finished):
     assert summary["finetune"]["mode"] == "head" and set(sites) == {"site-a", "site-b", "site-c"}
     for site, entry in sites.items():
         assert {"global_auc", "finetuned_auc", "n_train", "n_val"} <= set(entry), site
-        assert (run_dir / "sites" / site / "finetuned" / "tace-model.zip").is_file()  # the fine-tuned model stays at the site
+        tuned = read_model(run_dir / "sites" / site / "finetuned" / "model" / "tace-model.zip")  # the fine-tuned model stays at the site
+        assert "not refitted" in tuned.cutoffs_note and "without differential privacy" in tuned.privacy["note"]
     assert json.loads((run_dir / "finetune.json").read_text())["sites"] == json.loads(json.dumps(sites))
     # The same run's global AUC on a site's validation split is what the final evaluation measured there.
     val = summary["models"]["dltrmlp"]["sites"]["site-b"]["auc"]
