@@ -243,7 +243,23 @@ class Report:
             + self.figure("calibration-pooled-external", "Calibration: observed response rate by decile of predicted probability")
             + self.figure("decision-pooled-external", "Decision curves: net benefit against treat-all and treat-none")
             + "</div>"
+            + self.finetuning()
         )  # fmt: skip
+
+    def finetuning(self) -> str:
+        """Global vs locally fine-tuned DLTRMLP per training site (run-config finetune), when the run did it."""
+        tuned = self._json("finetune.json")
+        if not tuned.get("sites"):
+            return ""
+        rows = [
+            [site, e.get("n_val"), e.get("global_auc"), e.get("finetuned_auc"), e.get("error", "")] for site, e in tuned["sites"].items()
+        ]
+        return (
+            f"<h3>Local fine-tuning at the training sites ({_esc(tuned.get('mode'))})</h3><p class='small'>Each training site adapted "
+            "the final model to its own training split and compared both on its validation split, which neither saw; the "
+            "fine-tuned models stayed at the sites (docs/prediction.md).</p>"
+            + table(["site", "validation patients", "DLTRMLP AUC, global", "fine-tuned", "error"], rows)
+        )
 
     def survival(self) -> str:
         s = self.analysis.get("survival")

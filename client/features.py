@@ -21,7 +21,7 @@ from tace.client.data import SiteDataset
 from tace.common.artifact import FILENAME, locate, read_model
 from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.errors import ManifestError, TaceError
-from tace.common.manifest import PatientRecord, parse_manifest
+from tace.common.manifest import Manifest, PatientRecord, parse_manifest
 from tace.common.models import StudyModels
 from tace.common.preprocess import PreprocessConfig
 from tace.common.training import predict_images, predict_tabular, select_device
@@ -84,14 +84,7 @@ class TrainedModels:
         DataFrame with ``patient_id``, ``dltrmlp``, ``dltr``, ``clinical`` (probabilities of objective response)
         and ``feature_000 ... feature_{F-1}`` (DLTR's deep features, before its dropout and linear head).
         """
-        manifest = Path(manifest)
-        parsed = parse_manifest(manifest)
-        problems = check_site(parsed).problems if validate else list(parsed.problems)
-        if problems:
-            raise ManifestError(problems, str(manifest))
-        records = select(parsed.records, patients, manifest)
-        if not records:
-            raise TaceError(f"{manifest} lists no patients", "add the cohort's patients to the manifest")
+        parsed, records = manifest_records(manifest, validate, patients)
         dev = select_device(device)
         cache = PreprocessCache(cache_dir, self.preprocess)
         dataset = SiteDataset(records, parsed.root, cache)
@@ -107,6 +100,22 @@ class TrainedModels:
         frame = pd.DataFrame(table)
         _check_finite(frame)
         return frame
+
+
+def manifest_records(
+    manifest: Path | str, validate: bool = True, patients: Sequence[str] | None = None
+) -> tuple[Manifest, list[PatientRecord]]:
+    """The parsed manifest and its records (of `patients` only, when given). With `validate`, the manifest and every
+    image header are checked first (`tace-client check`): any problem raises `ManifestError` listing them all."""
+    manifest = Path(manifest)
+    parsed = parse_manifest(manifest)
+    problems = check_site(parsed).problems if validate else list(parsed.problems)
+    if problems:
+        raise ManifestError(problems, str(manifest))
+    records = select(parsed.records, patients, manifest)
+    if not records:
+        raise TaceError(f"{manifest} lists no patients", "add the patients to the manifest")
+    return parsed, records
 
 
 def select(records: list[PatientRecord], patients: Sequence[str] | None, manifest: Path) -> list[PatientRecord]:

@@ -20,11 +20,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tace.client.features import TrainedModels, select, write_features
-from tace.common.errors import ManifestError, TaceError
-from tace.common.manifest import PatientRecord, parse_manifest
+from tace.client.features import TrainedModels, manifest_records, write_features
+from tace.common.manifest import PatientRecord
 from tace.common.summaries import RESPONSE_GROUPS, groupings
-from tace.common.validate import check_site
 
 DISCLAIMER = ("Research software: not a medical device. The prediction supports and does not replace the "
               "multidisciplinary team's judgement.")  # fmt: skip
@@ -74,15 +72,8 @@ def predict(
     from tace.common.training import select_device
 
     start = time.perf_counter()
-    manifest = Path(manifest)
     out = Path(out)
-    parsed = parse_manifest(manifest)
-    problems = check_site(parsed).problems if validate else list(parsed.problems)
-    if problems:
-        raise ManifestError(problems, str(manifest))
-    records = select(parsed.records, patients, manifest)
-    if not records:
-        raise TaceError(f"{manifest} lists no patients", "add the patients to predict to the manifest")
+    parsed, records = manifest_records(manifest, validate, patients)
     dev = select_device(device)
     table = trained.extract(manifest, cache_dir, device=dev, validate=False, patients=patients)
     timings = {"scores": time.perf_counter() - start}

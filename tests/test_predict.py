@@ -204,6 +204,16 @@ def test_the_run_option_finetunes_at_every_training_site(finished):
     assert sites["site-b"]["global_auc"] == pytest.approx(val) if val is not None else sites["site-b"]["global_auc"] is None
 
 
+def test_the_report_shows_the_fine_tuning(finished, tmp_path, capsys):
+    from tace.analysis.cli import main as analysis_main
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    assert analysis_main(["report", str(run)]) == 0
+    text = (run / "report.html").read_text(encoding="utf-8")
+    assert "Local fine-tuning at the training sites (head)" in text and "site-c" in text
+
+
 def test_trained_models_load_from_file_or_run_folder(finished):
     a, b = TrainedModels.load(finished[0]), TrainedModels.load(finished[0] / "models" / "tace-model.zip")
     assert a.path == b.path and torch.equal(next(a.models.dltr.parameters()), next(b.models.dltr.parameters()))
