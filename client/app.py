@@ -23,7 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from tace.client.privacy import BudgetExhausted
 from tace.client.task import SiteTask
 from tace.common.clinical import FEATURES, ClinicalEncoder
-from tace.common.config import RunConfig, SiteConfig, _flag
+from tace.common.config import RunConfig, SiteConfig, flag
 from tace.common.errors import ManifestError, TaceError
 from tace.common.models import StudyModels, model_signature, state_dict_numpy
 from tace.common.protocol import ARRAYS, CONFIG, METRICS, QUERY_FINETUNE, QUERY_INFO, QUERY_STATS, SITE, flatten_evaluation, unpack
@@ -110,7 +110,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     if msg.metadata.message_type != "train":
         return call_next(msg, context)
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
-        if _flag(context.node_config.get("require-secagg", False), "require-secagg"):
+        if flag(context.node_config.get("require-secagg", False), "require-secagg"):
             raise TaceError("this site sends its weights only masked (its node config require-secagg) and the coordinator "
                             "asked for them in the clear", "the coordinator sets run-config secagg=true")  # fmt: skip
         return call_next(msg, context)
@@ -210,8 +210,8 @@ def query(msg: Message, context: Context) -> Message:
 def _finetune(msg: Message, context: Context) -> Message:
     """Fine-tune the final models on this site's training split; reply with the global and fine-tuned validation
     AUCs (aggregates). The fine-tuned model stays in the site's output folder (finetuned/tace-model.zip)."""
-    from tace.client.finetune import FINETUNED_CUTOFFS, FINETUNED_PRIVACY, finetune
-    from tace.common.artifact import FILENAME, TRAINING_KEYS, write_model
+    from tace.client.finetune import finetune, save_finetuned
+    from tace.common.artifact import FILENAME, TRAINING_KEYS
 
     task, run, config = _site(msg, context)
     if run.dp:
@@ -222,13 +222,10 @@ def _finetune(msg: Message, context: Context) -> Message:
     assert encoder is not None
     backbone = str(config["backbone"])
     result = finetune(task, models, encoder, backbone, str(config["mode"]), int(config.get("epochs", 0)), 0.0, int(config.get("seed", 0)))
-    assert result.models is not None
     training = {k: v for k, v in run.to_run_config().items() if k in TRAINING_KEYS}
     folder = task.site.output_dir / "finetuned" / (str(config.get("tag", "")) or "model")
-    write_model(folder / FILENAME, result.models.arrays(), backbone, run.preprocess, encoder.to_dict(),
-                json.loads(str(config.get("cutoffs", "") or "{}")), int(config.get("bins", run.analysis_bins)),
-                source=f"fine-tuned ({result.mode}) at {task.site.site_id}", training=training,
-                privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
+    save_finetuned(folder / FILENAME, result, backbone, run.preprocess, encoder, json.loads(str(config.get("cutoffs", "") or "{}")),
+                   int(config.get("bins", run.analysis_bins)), training, f"fine-tuned ({result.mode}) at {task.site.site_id}")  # fmt: skip
     metrics: dict[str, int | float | list[int] | list[float]] = {"global-auc": -1.0 if result.global_auc is None else result.global_auc,
                "finetuned-auc": -1.0 if result.finetuned_auc is None else result.finetuned_auc,
                "n-train": result.n_train, "n-val": result.n_val, "epochs": result.epochs, "seconds": result.seconds}  # fmt: skip

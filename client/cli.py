@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run, triple
 from tace.common.errors import ImageReadError, Problem, TaceError
-from tace.common.manifest import parse_manifest
+from tace.common.manifest import Manifest, parse_manifest
 from tace.common.preprocess import PreprocessConfig
 from tace.common.validate import CheckReport, check_site
 
@@ -71,11 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         "and a saliency map over axial, coronal and sagittal slices through the tumour for every phase) and "
         "OUT/index.html. Everything stays at the site.",
     )
-    pred.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
-    pred.add_argument("--manifest", type=Path, required=True, help="the new patients' manifest CSV (docs/manifest.md)")
-    pred.add_argument("--out", type=Path, required=True, help="output folder")
-    pred.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
-    pred.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+    add_model_arguments(pred, "the new patients' manifest CSV (docs/manifest.md)")
     pred.add_argument("--patient", action="append", metavar="ID", help="predict only this patient of the manifest (repeatable)")
     pred.add_argument("--no-saliency", action="store_true", help="skip the saliency maps and the cards (faster)")
     pred.add_argument("--no-cards", action="store_true", help="compute the saliency share but write no HTML cards")
@@ -91,15 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         "its validation split: AUC side by side. Writes OUT/finetune.json and the fine-tuned model "
         "OUT/tace-model-finetuned.zip (usable with `tace-client predict`). Nothing leaves the site.",
     )
-    tune.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
-    tune.add_argument("--manifest", type=Path, required=True, help="the site's manifest, with train and val splits and responses")
-    tune.add_argument("--out", type=Path, required=True, help="output folder")
-    tune.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
+    add_model_arguments(tune, "the site's manifest, with train and val splits and responses")
     tune.add_argument("--last-stage", action="store_true", help="also adapt the last stage of the DLTR backbone (slower)")
     tune.add_argument("--epochs", type=int, help="passes over the training split (default: 20 for the head, 5 with --last-stage)")
     tune.add_argument("--lr", type=float, help="learning rate (default: the study's head-lr, or its lr with --last-stage)")
     tune.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    tune.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
     tune.set_defaults(func=cmd_finetune)
 
     keygen = sub.add_parser(
@@ -123,6 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--quiet", action="store_true", help="do not echo the connection's log (it is always in OUTPUT/logs/client.log)")
     start.set_defaults(func=cmd_start)
     return parser
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, manifest_help: str) -> None:
+    """The arguments of the commands that apply a study's exported model to a site's patients."""
+    parser.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
+    parser.add_argument("--manifest", type=Path, required=True, help=manifest_help)
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
+    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
 
 
 def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
@@ -182,10 +183,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
     config = preprocess_config_from_args(args)
     manifest = parse_manifest(args.manifest)
-    report = check_site(manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
-    if not report.ok:
-        print_report(report)
-        print("Nothing was preprocessed: fix the problems above first.", file=sys.stderr)
+    if not _check_or_report(manifest, "Nothing was preprocessed"):
         return EXIT_PROBLEMS
     cache = PreprocessCache(args.cache, config)
     hits = cropped = 0
@@ -217,11 +215,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 def cmd_features(args: argparse.Namespace) -> int:
     from tace.client.features import TrainedModels, write_features
 
-    trained = TrainedModels.from_run(args.run)  # a wrong run folder fails before the images are read
-    report = check_site(args.manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
-    if not report.ok:
-        print_report(report)
-        print("No features were extracted: fix the problems above first.", file=sys.stderr)
+    trained = TrainedModels.load(args.run)  # a wrong run folder fails before the images are read
+    if not _check_or_report(args.manifest, "No features were extracted"):
         return EXIT_PROBLEMS
     start = time.perf_counter()
     cache = args.cache or args.out.parent / "cache"
@@ -232,7 +227,9 @@ def cmd_features(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _check_or_report(manifest: Path, what: str) -> bool:
+def _check_or_report(manifest: Path | Manifest, what: str) -> bool:
+    """`tace-client check` before a command's work: False (with the problems listed and `what` did not happen) when
+    anything is wrong."""
     report = check_site(manifest, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
     if not report.ok:
         print_report(report)

@@ -18,7 +18,7 @@ import torch
 
 from tace.client.cache import PreprocessCache
 from tace.client.data import SiteDataset
-from tace.common.artifact import FILENAME, locate, read_model
+from tace.common.artifact import locate, read_model
 from tace.common.clinical import FEATURES, ClinicalEncoder
 from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import Manifest, PatientRecord, parse_manifest
@@ -55,16 +55,6 @@ class TrainedModels:
         return cls(models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
                    art.version, art.training, art.source, art.privacy, art.cutoffs_note)  # fmt: skip
 
-    @classmethod
-    def from_run(cls, run_dir: Path | str) -> TrainedModels:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir() or not (run_dir / "models" / FILENAME).is_file():
-            raise TaceError(
-                f"{run_dir / 'models' / FILENAME} not found: {run_dir} is not a finished run folder",
-                "give the folder a finished `tace-sim run`/`tace-server` run wrote",
-            )
-        return cls.load(run_dir)
-
     def extract(
         self,
         manifest: Path | str,
@@ -85,9 +75,15 @@ class TrainedModels:
         and ``feature_000 ... feature_{F-1}`` (DLTR's deep features, before its dropout and linear head).
         """
         parsed, records = manifest_records(manifest, validate, patients)
+        return self.score(records, parsed.root, cache_dir, device, batch_size)
+
+    def score(
+        self, records: list[PatientRecord], root: Path, cache_dir: Path | str, device: str = "auto", batch_size: int = 16
+    ) -> pd.DataFrame:
+        """`extract` for records already read from a manifest in folder `root` (and checked)."""
         dev = select_device(device)
         cache = PreprocessCache(cache_dir, self.preprocess)
-        dataset = SiteDataset(records, parsed.root, cache)
+        dataset = SiteDataset(records, root, cache)
         probs, feats = predict_images(self.models.dltr, _Progress(dataset), batch_size=batch_size, device=dev)
         clinical = torch.from_numpy(self.encoder.encode(records))
         table: dict[str, Any] = {

@@ -133,7 +133,6 @@ def finetune_site(
 ) -> FinetuneResult:  # fmt: skip
     """`tace-client finetune`: fine-tune an exported model (`TrainedModels`) on a site's manifest; writes
     OUT/finetune.json and OUT/tace-model-finetuned.zip (cut-offs: the global model's, fixed on the training sites)."""
-    from tace.common.artifact import write_model
     from tace.common.config import RunConfig, SiteConfig
     from tace.common.serialize import write_json
 
@@ -147,9 +146,20 @@ def finetune_site(
     result = finetune(
         task, trained.models, trained.encoder, trained.backbone, "last-stage" if last_stage else "head", epochs or 0, lr or 0.0, seed
     )
-    assert result.models is not None
     write_json(Path(out) / "finetune.json", {**result.to_dict(), "model": str(trained.path), "manifest": str(manifest)})
-    write_model(Path(out) / "tace-model-finetuned.zip", result.models.arrays(), trained.backbone, pre, trained.encoder.to_dict(),
-                trained.cutoffs, trained.bins, source=f"{trained.path.name} fine-tuned ({result.mode}) at this site",
-                training=trained.training, privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
+    save_finetuned(Path(out) / "tace-model-finetuned.zip", result, trained.backbone, pre, trained.encoder, trained.cutoffs, trained.bins,
+                   trained.training, f"{trained.path.name} fine-tuned ({result.mode}) at this site")  # fmt: skip
     return result
+
+
+def save_finetuned(
+    path: Path, result: FinetuneResult, backbone: str, preprocess: Any, encoder: ClinicalEncoder, cutoffs: dict[str, Any], bins: int,
+    training: dict[str, Any], source: str,
+) -> Path:  # fmt: skip
+    """The fine-tuned models as a model file that says what they are: the global model's cut-offs (not refitted),
+    fine-tuned without differential privacy."""
+    from tace.common.artifact import write_model
+
+    assert result.models is not None
+    return write_model(path, result.models.arrays(), backbone, preprocess, encoder.to_dict(), cutoffs, bins, source=source,
+                       training=training, privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip

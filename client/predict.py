@@ -75,7 +75,7 @@ def predict(
     out = Path(out)
     parsed, records = manifest_records(manifest, validate, patients)
     dev = select_device(device)
-    table = trained.extract(manifest, cache_dir, device=dev, validate=False, patients=patients)
+    table = trained.score(records, parsed.root, cache_dir, device=dev)
     timings = {"scores": time.perf_counter() - start}
     result = table[["patient_id", "dltrmlp", "dltr", "clinical"]].copy()
     scores = {m: result[m].to_numpy() for m in ("dltrmlp", "dltr", "clinical")}

@@ -282,7 +282,7 @@ class SiteConfig:
             cache = Path(str(node.get("cache-dir", manifest.parent / ".tace-cache")))
             output = Path(str(node.get("output-dir", manifest.parent / "tace-output")))
             device, threads = _compute(node)
-            return cls(site_id, manifest, cache, output, *_privacy(node), _flag(node.get("share-patient-level", False)), device, threads,
+            return cls(site_id, manifest, cache, output, *_privacy(node), flag(node.get("share-patient-level", False)), device, threads,
                        **_budget(node))  # fmt: skip
         if "partition-id" in node:
             if not run.cohort:
@@ -311,7 +311,8 @@ class SiteConfig:
         )
 
 
-def _flag(value: Any, key: str = "share-patient-level") -> bool:
+def flag(value: Any, key: str = "share-patient-level") -> bool:
+    """A node-config true/false value (TOML booleans, or text as Flower's --node-config passes it)."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "1", "yes"):
@@ -342,8 +343,8 @@ def _budget(node: Mapping[str, Any]) -> dict[str, Any]:
         raise ConfigError("node-config key max-epsilon must be a number") from None
     if max_epsilon < 0:
         raise ConfigError("node-config key max-epsilon must not be negative (0: the run's dp-target-epsilon)")
-    return {"max_epsilon": max_epsilon, "require_dp": _flag(node.get("require-dp", False), "require-dp"),
-            "require_secagg": _flag(node.get("require-secagg", False), "require-secagg")}  # fmt: skip
+    return {"max_epsilon": max_epsilon, "require_dp": flag(node.get("require-dp", False), "require-dp"),
+            "require_secagg": flag(node.get("require-secagg", False), "require-secagg")}  # fmt: skip
 
 
 def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:

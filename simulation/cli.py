@@ -217,7 +217,7 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     if not gmt.exists() and not Path(meta["gene_sets"]).suffix:  # a cohort made before the generator wrote its GMT
         gmt = write_gmt(rg_dir / "gene_sets.gmt", builtin_gene_sets(), "TACE-FL synthetic pathway")
     print(f"\nradiogenomics: applying the run's models to {rg_dir / 'manifest.csv'}")
-    features = TrainedModels.from_run(run_dir).extract(rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
+    features = TrainedModels.load(run_dir).extract(rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
     features_path = write_features(features, run_dir / "radiogenomics" / "features.csv")
     section, result = rg.run_radiogenomics(
         run_dir, features_path, rg_dir / "expression.csv", gmt, rg.Settings(), cohort=rg_dir / "manifest.csv"

@@ -47,3 +47,21 @@ def final_weights(run_dir: Path) -> dict:
         with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
             out.update({f"{stage}.{k}": z[k] for k in z.files})
     return out
+
+
+def metric_rows(run_dir: Path) -> list[dict[str, str]]:
+    """A run's metrics.csv, one dict per row."""
+    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def render_report(run_dir: Path, tmp_path: Path) -> str:
+    """`tace-analysis report` on a copy of a run folder (it writes analysis and figures into it); the HTML."""
+    import shutil
+
+    from tace.analysis.cli import main as analysis_main
+
+    run = tmp_path / "report-run"
+    shutil.copytree(run_dir, run)
+    assert analysis_main(["report", str(run)]) == 0
+    return (run / "report.html").read_text(encoding="utf-8")

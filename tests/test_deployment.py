@@ -6,7 +6,6 @@ tested in test_fault_tolerance.py."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import pytest
 
 from tace.common import pki
 from tace.server.study import Study
-from tests.helpers import final_weights
+from tests.helpers import final_weights, metric_rows
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -182,8 +181,7 @@ def test_three_sites_with_tls_refusals_and_coordinator_resume(pilot, cohort):
     # one's own line may be lost in flight with it), and the run's metrics hold round 1 once.
     resumed_output = (pilot.root / "server.out").read_text().rsplit("resuming run", 1)[1]
     assert "TACE-ROUND dltr 2/" in resumed_output and "TACE-ROUND dltr 1/" not in resumed_output
-    with open(interrupted / "metrics.csv", newline="", encoding="utf-8") as fh:
-        first = [r["site"] for r in csv.DictReader(fh) if r["stage"] == "dltr" and r["round"] == "1"]
+    first = [r["site"] for r in metric_rows(interrupted) if r["stage"] == "dltr" and r["round"] == "1"]
     assert sorted(first) == ["pooled", "site-a", "site-b"]
 
 

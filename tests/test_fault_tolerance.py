@@ -16,7 +16,7 @@ from tace.common.errors import TaceError
 from tace.server.app import FlowerFederation
 from tace.server.workflow import TrainReply, screen_updates
 from tests.flower_grid import Crash, FaultyGrid, study, task_identity  # noqa: F401 (an autouse fixture)
-from tests.helpers import final_weights
+from tests.helpers import final_weights, metric_rows
 
 SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0"
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
@@ -24,13 +24,6 @@ SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 def config(cohort: Path, out: Path, extra: str = "") -> RunConfig:
     return RunConfig.from_run_config({**parse_overrides(SHORT + " " + extra), "cohort": str(cohort), "run-dir": str(out)})
-
-
-def metric_rows(run_dir: Path) -> list[dict]:
-    import csv
-
-    with open(run_dir / "metrics.csv", newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
 
 
 def events(run_dir: Path) -> list[dict]:

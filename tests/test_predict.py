@@ -20,7 +20,7 @@ from tace.common.artifact import read_model
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 from tests.flower_grid import InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
-from tests.helpers import read_rows, set_cell, write_rows
+from tests.helpers import read_rows, render_report, set_cell, write_rows
 
 SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
 SITES = [0, 1, 2, 3, 4]
@@ -205,12 +205,7 @@ def test_the_run_option_finetunes_at_every_training_site(finished):
 
 
 def test_the_report_shows_the_fine_tuning(finished, tmp_path, capsys):
-    from tace.analysis.cli import main as analysis_main
-
-    run = tmp_path / "run"
-    shutil.copytree(finished[0], run)
-    assert analysis_main(["report", str(run)]) == 0
-    text = (run / "report.html").read_text(encoding="utf-8")
+    text = render_report(finished[0], tmp_path)
     assert "Local fine-tuning at the training sites (head)" in text and "site-c" in text
 
 

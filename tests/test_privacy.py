@@ -4,10 +4,8 @@ ClientApp (with its mods) on an in-process grid. Accounting is checked against G
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,7 @@ from tace.server.app import FlowerFederation
 from tace.server.privacy import CENTRAL
 from tace.server.workflow import TrainRound, screen_updates
 from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
-from tests.helpers import final_weights
+from tests.helpers import final_weights, metric_rows, render_report
 
 # One local epoch per stage: with the tiny sites (<= 8 training patients) every call is one full-batch DP step.
 SHORT = ("spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0 local-epochs=1 "
@@ -211,14 +209,9 @@ def test_dp_weights_keep_their_names_and_differ_from_a_non_dp_run(dp_run):
 
 
 def test_the_report_shows_the_ledger(dp_run, tmp_path, capsys):
-    from tace.analysis.cli import main as analysis_main
-
-    run = tmp_path / "run"
-    shutil.copytree(dp_run[0], run)
-    assert analysis_main(["report", str(run)]) == 0
-    text = (run / "report.html").read_text(encoding="utf-8")
+    text = render_report(dp_run[0], tmp_path)
     assert "Differential-privacy ledger" in text and "sample-level DP-SGD" in text
-    assert 'alt="privacy-epsilon"' in text and (run / "figures" / "privacy-epsilon.png").stat().st_size > 5000
+    assert 'alt="privacy-epsilon"' in text and (tmp_path / "report-run" / "figures" / "privacy-epsilon.png").stat().st_size > 5000
 
 
 def test_accountant_survives_a_coordinator_crash_and_resume(tiny_cohort, tmp_path):
@@ -260,8 +253,7 @@ def test_a_site_out_of_budget_declines_and_the_run_continues(tiny_cohort, tmp_pa
     assert len(led["sites"]["site-b"]["declined"]) == 5
     assert led["sites"]["site-a"]["rounds"] == 6
     # site-b still evaluated: its validation of DLTR round 1 rode on the round-2 message it declined to train.
-    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
-        rows = {(r["stage"], r["round"], r["site"]): r for r in csv.DictReader(fh)}
+    rows = {(r["stage"], r["round"], r["site"]): r for r in metric_rows(tmp_path / "r")}
     assert rows[("dltr", "1", "site-b")]["n_eval"] and not rows[("dltr", "2", "site-b")]["num_examples"]
 
 
@@ -272,8 +264,7 @@ def test_under_secure_aggregation_a_declining_site_still_validates(tiny_cohort, 
     declined = [(e["stage"], e["round"]) for e in events(tmp_path / "r") if e["event"] == "declined" and e["site"] == "site-b"]
     assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2)]
     assert len(ledger(tmp_path / "r")["sites"]["site-b"]["declined"]) == 5
-    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
-        rows = {(r["stage"], r["round"], r["site"]): r for r in csv.DictReader(fh)}
+    rows = {(r["stage"], r["round"], r["site"]): r for r in metric_rows(tmp_path / "r")}
     assert rows[("dltr", "1", "site-b")]["n_eval"]  # its validation of round 1 rode on the round it declined
 
 
