@@ -7,8 +7,8 @@ For each seed: synthetic expression (as `tace-sim cohort` makes it) for `--patie
 is known; the target is that latent, or with `--proxy-r` < 1 a noisy proxy correlated about that much with it (a
 model that learned the latent imperfectly). Prints per seed how many planted pathways pass FDR 0.05 in
 over-representation and GSEA pre-ranked, their ranks, how many non-planted sets pass, the same for the shuffled
-negative control, and the time of one analysis. Default gene sets: MSigDB Hallmark from ../shared/data/msigdb when
-present, else the built-in synthetic collection.
+negative control, and the time of one analysis. Default gene sets: the MSigDB Hallmark copy the tests ship
+(tests/data/msigdb), else the built-in synthetic collection.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from tace.analysis.radiogenomics import Settings, analyse_radiogenomics
 from tace.common.genesets import read_gmt
 from tace.simulation.radiogenomics import builtin_gene_sets, make_expression
 
-HALLMARK = Path(__file__).resolve().parents[2] / "shared" / "data" / "msigdb" / "h.all.v7.0.symbols.gmt"
+HALLMARK = Path(__file__).resolve().parents[1] / "tests" / "data" / "msigdb" / "h.all.v7.0.symbols.gmt"
 
 
 def main() -> None:

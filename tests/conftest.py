@@ -14,8 +14,8 @@ from tace.simulation.cohort import generate_cohort, make_preset
 #: Small preprocessing for tests on the tiny cohort (its volumes are <= 16^3 voxels of ~12 mm).
 TINY_CONFIG = PreprocessConfig(spacing_mm=(8.0, 8.0, 8.0), box_voxels=(8, 8, 8))
 
-#: The MSigDB Hallmark GMT that the project's shared data folder holds (not copied into the repo).
-HALLMARK_GMT = Path(__file__).resolve().parents[2] / "shared" / "data" / "msigdb" / "h.all.v7.0.symbols.gmt"
+#: The MSigDB Hallmark gene sets (v7.0), shipped with the tests under CC BY 4.0 (attribution in its NOTICE.md).
+HALLMARK_GMT = Path(__file__).resolve().parent / "data" / "msigdb" / "h.all.v7.0.symbols.gmt"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
