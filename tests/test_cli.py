@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def script_path(name: str) -> str:
@@ -14,6 +20,32 @@ def script_path(name: str) -> str:
     path = Path(sys.executable).parent / name
     assert path.exists(), f"{name} is not installed next to {sys.executable}"
     return str(path)
+
+
+def build_parser(script: str) -> argparse.ArgumentParser:
+    """The parser of a console script, from the entry point pyproject.toml declares for it (``module:main``)."""
+    module = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"][script].split(":")[0]
+    return importlib.import_module(module).build_parser()
+
+
+def subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    """The names of a parser's subcommands, as argparse dispatches them."""
+    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+
+
+def test_the_docs_name_only_commands_that_exist():
+    """The study map (docs/study.md) names a command for every step of the study, and it and the README's command
+    table name only subcommands the console scripts have."""
+    named: dict[str, set[tuple[str, str]]] = {}
+    for doc in ("docs/study.md", "README.md"):
+        named[doc] = set(re.findall(r"`(tace-(?:client|sim|server|analysis)) ([a-z-]+)", (ROOT / doc).read_text(encoding="utf-8")))
+    steps = {("tace-sim", c) for c in ("cohort", "run", "demo")} | {("tace-server", c) for c in ("init", "start")}
+    steps |= {("tace-client", c) for c in ("check", "preprocess", "features", "predict", "finetune", "start")}
+    steps |= {("tace-analysis", c) for c in ("validate", "survival", "radiogenomics", "report")}
+    assert steps <= named["docs/study.md"], steps - named["docs/study.md"]
+    for doc, commands in named.items():
+        for script, command in sorted(commands):
+            assert command in subcommands(build_parser(script)), (doc, script, command)
 
 
 @pytest.mark.parametrize(

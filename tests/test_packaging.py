@@ -7,8 +7,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-#: What a fresh clone runs or reads: the package, its tests and benchmarks, deployment material, build and CI.
-CHECKED = ("common", "client", "server", "analysis", "simulation", "tests", "benchmarks", "deploy", "Makefile", ".ci", "pyproject.toml")
+#: What a fresh clone runs or reads: the package, its tests and benchmarks, deployment material, build, CI and docs.
+CHECKED = ("common", "client", "server", "analysis", "simulation", "tests", "benchmarks", "deploy", "Makefile", ".ci", "pyproject.toml",
+           "README.md", "docs")  # fmt: skip
 #: The project workspace's folder beside the checkout, however it is spelled.
 WORKSPACE = re.compile(r"\.\./shared\b|[\"']shared[\"']\s*/\s*[\"'](?:data|docs)[\"']")
 #: ``Path(__file__).parents[N]``: above the checkout when N reaches past the file's depth in it.
