@@ -28,9 +28,11 @@ def build_parser(script: str) -> argparse.ArgumentParser:
     return importlib.import_module(module).build_parser()
 
 
-def subcommands(parser: argparse.ArgumentParser) -> set[str]:
-    """The names of a parser's subcommands, as argparse dispatches them."""
-    return {name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices}
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name, as argparse dispatches them."""
+    return {
+        name: sub for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name, sub in action.choices.items()
+    }
 
 
 def test_the_docs_name_only_commands_that_exist():
@@ -48,23 +50,34 @@ def test_the_docs_name_only_commands_that_exist():
             assert command in subcommands(build_parser(script)), (doc, script, command)
 
 
-@pytest.mark.parametrize(
-    ("script", "commands"),
-    [
-        ("tace-client", ["check", "preprocess", "features", "keygen", "start"]),
-        ("tace-sim", ["cohort", "demo", "run"]),
-        ("tace-server", ["init", "sites", "start", "status", "stop"]),
-        ("tace-analysis", []),
-    ],
-)
-def test_help_and_version(script, commands):
+#: Every console script and exactly its subcommands (`tace-server sites` has its own: add, list).
+COMMANDS = {
+    "tace-client": {"check", "preprocess", "features", "predict", "finetune", "keygen", "start"},
+    "tace-sim": {"cohort", "run", "demo"},
+    "tace-server": {"init", "sites", "start", "status", "stop"},
+    "tace-analysis": {"validate", "survival", "radiogenomics", "report"},
+}
+
+
+def test_each_script_has_exactly_its_commands():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    assert set(scripts) == set(COMMANDS)
+    for script, commands in COMMANDS.items():
+        parsers = subcommands(build_parser(script))
+        assert set(parsers) == commands, script
+        for name, sub in parsers.items():
+            assert len(sub.format_help()) > 200, (script, name)  # says what it does and its options
+    assert set(subcommands(subcommands(build_parser("tace-server"))["sites"])) == {"add", "list"}
+
+
+@pytest.mark.parametrize("script", sorted(COMMANDS))
+def test_help_and_version(script):
+    """The installed script lists exactly its commands in --help, prints its version, and shows usage when bare."""
     exe = script_path(script)
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "TACE-FL" in out.stdout
-    for c in commands:
-        assert c in out.stdout
-        sub = subprocess.run([exe, c, "--help"], capture_output=True, text=True, timeout=60)
-        assert sub.returncode == 0 and len(sub.stdout) > 200
+    listed = re.findall(r"^    ([a-z-]+)(?: |$)", out.stdout.split("\ncommands:", 1)[1], flags=re.MULTILINE)
+    assert sorted(listed) == sorted(COMMANDS[script])
     version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and script in version.stdout
     bare = subprocess.run([exe], capture_output=True, text=True, timeout=60)
