@@ -1,9 +1,15 @@
-"""The repository is the whole product: nothing it runs or reads reaches outside the checkout."""
+"""The repository is the whole product: nothing it runs or reads reaches outside the checkout, and the package
+declares the Python it needs."""
 
 from __future__ import annotations
 
 import re
+import site
+from importlib.metadata import distributions
 from pathlib import Path
+
+import tomllib
+from packaging.specifiers import SpecifierSet
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +54,14 @@ def test_the_check_finds_a_path_outside(tmp_path):
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "b.py").write_text('D = ROOT / "shared" / "data" / "msigdb"\n')
     assert outside_references(tmp_path) == ["tests/a.py:2", "tests/a.py:3", "benchmarks/b.py:1"]
+
+
+def test_python_older_than_3_11_is_refused():
+    """The code needs 3.11 (tomllib, warnings.catch_warnings(action=...)): installers must refuse 3.10."""
+    declared = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["requires-python"])
+    assert not declared.contains("3.10.14") and not declared.contains("3.9.19")
+    assert declared.contains("3.11.0") and declared.contains("3.12.3") and declared.contains("3.13.1")
+    # The installed distribution's metadata (what an installer checks), not a build folder's egg-info that the
+    # checkout on sys.path may shadow it with.
+    installed = next(distributions(name="tace-fl", path=[*site.getsitepackages(), site.getusersitepackages()])).metadata["Requires-Python"]
+    assert SpecifierSet(installed) == declared, f"the installed metadata says {installed}: reinstall (`make install`, or pip install -e .)"
