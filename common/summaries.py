@@ -41,9 +41,21 @@ SUMMARY_VERSION = 1
 RESPONSE_GROUPS = ("predicted non-responder", "predicted responder")
 
 
-def bin_index(scores: Sequence[float] | np.ndarray, bins: int) -> np.ndarray:
-    """Grid cell of each probability: ``floor(p * bins)``, clipped to ``[0, bins - 1]``."""
-    s = np.clip(np.asarray(scores, dtype=float), 0.0, 1.0)
+def bin_index(scores: Sequence[float] | np.ndarray, bins: int, what: str = "scores") -> np.ndarray:
+    """Grid cell of each probability: ``floor(p * bins)``, p = 1 in the last cell (``bins - 1``).
+
+    A score outside [0, 1], or NaN, is a bug upstream (a diverged model, a file that does not hold probabilities):
+    moving it into the grid would quietly change the AUC and the groups, so it raises a `TaceError` that says how
+    many of `what` (which model's scores, and where) were out of range, never their values.
+    """
+    s = np.asarray(scores, dtype=float)
+    outside = int(np.count_nonzero(~((s >= 0.0) & (s <= 1.0))))  # NaN fails both comparisons
+    if outside:
+        raise TaceError(
+            f"{outside} of {s.size} {what} are not probabilities in [0, 1] (out of range or not a number); nothing was computed from them",
+            "the model gives values that are not probabilities (a diverged training gives NaN): check the run's metrics.csv "
+            "and the model file, and report it as a bug in TACE-FL",
+        )
     return np.minimum((s * bins).astype(int), bins - 1)
 
 
@@ -70,11 +82,16 @@ def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins
     if k > 1:
         marginals = {}
         for m in models:
+            bin_index(scores[m], bins, f"{m} scores in the score table")  # refused before averaging could hide them
             single = joint_score_table(y, {m: _microaggregate(np.asarray(scores[m], dtype=float), k)}, bins)
             marginals[m] = single["cells"]
         return {"bins": int(bins), "models": models, "marginals": marginals, "microaggregated": k}
     values = np.column_stack([np.asarray(scores[m], dtype=float) for m in models]) if models else np.zeros((len(y), 0))
-    idx = np.column_stack([bin_index(values[:, j], bins) for j in range(len(models))]) if models else np.zeros((len(y), 0), int)
+    idx = (
+        np.column_stack([bin_index(values[:, j], bins, f"{m} scores in the score table") for j, m in enumerate(models)])
+        if models
+        else np.zeros((len(y), 0), int)
+    )
     cells: dict[tuple[int, ...], list[int]] = {}
     for row, label in zip(idx, y, strict=True):
         cell = cells.setdefault(tuple(int(v) for v in row), [0, 0])
@@ -191,7 +208,7 @@ def groupings(
     for model, cut in cutoffs.items():
         if model not in scores:
             continue
-        b = bin_index(scores[model], bins)
+        b = bin_index(scores[model], bins, f"{model} scores grouped at the cut-offs")
         out[f"{model}:response"] = ((b >= int(cut["youden_bin"])).astype(int), list(RESPONSE_GROUPS))
         risk = np.searchsorted(np.asarray(cut["risk_bins"], dtype=int), b, side="right")
         out[f"{model}:risk"] = (risk.astype(int), list(cut["risk_groups"]))
