@@ -163,10 +163,11 @@ def cmd_radiogenomics(args: argparse.Namespace) -> int:
     )  # fmt: skip
     if not (args.run / "models" / "model.json").is_file():
         raise TaceError(f"{args.run} is not a finished run folder (no models/model.json)", "give the folder a finished run wrote")
-    section, result = rg.run_radiogenomics(
-        args.run, args.features or (lambda: _extract_features(args)), args.expression, args.gene_sets, settings,
-        args.sample_id_regex, args.cohort, negative_control=not args.no_control, figures=not args.no_figures,
+    inputs = rg.Inputs(
+        features=args.features or (lambda: _extract_features(args)), expression=args.expression, gene_sets=args.gene_sets,
+        sample_id_regex=args.sample_id_regex, cohort=args.cohort,
     )  # fmt: skip
+    section, result = rg.run_radiogenomics(args.run, inputs, settings, negative_control=not args.no_control, figures=not args.no_figures)
     print_radiogenomics(section, result.ora, result.prerank)
     print(
         f"wrote {args.run / 'analysis.json'}, {args.run / 'tables'}/radiogenomics-*.csv, {args.run / 'figures'}/radiogenomics-* in {time.perf_counter() - start:.1f} s"

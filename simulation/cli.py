@@ -219,9 +219,8 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     print(f"\nradiogenomics: applying the run's models to {rg_dir / 'manifest.csv'}")
     features = TrainedModels.load(run_dir).extract(rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
     features_path = write_features(features, run_dir / "radiogenomics" / "features.csv")
-    section, result = rg.run_radiogenomics(
-        run_dir, features_path, rg_dir / "expression.csv", gmt, rg.Settings(), cohort=rg_dir / "manifest.csv"
-    )
+    inputs = rg.Inputs(features_path, rg_dir / "expression.csv", gmt, cohort=rg_dir / "manifest.csv")
+    section, result = rg.run_radiogenomics(run_dir, inputs, rg.Settings())
     print_radiogenomics(section, result.ora, result.prerank)
     truth = json.loads((cohort / "ground_truth" / "truth.json").read_text(encoding="utf-8"))["radiogenomics"]
     planted = set(truth["planted_pathways"])

@@ -12,6 +12,7 @@ from scipy import stats
 
 from tace.analysis import radiogenomics as rg
 from tace.analysis.cli import main as analysis_main
+from tace.analysis.radiogenomics.enrichment import _untied
 from tace.common.errors import TaceError
 from tace.common.genesets import read_gmt
 from tace.simulation.radiogenomics import HALLMARK_PLANTED, make_expression
@@ -58,7 +59,7 @@ def test_enrichment_scores_equal_gseapys():
     rng = np.random.default_rng(3)
     genes = [f"G{i:04d}" for i in range(600)]
     r = pd.Series(np.round(rng.normal(size=600), 2), index=pd.Index(genes, name="gene"), name="r")  # many ties
-    ranked = rg._untied(r)
+    ranked = _untied(r)
     sets = {f"S{k}": list(rng.choice(genes, 25 + 5 * k, replace=False)) for k in range(6)}
     position = {g: i for i, g in enumerate(ranked.index)}
     order = np.array([[position[g] for g in genes]])
@@ -87,7 +88,7 @@ def test_permutation_nes_equals_gseas_normalisation():
 
 def test_ties_are_broken_by_name_without_reordering_distinct_values():
     r = pd.Series([0.5, 0.5, -0.1, 0.9, 0.5], index=pd.Index(["b", "a", "c", "d", "e"], name="gene"), name="r")
-    ranked = rg._untied(r)
+    ranked = _untied(r)
     assert list(ranked.index) == ["d", "a", "b", "e", "c"]
     assert ranked.is_monotonic_decreasing and ranked.is_unique
 
