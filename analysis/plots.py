@@ -1,7 +1,8 @@
 """Figures of the analysis (matplotlib, no display needed), each written as PNG and SVG.
 
 ROC curves with 95 % bootstrap bands per external site and pooled; calibration curves; decision curves;
-Kaplan-Meier curves with the numbers at risk below, log-rank p and hazard ratio.
+Kaplan-Meier curves with the numbers at risk below, log-rank p and hazard ratio; the radiogenomics volcano and
+enrichment plots; the report's training curves and privacy spent over the rounds.
 """
 
 from __future__ import annotations
@@ -205,5 +206,54 @@ def enrichment(ora: Any, prerank: Any, fdr: float, top: int = 12) -> Any:
     right.axvline(0, color="#999", lw=1)
     right.set(xlabel="normalised enrichment score (NES)", title="GSEA pre-ranked on r (outlined: FDR below threshold)")
     fig.colorbar(points, ax=right, label="-log10 FDR (capped at 4)", shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves(metrics: list[dict[str, str]], stages: dict[str, str]) -> Any:
+    """Per-site training loss (top row) and internal-validation AUC (bottom row) per round, one column per stage.
+
+    `metrics` are the rows of a run's metrics.csv (``stage``, ``site``, ``round``, ``train_loss``, ``val_auc``);
+    `stages` maps each stage to its title, in the order drawn (stages without rows are left out). Pooled in black.
+    """
+    drawn = [s for s in stages if any(r["stage"] == s for r in metrics)]
+    fig, axes = plt.subplots(2, len(drawn), figsize=(4.2 * len(drawn), 6.5), squeeze=False)
+    sites = sorted({r["site"] for r in metrics})
+    for j, stage in enumerate(drawn):
+        for i, site in enumerate(sites):
+            rows = [r for r in metrics if r["stage"] == stage and r["site"] == site]
+            color = "#000" if site == "pooled" else GROUP_COLORS[i % len(GROUP_COLORS)]
+            for k, key in enumerate(("train_loss", "val_auc")):
+                pts = [(int(r["round"]), float(r[key])) for r in rows if r.get(key)]
+                if pts:
+                    axes[k][j].plot(*zip(*pts, strict=True), marker=".", color=color, lw=2.2 if site == "pooled" else 1.2, label=site)
+        axes[0][j].set(title=stages[stage], ylabel="training loss")
+        axes[1][j].set(xlabel="round", ylabel="internal-validation AUC", ylim=(0, 1))
+    axes[1][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def privacy_epsilon(ledger: dict[str, Any]) -> Any:
+    """ε spent after each training round of the run, per site (× a round the site declined), with the budget.
+
+    `ledger` is privacy_ledger.json: ``sites`` (the order of the colours), ``releases`` (``site``, ``epsilon``,
+    ``declined``, in the run's order) and ``target_epsilon``.
+    """
+    releases = ledger.get("releases", [])
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    for i, site in enumerate(ledger.get("sites", {})):
+        rows = [r for r in releases if r["site"] == site]
+        color = GROUP_COLORS[i % len(GROUP_COLORS)]
+        trained = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows) if not r.get("declined")]
+        if trained:
+            ax.plot(*zip(*trained, strict=True), marker=".", color=color, label=site)
+        declined = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows) if r.get("declined")]
+        if declined:
+            ax.plot(*zip(*declined, strict=True), "x", color=color, ms=9, label=f"{site}: declined")
+    if ledger.get("target_epsilon"):
+        ax.axhline(float(ledger["target_epsilon"]), color="#c0392b", ls="--", lw=1, label="budget")
+    ax.set(xlabel="training round of the run (all stages, in order)", ylabel="ε spent", ylim=(0, None))
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig

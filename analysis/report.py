@@ -17,11 +17,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from tace.analysis.plots import slug
+from tace.analysis import plots
+from tace.analysis.plots import NAMES, slug
 from tace.common.cli import software_versions
 from tace.common.errors import TaceError
 
-NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
 STAGES = {"dltr": "DLTR backbone", "head": "DLTRMLP fusion head", "clinical": "clinical model"}
 #: Run-config keys shown in the training section (the rest are listed in full in the appendix).
 KEY_SETTINGS = ("layout", "holdout-sites", "backbone", "strategy", "rounds", "local-epochs", "lr", "lr-schedule", "batch-size",
@@ -176,26 +176,7 @@ class Report:
     def training_curves(self) -> str:
         if not self.metrics:
             return ""
-        import matplotlib.pyplot as plt
-
-        from tace.analysis.plots import GROUP_COLORS, save
-
-        stages = [s for s in STAGES if any(r["stage"] == s for r in self.metrics)]
-        fig, axes = plt.subplots(2, len(stages), figsize=(4.2 * len(stages), 6.5), squeeze=False)
-        sites = sorted({r["site"] for r in self.metrics})
-        for j, stage in enumerate(stages):
-            for i, site in enumerate(sites):
-                rows = [r for r in self.metrics if r["stage"] == stage and r["site"] == site]
-                color = "#000" if site == "pooled" else GROUP_COLORS[i % len(GROUP_COLORS)]
-                for k, key in enumerate(("train_loss", "val_auc")):
-                    pts = [(int(r["round"]), float(r[key])) for r in rows if r.get(key)]
-                    if pts:
-                        axes[k][j].plot(*zip(*pts, strict=True), marker=".", color=color, lw=2.2 if site == "pooled" else 1.2, label=site)
-            axes[0][j].set(title=STAGES[stage], ylabel="training loss")
-            axes[1][j].set(xlabel="round", ylabel="internal-validation AUC", ylim=(0, 1))
-        axes[1][0].legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        save(fig, self.figures, "training-curves")
+        plots.save(plots.training_curves(self.metrics, STAGES), self.figures, "training-curves")
         return self.figure(
             "training-curves", "Per-site training loss and internal-validation AUC per round, for each stage (pooled in black)."
         )
@@ -365,26 +346,7 @@ class Report:
         releases = led.get("releases", [])
         if not releases:
             return text
-        import matplotlib.pyplot as plt
-
-        from tace.analysis.plots import GROUP_COLORS, save
-
-        fig, ax = plt.subplots(figsize=(7.5, 3.8))
-        for i, site in enumerate(led.get("sites", {})):
-            rows_ = [r for r in releases if r["site"] == site]
-            color = GROUP_COLORS[i % len(GROUP_COLORS)]
-            trained = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows_) if not r.get("declined")]
-            if trained:
-                ax.plot(*zip(*trained, strict=True), marker=".", color=color, label=site)
-            declined = [(j + 1, float(r["epsilon"])) for j, r in enumerate(rows_) if r.get("declined")]
-            if declined:
-                ax.plot(*zip(*declined, strict=True), "x", color=color, ms=9, label=f"{site}: declined")
-        if led.get("target_epsilon"):
-            ax.axhline(float(led["target_epsilon"]), color="#c0392b", ls="--", lw=1, label="budget")
-        ax.set(xlabel="training round of the run (all stages, in order)", ylabel="ε spent", ylim=(0, None))
-        ax.legend(fontsize=7, loc="lower right")
-        fig.tight_layout()
-        save(fig, self.figures, "privacy-epsilon")
+        plots.save(plots.privacy_epsilon(led), self.figures, "privacy-epsilon")
         return text + self.figure(
             "privacy-epsilon", "Privacy spent over the run: ε after each training round, per site (× a declined round)."
         )
