@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tace.client.features import TrainedModels
-from tace.client.predict import predict
+from tace.client.predict import PredictOptions, predict
 
 
 def main() -> None:
@@ -48,12 +48,12 @@ def main() -> None:
     fractions, chances = [], []
     for site in holdout:
         cache = args.out / "cache" / site
-        predict(trained, manifests[site], args.out / "warm" / site, cache, device="cpu", saliency=False, cards=False)  # warm the cache
+        warm = PredictOptions("cpu", saliency=False, cards=False)
+        predict(trained, manifests[site], args.out / "warm" / site, cache, warm)  # warm the cache
         rates = {}
         for label, saliency, cards in (("scores", False, False), ("saliency", True, False), ("saliency+cards", True, True)):
-            run = predict(
-                trained, manifests[site], args.out / label / site, cache, device="cpu", saliency=saliency, cards=cards, validate=False
-            )
+            options = PredictOptions("cpu", saliency=saliency, cards=cards, validate=False)
+            run = predict(trained, manifests[site], args.out / label / site, cache, options)
             rates[label] = round(run.patients_per_second, 2)
             if label == "saliency":
                 fractions += run.table["saliency_in_tumour"].tolist()

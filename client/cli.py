@@ -239,14 +239,14 @@ def _check_or_report(manifest: Path | Manifest, what: str) -> bool:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from tace.client.features import TrainedModels
-    from tace.client.predict import predict
+    from tace.client.predict import PredictOptions, predict
 
     trained = TrainedModels.load(args.model)  # an incompatible or damaged model fails before the images are read
     if not _check_or_report(args.manifest, "No prediction was made"):
         return EXIT_PROBLEMS
-    result = predict(trained, args.manifest, args.out, args.cache or args.out / "cache", device=args.device, saliency=not args.no_saliency,
-                     cards=not (args.no_saliency or args.no_cards), validate=False, progress=progress, method=args.saliency,
-                     patients=args.patient)  # fmt: skip
+    options = PredictOptions(args.device, saliency=not args.no_saliency, cards=not (args.no_saliency or args.no_cards), method=args.saliency,
+                             validate=False, patients=args.patient)  # fmt: skip
+    result = predict(trained, args.manifest, args.out, args.cache or args.out / "cache", options, progress)
     table = result.table
     groups = table["predicted_group"].value_counts().to_dict()
     print(f"predicted {len(table)} patients in {result.seconds['total']:.1f} s ({result.patients_per_second:.2f} patients/s): "

@@ -4,18 +4,21 @@ Per patient: the DLTRMLP, DLTR and clinical-model probabilities of objective res
 cut-off fixed on the training sites, the PFS risk group, and a saliency map of the DLTRMLP decision over the tumour box
 for every phase (`tace.common.saliency`). Written to the folder the user names: ``predictions.csv`` for all
 patients, ``cards/<patient>.html`` (one self-contained page each: numbers, the saliency overlaid on axial, coronal
-and sagittal slices through the tumour for every phase) and ``index.html``. Everything stays at the site.
+and sagittal slices through the tumour for every phase) and ``index.html``, both rendered from the Jinja2 templates
+in ``templates/`` with autoescaping (a patient id or a file name is always text, never markup). Everything stays at
+the site.
 """
 
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -24,8 +27,48 @@ from tace.client.features import TrainedModels, manifest_records, write_features
 from tace.common.manifest import PatientRecord
 from tace.common.summaries import RESPONSE_GROUPS, groupings
 
+if TYPE_CHECKING:
+    import jinja2
+
+    from tace.common.saliency import Explainer
+
 DISCLAIMER = ("Research software: not a medical device. The prediction supports and does not replace the "
               "multidisciplinary team's judgement.")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How `predict` runs (the options of `tace-client predict`).
+
+    Parameters
+    ----------
+    device : "auto" (the GPU when there is one), "cpu", "cuda" or "cuda:N"
+    saliency : compute each patient's saliency map and the share of it in and around the tumour
+    cards : also write one HTML card per patient and ``index.html`` (they need the maps)
+    method : the saliency method, "gradient" or "gradcam" (`tace.common.saliency`)
+    validate : check the manifest and every image first, as `tace-client check` (raises `ManifestError`)
+    patients : only these patient ids of the manifest (default: every patient)
+    """
+
+    device: str = "auto"
+    saliency: bool = True
+    cards: bool = True
+    method: str = "gradient"
+    validate: bool = True
+    patients: Sequence[str] | None = None
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One patient's saliency map of the DLTRMLP decision, and the share of it in and around the tumour."""
+
+    record: PatientRecord
+    image: np.ndarray  # the network's input, (C, D, H, W)
+    saliency: np.ndarray  # per phase, (C, D, H, W), in [0, 1]
+    mask: np.ndarray  # the tumour in the input box, (D, H, W)
+    spacing: tuple[float, float, float]  # of the box, mm (x, y, z)
+    in_tumour: float  # share of the map's mass in and around the tumour (NaN: no tumour in the box)
+    chance: float  # share of the box that region occupies: what a map blind to the tumour would give
 
 
 @dataclass
@@ -48,13 +91,8 @@ def predict(
     manifest: Path | str,
     out: Path | str,
     cache_dir: Path | str,
-    device: str = "auto",
-    saliency: bool = True,
-    cards: bool = True,
-    validate: bool = True,
+    options: PredictOptions | None = None,
     progress: Any = None,
-    method: str = "gradient",
-    patients: list[str] | None = None,
 ) -> PredictionRun:
     """Predict every patient of `manifest` (those with a known response too: it is listed, not used).
 
@@ -63,18 +101,16 @@ def predict(
     trained : the exported model (`TrainedModels.load`)
     manifest : the site's manifest of new patients (docs/manifest.md; the response column empty or absent)
     out : output folder (created); `cache_dir` : preprocessing cache
-    saliency, cards : compute saliency maps; write the per-patient HTML cards (they need the maps)
-    method : the saliency method, "gradient" or "gradcam" (`tace.common.saliency`)
-    patients : only these patient ids of the manifest (default: every patient)
-    validate : check the manifest and every image first, as `tace-client check` (raises `ManifestError`)
+    options : device, saliency maps, cards, saliency method, validation, patients (`PredictOptions`; default: all on)
     progress : optional ``progress(iterable, desc=..., unit=...)`` wrapper (a progress bar)
     """
     from tace.common.training import select_device
 
     start = time.perf_counter()
+    options = options or PredictOptions()
     out = Path(out)
-    parsed, records = manifest_records(manifest, validate, patients)
-    dev = select_device(device)
+    parsed, records = manifest_records(manifest, options.validate, options.patients)
+    dev = select_device(options.device)
     table = trained.score(records, parsed.root, cache_dir, device=dev)
     timings = {"scores": time.perf_counter() - start}
     result = table[["patient_id", "dltrmlp", "dltr", "clinical"]].copy()
@@ -89,37 +125,48 @@ def predict(
     if parsed.labelled:
         result["known_response"] = [r.response if r.response is not None else "" for r in records]  # listed for audit, never used
     written: list[Path] = []
-    if saliency or cards:
+    if options.saliency or options.cards:
+        from tace.common.saliency import Explainer
+
         t = time.perf_counter()
-        fractions, chances, written = _explain(trained, records, parsed.root, Path(cache_dir), out, result, dev, cards, progress, method)
-        result["saliency_in_tumour"] = fractions
-        result["saliency_chance"] = chances
+        explainer = Explainer(trained.models, trained.backbone, dev, options.method)
+        rows: list[dict[str, Any]] = result.to_dict("records")  # type: ignore[assignment]  # the columns are named by str
+        items = _explain(trained, records, parsed.root, Path(cache_dir), result["predicted_group"].tolist(), explainer, progress)
+        for item, row in zip(items, rows, strict=True):
+            row.update(saliency_in_tumour=item.in_tumour, saliency_chance=item.chance)  # before the card shows the row
+            if options.cards:
+                written.append(_write_card(out / "cards", item, row, trained, options.method))
+        result["saliency_in_tumour"] = [row["saliency_in_tumour"] for row in rows]
+        result["saliency_chance"] = [row["saliency_chance"] for row in rows]
         timings["saliency"] = time.perf_counter() - t
     csv = write_features(result, out / "predictions.csv")
-    if cards:
-        _write_index(out, result, trained)
+    if options.cards:
+        (out / "index.html").write_text(render_index(result, trained), encoding="utf-8")
     timings["total"] = time.perf_counter() - start
     return PredictionRun(result, csv, written, timings)
 
 
 def _explain(
-    trained: TrainedModels, records: list[PatientRecord], root: Path, cache_dir: Path, out: Path, result: pd.DataFrame, device: str,
-    cards: bool, progress: Any, method: str,
-) -> tuple[list[float], list[float], list[Path]]:  # fmt: skip
-    """Saliency per patient, the share of its mass in and around the tumour, and (with `cards`) the patient cards."""
+    trained: TrainedModels,
+    records: list[PatientRecord],
+    root: Path,
+    cache_dir: Path,
+    groups: list[str],
+    explainer: Explainer,
+    progress: Any,
+) -> Iterator[Explanation]:
+    """Per patient, in order: the saliency map of the decision behind its predicted group, and its share in and
+    around the tumour (the tumour's bounding box widened by the preprocessing margin)."""
     from tace.client.cache import PreprocessCache
     from tace.common.preprocess import box_mask
-    from tace.common.saliency import Explainer, mass_fraction, total, tumour_region
+    from tace.common.saliency import mass_fraction, total, tumour_region
 
-    explainer = Explainer(trained.models, trained.backbone, device, method)
     cache = PreprocessCache(cache_dir, trained.preprocess)
     margin_mm = trained.preprocess.margin_mm
-    fractions, chances, written = [], [], []
-    items: list[tuple[PatientRecord, dict[str, Any]]] = list(zip(records, result.to_dict("records"), strict=True))  # type: ignore[arg-type]
-    for record, row in progress(items, desc="saliency", unit="patient") if progress else items:
+    items = list(zip(records, groups, strict=True))
+    for record, group in progress(items, desc="saliency", unit="patient") if progress else items:
         image = cache.load(record, root).array
         mask, spacing = box_mask(record, root, trained.preprocess)
-        group = str(row["predicted_group"])
         responder = True if group == RESPONSE_GROUPS[1] else False if group == RESPONSE_GROUPS[0] else None
         saliency = explainer(image, trained.encoder.encode([record])[0], responder)
         margin = tuple(int(np.ceil(margin_mm / s)) for s in (spacing[2], spacing[1], spacing[0]))
@@ -127,13 +174,7 @@ def _explain(
             inside, chance = mass_fraction(total(saliency), tumour_region(mask, margin))  # type: ignore[arg-type]
         except ValueError:  # the tumour lies outside the box (cannot happen with a valid mask): no fraction
             inside, chance = float("nan"), float("nan")
-        fractions.append(inside)
-        chances.append(chance)
-        if cards:
-            path = out / "cards" / f"{record.patient_id}.html"
-            _write_card(path, record, row, image, saliency, mask, spacing, trained, method)
-            written.append(path)
-    return fractions, chances, written
+        yield Explanation(record, image, saliency, mask, spacing, inside, chance)
 
 
 def saliency_figure(
@@ -176,54 +217,64 @@ def saliency_figure(
     return buffer.getvalue()
 
 
-CARD_CSS = """body{font-family:-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;max-width:900px;margin:1.5em auto;padding:0 1em;color:#222}
-h1{font-size:1.4em;margin-bottom:.1em} .sub{color:#666;margin-top:0} table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
-th,td{border:1px solid #ddd;padding:4px 10px;text-align:left} th{background:#f3f3f3} .big{font-size:1.6em;font-weight:bold}
-.resp{color:#1e8449} .nonresp{color:#c0392b} .note{background:#fff8e1;border-left:4px solid #f39c12;padding:.4em .8em;font-size:.88em}
-.grid{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start} img{max-width:100%;border:1px solid #eee}"""
+def _number(value: Any, digits: int = 3) -> str:
+    """A probability, share or clinical value with `digits` decimals ("n/a" when not finite); anything else as text."""
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}f}" if np.isfinite(value) else "n/a"
+    return str(value)
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if isinstance(value, float):
-        return "n/a" if not np.isfinite(value) else f"{value:.{digits}f}"
-    return html.escape(str(value))
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The card and index templates (``templates/*.j2``, package data), autoescaped whatever their file names."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("tace.client", "templates"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)  # fmt: skip
+    env.filters["number"] = _number
+    return env
 
 
-def _write_card(
-    path: Path, record: PatientRecord, row: dict[str, Any], image: np.ndarray, saliency: np.ndarray, mask: np.ndarray,
-    spacing: tuple[float, float, float], trained: TrainedModels, method: str = "gradient",
-) -> None:  # fmt: skip
+def _model_facts(trained: TrainedModels) -> dict[str, str]:
+    """What the pages say about the model they come from."""
+    return {"file": trained.path.name, "source": trained.source or "n/a", "version": trained.version, "backbone": trained.backbone,
+            "privacy": _privacy_text(trained.privacy)}  # fmt: skip
+
+
+def render_card(explanation: Explanation, row: Mapping[str, Any], trained: TrainedModels, method: str = "gradient") -> str:
+    """One patient's self-contained HTML page: `row` (a row of predictions.csv, its saliency share included), the
+    clinical factors the model used and the saliency figure (`saliency_figure`)."""
     from tace.common.clinical import NUMERIC
 
-    png = base64.b64encode(saliency_figure(image, saliency, mask, spacing, trained.preprocess.sequences)).decode("ascii")
-    responder = row["predicted_group"] == RESPONSE_GROUPS[1]
-    clinical = "".join(
-        f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{'missing (imputed)' if record.clinical.get(k) is None else _fmt(record.clinical[k], 1)}</td></tr>"
-        for k in (*NUMERIC, "sex", "tumour_number", "child_pugh", "bclc_stage", "albi_grade", "portal_vein_invasion", "tace_type")
-    )  # fmt: skip
-    text = (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>TACE response prediction: {html.escape(record.patient_id)}"
-        f"</title><style>{CARD_CSS}</style></head><body>"
-        f"<h1>TACE response prediction</h1><p class='sub'>Patient <b>{html.escape(record.patient_id)}</b></p>"
-        "<div class='grid'><div><table>"
-        f"<tr><th>DLTRMLP: probability of objective response (mRECIST CR/PR)</th><td class='big'>{_fmt(row['dltrmlp'])}</td></tr>"
-        f"<tr><th>predicted group (cut-off {_fmt(row['cutoff'])}, {html.escape(trained.cutoffs_note or 'fixed on the training sites')})</th>"
-        f"<td class='{'resp' if responder else 'nonresp'}'><b>{html.escape(str(row['predicted_group']))}</b></td></tr>"
-        f"<tr><th>progression-free survival risk group</th><td>{html.escape(str(row['pfs_risk_group']))}</td></tr>"
-        f"<tr><th>DLTR (image only)</th><td>{_fmt(row['dltr'])}</td></tr>"
-        f"<tr><th>clinical model</th><td>{_fmt(row['clinical'])}</td></tr>"
-        f"<tr><th>saliency in and around the tumour</th><td>{_fmt(row.get('saliency_in_tumour', float('nan')), 2)} of the map "
-        f"(the region is {_fmt(row.get('saliency_chance', float('nan')), 2)} of the box)</td></tr>"
-        f"</table></div><div><table><tr><th colspan='2'>clinical factors used</th></tr>{clinical}</table></div></div>"
-        f"<h2 style='font-size:1.1em'>What the model looked at</h2><p class='sub'>{'Gradient' if method == 'gradient' else 'Grad-CAM'} "
-        "saliency of the DLTRMLP decision (red: most influence) over the network's input, per phase, slices through the tumour "
-        "centre; tumour outlined in white.</p>"
-        f"<img src='data:image/png;base64,{png}' alt='saliency'>"
-        f"<p class='note'>{DISCLAIMER}</p><p class='sub'>Model: {html.escape(trained.path.name)} (run {html.escape(trained.source or 'n/a')}, "
-        f"TACE-FL {html.escape(trained.version)}, backbone {html.escape(trained.backbone)}; {html.escape(_privacy_text(trained.privacy))}).</p></body></html>"
+    record = explanation.record
+    figure = saliency_figure(explanation.image, explanation.saliency, explanation.mask, explanation.spacing, trained.preprocess.sequences)
+    factors = (*NUMERIC, "sex", "tumour_number", "child_pugh", "bclc_stage", "albi_grade", "portal_vein_invasion", "tace_type")
+    template = _templates().get_template("card.html.j2")
+    return template.render(
+        patient_id=record.patient_id,
+        row=row,
+        responder=row["predicted_group"] == RESPONSE_GROUPS[1],
+        cutoffs_note=trained.cutoffs_note or "fixed on the training sites",
+        clinical=[(k.replace("_", " "), record.clinical.get(k)) for k in factors],
+        method="Gradient" if method == "gradient" else "Grad-CAM",
+        png=base64.b64encode(figure).decode("ascii"),
+        disclaimer=DISCLAIMER,
+        model=_model_facts(trained),
     )
+
+
+def _write_card(folder: Path, explanation: Explanation, row: Mapping[str, Any], trained: TrainedModels, method: str) -> Path:
+    path = folder / f"{explanation.record.patient_id}.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    path.write_text(render_card(explanation, row, trained, method), encoding="utf-8")
+    return path
+
+
+def render_index(table: pd.DataFrame, trained: TrainedModels) -> str:
+    """``index.html``: every patient of `table` (predictions.csv) with their numbers, linking their cards."""
+    return (
+        _templates().get_template("index.html.j2").render(rows=table.to_dict("records"), model=_model_facts(trained), disclaimer=DISCLAIMER)
+    )
 
 
 def _privacy_text(privacy: dict[str, Any]) -> str:
@@ -234,19 +285,3 @@ def _privacy_text(privacy: dict[str, Any]) -> str:
         unit = "per patient at each site" if privacy.get("dp-mode") == "sample" else "per hospital"
         return f"trained with differential privacy ({unit}, budget ε = {privacy.get('dp-target-epsilon')})"
     return "trained without differential privacy"
-
-
-def _write_index(out: Path, table: pd.DataFrame, trained: TrainedModels) -> None:
-    rows = "".join(
-        f"<tr><td><a href='cards/{html.escape(r['patient_id'])}.html'>{html.escape(r['patient_id'])}</a></td><td>{_fmt(r['dltrmlp'])}</td>"
-        f"<td>{html.escape(str(r['predicted_group']))}</td><td>{html.escape(str(r['pfs_risk_group']))}</td><td>{_fmt(r['dltr'])}</td>"
-        f"<td>{_fmt(r['clinical'])}</td></tr>"
-        for r in table.to_dict("records")
-    )  # fmt: skip
-    (out / "index.html").write_text(
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>TACE response predictions</title><style>{CARD_CSS}</style>"
-        f"</head><body><h1>TACE response predictions</h1><p class='sub'>{len(table)} patients; model {html.escape(trained.path.name)} "
-        f"(TACE-FL {html.escape(trained.version)})</p><table><tr><th>patient</th><th>DLTRMLP</th><th>predicted group</th>"
-        f"<th>PFS risk group</th><th>DLTR</th><th>clinical</th></tr>{rows}</table><p class='note'>{DISCLAIMER}</p></body></html>",
-        encoding="utf-8",
-    )

@@ -234,14 +234,14 @@ def predict_at_hospital(run_dir: Path, cohort: Path, site: str, n: int = 5) -> f
     """What an external hospital does with the finished study: `tace-client predict` with the exported model for a
     few of its patients, with saliency maps and one card each."""
     from tace.client.features import TrainedModels
-    from tace.client.predict import predict
+    from tace.client.predict import PredictOptions, predict
     from tace.common.manifest import parse_manifest
 
     start = time.perf_counter()
     manifest = cohort / "sites" / site / "manifest.csv"
     ids = [r.patient_id for r in parse_manifest(manifest).records[:n]]
     out = run_dir / "predictions" / site
-    result = predict(TrainedModels.load(run_dir), manifest, out, cohort / "cache" / site, validate=False, patients=ids)
+    result = predict(TrainedModels.load(run_dir), manifest, out, cohort / "cache" / site, PredictOptions(validate=False, patients=ids))
     groups = ", ".join(f"{k}: {v}" for k, v in sorted(result.table["predicted_group"].value_counts().items()))
     print(f"\nprediction at {site} with the exported model {run_dir / 'models' / 'tace-model.zip'}: {len(ids)} patients ({groups}), "
           f"{result.patients_per_second:.1f} patients/s with saliency maps; patient cards: {out / 'index.html'}")  # fmt: skip

@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +149,56 @@ def test_predictions_equal_those_of_the_run(finished, tiny_cohort, tmp_path, cap
     assert all(f"cards/{pid}.html" in (out / "index.html").read_text() for pid in ours)
 
 
+def test_the_card_shows_the_saliency_share_of_the_predictions(finished, tiny_cohort, tmp_path, monkeypatch):
+    """Each card prints the patient's saliency share in and around the tumour, and the region's share of the box, as
+    the numbers predictions.csv holds (to the card's two decimals)."""
+    from tace.common import saliency
+
+    # The tiny cohort's tumours fill the whole box, so both shares are 1: scale them to tell the two columns apart.
+    measured = saliency.mass_fraction
+    monkeypatch.setattr(saliency, "mass_fraction", lambda *a: tuple(v * f for v, f in zip(measured(*a), (0.5, 0.25), strict=True)))
+    run_dir, _ = finished
+    manifest = tiny_cohort / "sites/site-e/manifest.csv"
+    ids = [r["patient_id"] for r in read_rows(manifest)[1][:2]]
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(run_dir), "--manifest", str(manifest), "--out", str(out)]
+    assert client_main([*args, "--patient", ids[0], "--patient", ids[1]]) == 0
+    table = csv_rows(out / "predictions.csv")
+    assert sorted(table) == sorted(ids)
+    shown = re.compile(r"saliency in and around the tumour</th><td>([0-9.]+) of the map \(the region is ([0-9.]+) of the box\)")
+    for pid, row in table.items():
+        found = shown.search((out / "cards" / f"{pid}.html").read_text(encoding="utf-8"))
+        assert found, f"the card of {pid} shows no saliency share"
+        assert float(found[1]) == pytest.approx(float(row["saliency_in_tumour"]), abs=0.005)
+        assert float(found[2]) == pytest.approx(float(row["saliency_chance"]), abs=0.005)
+        assert abs(float(row["saliency_in_tumour"]) - float(row["saliency_chance"])) > 0.01  # the card cannot mix them up
+
+
+def test_a_patient_id_is_text_on_the_pages_never_markup(finished, tiny_cohort):
+    """The card and the index escape whatever a patient id or a group name holds, and the index's link is a URL."""
+    import pandas as pd
+
+    from tace.client.predict import Explanation, render_card, render_index
+    from tace.common.manifest import parse_manifest
+
+    evil = "<img src=x onerror=alert(1)>&\"'"
+    trained = TrainedModels.load(finished[0])
+    record = replace(parse_manifest(tiny_cohort / "sites/site-d/manifest.csv").records[0], patient_id=evil)
+    mask = np.zeros((8, 8, 8), np.uint8)
+    mask[3:6, 3:6, 3:6] = 1
+    rng = np.random.default_rng(0)
+    image, saliency = rng.normal(size=(3, 8, 8, 8)).astype(np.float32), rng.uniform(size=(3, 8, 8, 8))
+    explanation = Explanation(record, image, saliency, mask, (8.0, 8.0, 8.0), 0.5, 0.1)
+    row = {"patient_id": evil, "dltrmlp": 0.7, "dltr": 0.6, "clinical": 0.5, "predicted_group": "predicted responder", "cutoff": 0.4,
+           "pfs_risk_group": "<b>low risk</b>", "saliency_in_tumour": 0.5, "saliency_chance": 0.1}  # fmt: skip
+    card, index = render_card(explanation, row, trained), render_index(pd.DataFrame([row]), trained)
+    for page in (card, index):
+        assert "<img src=x" not in page and "<b>low risk" not in page
+        assert "&lt;img src=x onerror=alert(1)&gt;&amp;&#34;&#39;" in page and "&lt;b&gt;low risk&lt;/b&gt;" in page
+    assert card.count("<img ") == 1  # the saliency figure, nothing else
+    assert 'href="cards/%3Cimg%20src%3Dx%20onerror%3Dalert%281%29%3E%26%22%27.html"' in index
+
+
 def test_new_patients_without_responses_and_bad_input(finished, tiny_cohort, tmp_path, capsys):
     run_dir, _ = finished
     site = tmp_path / "new"
@@ -218,12 +270,12 @@ def test_trained_models_load_from_file_or_run_folder(finished):
 
 @pytest.mark.gpu
 def test_prediction_on_the_gpu_matches_the_cpu(finished, tiny_cohort, tmp_path):
-    from tace.client.predict import predict
+    from tace.client.predict import PredictOptions, predict
 
     trained = TrainedModels.load(finished[0])
     manifest = tiny_cohort / "sites/site-d/manifest.csv"
-    cpu = predict(trained, manifest, tmp_path / "cpu", tmp_path / "cache", device="cpu", cards=False).table
-    gpu = predict(trained, manifest, tmp_path / "gpu", tmp_path / "cache", device="cuda", cards=False).table
+    cpu = predict(trained, manifest, tmp_path / "cpu", tmp_path / "cache", PredictOptions("cpu", cards=False)).table
+    gpu = predict(trained, manifest, tmp_path / "gpu", tmp_path / "cache", PredictOptions("cuda", cards=False)).table
     assert np.allclose(cpu[["dltrmlp", "dltr", "clinical"]], gpu[["dltrmlp", "dltr", "clinical"]], atol=2e-2)  # bf16 autocast on the GPU
 
 
