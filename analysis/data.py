@@ -21,9 +21,7 @@ import pandas as pd
 
 from tace.common.errors import TaceError
 from tace.common.protocol import MODELS
-from tace.common.summaries import check_summary, groupings
-
-SOURCES = ("aggregate", "patient-level")
+from tace.common.summaries import SiteSummary, groupings
 
 
 @dataclass
@@ -89,7 +87,7 @@ def load_run(path: Path | str) -> RunData:
             )
         cutoffs = _read_json(folder / "cutoffs.json")
         for file in sorted(returns.glob("*.json")):
-            s = check_summary(_read_json(file), file.stem, MODELS)
+            s = SiteSummary.decode(_read_json(file), file.stem, MODELS).encode()
             if fold and s["role"] == "train":
                 continue  # in leave-one-centre-out each site counts once: in the fold that held it out
             sites.append(SiteReturn(str(s["site_id"]), str(s["role"]), fold, s, cutoffs))

@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tace.client.features import TrainedModels
 from tace.client.predict import PredictOptions, predict
+from tace.common.artifact import TrainedModels
 
 
 def main() -> None:
@@ -73,14 +73,14 @@ def main() -> None:
     print(f"saliency in and around the tumour: median {q(f)[1]} (quartiles {q(f)[0]}-{q(f)[2]}); the region's share of the box "
           f"(chance) median {q(c)[1]}; mean ratio to chance {result['saliency']['mean_ratio_to_chance']} (n = {len(f)})")  # fmt: skip
 
-    from tace.client.finetune import finetune_site
+    from tace.client.finetune import FinetuneOptions, finetune_site
 
     print("local fine-tuning, DLTRMLP AUC on each training site's validation split (global -> fine-tuned):")
     for site in sorted(s for s in manifests if s not in holdout):
         for mode in ("head", "last-stage") if args.last_stage else ("head",):
             start = time.perf_counter()
-            r = finetune_site(trained, manifests[site], args.out / "finetune" / site / mode, args.out / "cache" / site, last_stage=mode != "head",
-                              device="cpu")  # fmt: skip
+            r = finetune_site(trained, manifests[site], args.out / "finetune" / site / mode, args.out / "cache" / site,
+                              FinetuneOptions(mode, device="cpu"))  # fmt: skip
             result["finetune"].setdefault(site, {})[mode] = {**r.to_dict(), "seconds": round(time.perf_counter() - start, 1)}
             fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
             print(f"  {site} ({mode}, n val {r.n_val}): {fmt(r.global_auc)} -> {fmt(r.finetuned_auc)}", flush=True)

@@ -1,4 +1,4 @@
-"""`tace-client`: what a hospital runs next to its data (validate the site's data, warm the preprocessing cache)."""
+"""`tace-client`: what a hospital runs next to its data (check and preprocess it, apply a study's model, join a study)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run, triple
+from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command, command_parser, progress, run, shared_options, triple
 from tace.common.errors import ImageReadError, Problem, TaceError
 from tace.common.manifest import Manifest, parse_manifest
 from tace.common.preprocess import PreprocessConfig
@@ -21,109 +22,98 @@ def build_parser() -> argparse.ArgumentParser:
     parser, sub = command_parser(
         "tace-client", "TACE-FL site client: runs at a hospital, next to its MRI data, which never leaves the site."
     )
+    _data_commands(sub)
+    _model_commands(sub)
+    _deployment_commands(sub)
+    return parser
 
-    check = sub.add_parser(
-        "check",
-        help="validate the site manifest and every image it names, before joining a federation",
-        description="Validate a site manifest (docs/manifest.md) and every image it names. Reports every problem "
-        "with row, column and file; prints a cohort summary (counts only) when all is well. Exit status 1 when "
-        "anything is wrong. Never modifies a file.",
-    )
-    check.add_argument("--manifest", type=Path, required=True, help="the site's manifest CSV")
+
+def _data_commands(sub: Any) -> None:
+    """check and preprocess: the site's data, before any study."""
+    check = command(
+        sub, "check", cmd_check, "validate the site manifest and every image it names, before joining a federation",
+        "Validate a site manifest (docs/manifest.md) and every image it names. Reports every problem with row, column and "
+        "file; prints a cohort summary (counts only) when all is well. Exit status 1 when anything is wrong. Never modifies a file.",
+        [shared_options("manifest")],
+    )  # fmt: skip
     check.add_argument("--deep", action="store_true", help="also read every voxel (NaN/inf, blank images, damaged compressed data)")
     check.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE")
-    check.set_defaults(func=cmd_check)
-
-    pre = sub.add_parser(
-        "preprocess",
-        help="preprocess every patient into the site's cache (validates first)",
-        description="Resample every patient's phases onto a tumour-centred box, normalise them, and store the "
-        "tensors in the cache folder, so that training rounds start immediately. Entries whose sources or "
-        "parameters changed are recomputed; current ones are reused.",
-    )
-    pre.add_argument("--manifest", type=Path, required=True, help="the site's manifest CSV")
+    pre = command(
+        sub, "preprocess", cmd_preprocess, "preprocess every patient into the site's cache (validates first)",
+        "Resample every patient's phases onto a tumour-centred box, normalise them, and store the tensors in the cache "
+        "folder, so that training rounds start immediately. Entries whose sources or parameters changed are recomputed; "
+        "current ones are reused.",
+        [shared_options("manifest")],
+    )  # fmt: skip
     pre.add_argument("--cache", type=Path, required=True, help="cache folder on the site's disk")
     add_preprocess_options(pre)
-    pre.set_defaults(func=cmd_preprocess)
 
-    feat = sub.add_parser(
-        "features",
-        help="apply a finished run's models to a cohort: deep features and scores per patient (for radiogenomics)",
-        description="Preprocess a cohort's images exactly as the run did and apply its final models. Writes one row "
-        "per patient: the DLTRMLP, DLTR and clinical-model probabilities and DLTR's deep features (feature_000 ...). "
-        "The table stays where --out says; `tace-analysis radiogenomics` reads it. Validates the manifest first.",
-    )
+
+def _model_commands(sub: Any) -> None:
+    """features, predict and finetune: a finished study's model applied at the site."""
+    feat = command(
+        sub, "features", cmd_features, "apply a finished run's models to a cohort: deep features and scores per patient (for radiogenomics)",
+        "Preprocess a cohort's images exactly as the run did and apply its final models. Writes one row per patient: the "
+        "DLTRMLP, DLTR and clinical-model probabilities and DLTR's deep features (feature_000 ...). The table stays where "
+        "--out says; `tace-analysis radiogenomics` reads it. Validates the manifest first.",
+        [shared_options("manifest", "cache", "device", manifest="the cohort's manifest CSV (the response column may be empty)",
+                        cache="preprocessing cache folder (default: a cache/ folder beside --out)")],
+    )  # fmt: skip
     feat.add_argument("--run", type=Path, required=True, help="a finished run folder (holds models/ and run_config.json)")
-    feat.add_argument("--manifest", type=Path, required=True, help="the cohort's manifest CSV (the response column may be empty)")
     feat.add_argument("--out", type=Path, required=True, help="CSV to write")
-    feat.add_argument("--cache", type=Path, help="preprocessing cache folder (default: a cache/ folder beside --out)")
-    feat.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
-    feat.set_defaults(func=cmd_features)
-
-    pred = sub.add_parser(
-        "predict",
-        help="predict new patients with a finished study's model: probabilities, groups, saliency maps, one card each",
-        description="Apply a finished study's exported model (MODEL: its tace-model.zip, or the run folder) to the "
-        "patients of a manifest (the response column may be empty or absent). Validates the manifest and every image "
-        "first, as `tace-client check`. Writes OUT/predictions.csv (DLTRMLP, DLTR and clinical-model probabilities of "
-        "objective response, the predicted group at the cut-off fixed on the training sites, the PFS risk group, the "
-        "share of the saliency map in and around the tumour), one HTML card per patient in OUT/cards/ (the numbers, "
-        "and a saliency map over axial, coronal and sagittal slices through the tumour for every phase) and "
-        "OUT/index.html. Everything stays at the site.",
-    )
-    add_model_arguments(pred, "the new patients' manifest CSV (docs/manifest.md)")
+    pred = command(
+        sub, "predict", cmd_predict, "predict new patients with a finished study's model: probabilities, groups, saliency maps, one card each",
+        "Apply a finished study's exported model (MODEL: its tace-model.zip, or the run folder) to the patients of a manifest "
+        "(the response column may be empty or absent). Validates the manifest and every image first, as `tace-client check`. "
+        "Writes OUT/predictions.csv (DLTRMLP, DLTR and clinical-model probabilities of objective response, the predicted group "
+        "at the cut-off fixed on the training sites, the PFS risk group, the share of the saliency map in and around the "
+        "tumour), one HTML card per patient in OUT/cards/ (the numbers, and a saliency map over axial, coronal and sagittal "
+        "slices through the tumour for every phase) and OUT/index.html. Everything stays at the site.",
+        [_model_options("the new patients' manifest CSV (docs/manifest.md)")],
+    )  # fmt: skip
     pred.add_argument("--patient", action="append", metavar="ID", help="predict only this patient of the manifest (repeatable)")
     pred.add_argument("--no-saliency", action="store_true", help="skip the saliency maps and the cards (faster)")
     pred.add_argument("--no-cards", action="store_true", help="compute the saliency share but write no HTML cards")
     pred.add_argument("--saliency", choices=("gradient", "gradcam"), default="gradient",
                       help="saliency method: input gradient per phase, or Grad-CAM at the backbone's last stage (default %(default)s)")  # fmt: skip
-    pred.set_defaults(func=cmd_predict)
-
-    tune = sub.add_parser(
-        "finetune",
-        help="adapt a study's model to this site's own data and compare it with the global model",
-        description="Fine-tune a finished study's exported model on this site's training split (the fusion head; with "
-        "--last-stage also the last stage of the DLTR backbone) and evaluate the global and the fine-tuned model on "
-        "its validation split: AUC side by side. Writes OUT/finetune.json and the fine-tuned model "
-        "OUT/tace-model-finetuned.zip (usable with `tace-client predict`). Nothing leaves the site.",
-    )
-    add_model_arguments(tune, "the site's manifest, with train and val splits and responses")
+    tune = command(
+        sub, "finetune", cmd_finetune, "adapt a study's model to this site's own data and compare it with the global model",
+        "Fine-tune a finished study's exported model on this site's training split (the fusion head; with --last-stage also "
+        "the last stage of the DLTR backbone) and evaluate the global and the fine-tuned model on its validation split: AUC "
+        "side by side. Writes OUT/finetune.json and the fine-tuned model OUT/tace-model-finetuned.zip (usable with "
+        "`tace-client predict`). Nothing leaves the site.",
+        [_model_options("the site's manifest, with train and val splits and responses"), shared_options("seed")],
+    )  # fmt: skip
     tune.add_argument("--last-stage", action="store_true", help="also adapt the last stage of the DLTR backbone (slower)")
     tune.add_argument("--epochs", type=int, help="passes over the training split (default: 20 for the head, 5 with --last-stage)")
     tune.add_argument("--lr", type=float, help="learning rate (default: the study's head-lr, or its lr with --last-stage)")
-    tune.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    tune.set_defaults(func=cmd_finetune)
 
-    keygen = sub.add_parser(
-        "keygen",
-        help="create the site's key pair for joining a study (send the .pub file to the coordinator)",
-        description="Create the site's authentication key pair (ECDSA P-384, OpenSSH format): SITE.key stays at the "
-        "site, readable by its owner only; SITE.pub goes to the coordinator, who registers it with `tace-server sites add`.",
-    )
-    keygen.add_argument("--site", required=True, help="the site's id (as in site.toml)")
-    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for SITE.key and SITE.pub (default: the current folder)")
-    keygen.set_defaults(func=cmd_keygen)
 
-    start = sub.add_parser(
-        "start",
-        help="join the study: validate the data, then connect to the coordinator and train when asked",
-        description="Read site.toml (deploy/site.toml is the template), validate the manifest and the certificates, "
-        "then connect to the coordinator with TLS and the site's key and take part in the study's rounds. Reconnects "
-        "after network interruptions; runs until stopped (Ctrl-C, SIGTERM). Images never leave the site.",
-    )
-    start.add_argument("--config", type=Path, required=True, help="the site's configuration (site.toml)")
-    start.add_argument("--quiet", action="store_true", help="do not echo the connection's log (it is always in OUTPUT/logs/client.log)")
-    start.set_defaults(func=cmd_start)
+def _model_options(manifest_help: str) -> argparse.ArgumentParser:
+    """The options of the commands that apply a study's exported model to a site's patients."""
+    parser = shared_options("manifest", "cache", "device", manifest=manifest_help, cache="preprocessing cache folder (default: OUT/cache)")
+    parser.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, manifest_help: str) -> None:
-    """The arguments of the commands that apply a study's exported model to a site's patients."""
-    parser.add_argument("--model", type=Path, required=True, help="the exported model (tace-model.zip) or a finished run folder")
-    parser.add_argument("--manifest", type=Path, required=True, help=manifest_help)
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--cache", type=Path, help="preprocessing cache folder (default: OUT/cache)")
-    parser.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)")
+def _deployment_commands(sub: Any) -> None:
+    """keygen and start: joining a study across hospitals."""
+    keygen = command(
+        sub, "keygen", cmd_keygen, "create the site's key pair for joining a study (send the .pub file to the coordinator)",
+        "Create the site's authentication key pair (ECDSA P-384, OpenSSH format): SITE.key stays at the site, readable by its "
+        "owner only; SITE.pub goes to the coordinator, who registers it with `tace-server sites add`.",
+    )  # fmt: skip
+    keygen.add_argument("--site", required=True, help="the site's id (as in site.toml)")
+    keygen.add_argument("--out", type=Path, default=Path("."), help="folder for SITE.key and SITE.pub (default: the current folder)")
+    start = command(
+        sub, "start", cmd_start, "join the study: validate the data, then connect to the coordinator and train when asked",
+        "Read site.toml (deploy/site.toml is the template), validate the manifest and the certificates, then connect to the "
+        "coordinator with TLS and the site's key and take part in the study's rounds. Reconnects after network interruptions; "
+        "runs until stopped (Ctrl-C, SIGTERM). Images never leave the site.",
+    )  # fmt: skip
+    start.add_argument("--config", type=Path, required=True, help="the site's configuration (site.toml)")
+    start.add_argument("--quiet", action="store_true", help="do not echo the connection's log (it is always in OUTPUT/logs/client.log)")
 
 
 def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
@@ -213,14 +203,15 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from tace.client.features import TrainedModels, write_features
+    from tace.client.features import extract_features, write_features
+    from tace.common.artifact import TrainedModels
 
     trained = TrainedModels.load(args.run)  # a wrong run folder fails before the images are read
     if not _check_or_report(args.manifest, "No features were extracted"):
         return EXIT_PROBLEMS
     start = time.perf_counter()
     cache = args.cache or args.out.parent / "cache"
-    table = trained.extract(args.manifest, cache, device=args.device, validate=False)
+    table = extract_features(trained, args.manifest, cache, device=args.device, validate=False)
     path = write_features(table, args.out)
     n_feat = sum(c.startswith("feature_") for c in table.columns)
     print(f"wrote {path}: {len(table)} patients, 3 model scores and {n_feat} deep features, in {time.perf_counter() - start:.1f} s")
@@ -238,8 +229,8 @@ def _check_or_report(manifest: Path | Manifest, what: str) -> bool:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from tace.client.features import TrainedModels
     from tace.client.predict import PredictOptions, predict
+    from tace.common.artifact import TrainedModels
 
     trained = TrainedModels.load(args.model)  # an incompatible or damaged model fails before the images are read
     if not _check_or_report(args.manifest, "No prediction was made"):
@@ -262,14 +253,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from tace.client.features import TrainedModels
-    from tace.client.finetune import finetune_site
+    from tace.client.finetune import FinetuneOptions, finetune_site
+    from tace.common.artifact import TrainedModels
 
     trained = TrainedModels.load(args.model)
     if not _check_or_report(args.manifest, "Nothing was fine-tuned"):
         return EXIT_PROBLEMS
-    result = finetune_site(trained, args.manifest, args.out, args.cache or args.out / "cache", last_stage=args.last_stage,
-                           epochs=args.epochs, lr=args.lr, seed=args.seed, device=args.device)  # fmt: skip
+    options = FinetuneOptions("last-stage" if args.last_stage else "head", args.epochs or 0, args.lr or 0.0, args.seed, args.device)
+    result = finetune_site(trained, args.manifest, args.out, args.cache or args.out / "cache", options)
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     print(f"fine-tuned {result.mode} for {result.epochs} epochs on {result.n_train} training patients in {result.seconds:.1f} s")
     print(

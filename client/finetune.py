@@ -10,6 +10,7 @@ run-config key ``finetune``, by every training site after federation (only the t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from tace.client.task import SiteTask
+from tace.common.artifact import ModelArtefact, TrainedModels, write_model
 from tace.common.clinical import ClinicalEncoder
 from tace.common.errors import TaceError
 from tace.common.metrics import auc
@@ -127,39 +129,44 @@ def _train_last_stage(task: SiteTask, models: StudyModels, backbone: str, clinic
             p.requires_grad_(True)
 
 
-def finetune_site(
-    trained: Any, manifest: Path, out: Path, cache_dir: Path, last_stage: bool = False, epochs: int | None = None, lr: float | None = None,
-    seed: int = 0, device: str = "auto",
-) -> FinetuneResult:  # fmt: skip
-    """`tace-client finetune`: fine-tune an exported model (`TrainedModels`) on a site's manifest; writes
-    OUT/finetune.json and OUT/tace-model-finetuned.zip (cut-offs: the global model's, fixed on the training sites)."""
+@dataclass(frozen=True)
+class FinetuneOptions:
+    """How `tace-client finetune` adapts the model: `mode` 'head' or 'last-stage'; `epochs` and `lr` 0 for the
+    defaults (`DEFAULT_EPOCHS`; the study's head-lr, or its lr for the last stage); the seed; the device."""
+
+    mode: str = "head"
+    epochs: int = 0
+    lr: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+
+
+def finetune_site(trained: TrainedModels, manifest: Path, out: Path, cache_dir: Path, options: FinetuneOptions) -> FinetuneResult:
+    """`tace-client finetune`: fine-tune an exported model on a site's manifest; writes OUT/finetune.json and
+    OUT/tace-model-finetuned.zip (cut-offs: the global model's, fixed on the training sites)."""
     from tace.common.config import RunConfig, SiteConfig
     from tace.common.serialize import write_json
 
     pre = trained.preprocess
     run = RunConfig.from_run_config({
         "spacing-mm": ",".join(f"{v:g}" for v in pre.spacing_mm), "box-voxels": ",".join(str(v) for v in pre.box_voxels),
-        "sequences": ",".join(pre.sequences), "large-tumour": pre.large_tumour, "device": device, **trained.training,
+        "sequences": ",".join(pre.sequences), "large-tumour": pre.large_tumour, "device": options.device, **trained.training,
     })  # fmt: skip
     site = SiteConfig("local", Path(manifest), Path(cache_dir), Path(out))
     task = SiteTask(site, run, "train", validate=False)
-    result = finetune(
-        task, trained.models, trained.encoder, trained.backbone, "last-stage" if last_stage else "head", epochs or 0, lr or 0.0, seed
-    )
+    o = options
+    result = finetune(task, trained.models, trained.encoder, trained.backbone, o.mode, o.epochs, o.lr, o.seed)
     write_json(Path(out) / "finetune.json", {**result.to_dict(), "model": str(trained.path), "manifest": str(manifest)})
-    save_finetuned(Path(out) / "tace-model-finetuned.zip", result, trained.backbone, pre, trained.encoder, trained.cutoffs, trained.bins,
-                   trained.training, f"{trained.path.name} fine-tuned ({result.mode}) at this site")  # fmt: skip
+    save_finetuned(
+        Path(out) / "tace-model-finetuned.zip", result, trained.artefact(), f"{trained.path.name} fine-tuned ({result.mode}) at this site"
+    )
     return result
 
 
-def save_finetuned(
-    path: Path, result: FinetuneResult, backbone: str, preprocess: Any, encoder: ClinicalEncoder, cutoffs: dict[str, Any], bins: int,
-    training: dict[str, Any], source: str,
-) -> Path:  # fmt: skip
-    """The fine-tuned models as a model file that says what they are: the global model's cut-offs (not refitted),
-    fine-tuned without differential privacy."""
-    from tace.common.artifact import write_model
-
+def save_finetuned(path: Path, result: FinetuneResult, base: ModelArtefact, source: str) -> Path:
+    """The fine-tuned models as a model file that says what they are: derived from `base` (the global model, whose
+    cut-offs are kept, not refitted), fine-tuned without differential privacy."""
     assert result.models is not None
-    return write_model(path, result.models.arrays(), backbone, preprocess, encoder.to_dict(), cutoffs, bins, source=source,
-                       training=training, privacy={"note": FINETUNED_PRIVACY}, cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
+    model = dataclasses.replace(base, arrays=result.models.arrays(), source=source, privacy={"note": FINETUNED_PRIVACY},
+                                cutoffs_note=FINETUNED_CUTOFFS)  # fmt: skip
+    return write_model(path, model)

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from tace.client.features import TrainedModels, manifest_records, write_features
+from tace.client.features import manifest_records, score_patients, write_features
+from tace.common.artifact import TrainedModels
 from tace.common.manifest import PatientRecord
 from tace.common.summaries import RESPONSE_GROUPS, groupings
 
@@ -111,7 +112,7 @@ def predict(
     out = Path(out)
     parsed, records = manifest_records(manifest, options.validate, options.patients)
     dev = select_device(options.device)
-    table = trained.score(records, parsed.root, cache_dir, device=dev)
+    table = score_patients(trained, records, parsed.root, cache_dir, device=dev)
     timings = {"scores": time.perf_counter() - start}
     result = table[["patient_id", "dltrmlp", "dltr", "clinical"]].copy()
     scores = {m: result[m].to_numpy() for m in ("dltrmlp", "dltr", "clinical")}

@@ -22,13 +22,17 @@ from typing import Any
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import TaceError
 from tace.common.privacy import DPSettings, calibrate_noise, epsilon, sample_rate, steps_per_epoch
+from tace.common.protocol import Reason, SiteRefusal
 from tace.common.serialize import write_json
 
 FORMAT = 1
 
 
-class BudgetExhausted(TaceError):
+class BudgetExhausted(SiteRefusal):
     """The next training call would take the site past its privacy budget; the site declines to train."""
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(Reason.DECLINED_BUDGET, message, hint)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """What a site does for the study, as plain functions of its data: statistics, local training, evaluation.
 
-The Flower ClientApp (`tace.client.app`) only unpacks messages and calls these; the single-machine references
-(centralised and local training) call them directly. Per-patient predictions are written to the site's own
-output folder; what these functions return for the coordinator is weights and aggregates only.
+The site's answers to the coordinator (`tace.client.service`, behind the Flower ClientApp) call these; the
+single-machine references (centralised and local training) call them directly. Per-patient predictions are written
+to the site's own output folder; what these functions return for the coordinator is weights and aggregates only.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.metrics import auc, merge_small_cells, score_histograms
 from tace.common.models import DLTR, StudyModels
-from tace.common.protocol import MODELS
-from tace.common.summaries import site_summary
+from tace.common.protocol import MODELS, STAGES, SiteCounts
+from tace.common.summaries import EvaluatedPatients, SharingRules, site_summary
 from tace.common.training import (
     TrainResult,
     TrainSettings,
@@ -82,16 +82,16 @@ class SiteTask:
             return [r for r in self.manifest.records if r.split == "val" and r.response is not None]
         return [r for r in self.manifest.records if r.response is not None]
 
-    def info(self) -> dict[str, int | str]:
+    def counts(self) -> SiteCounts:
         """Counts only: patients per split and labelled patients per split (what the coordinator needs to plan)."""
         recs = self.manifest.records
-        out: dict[str, int | str] = {"site-id": self.site.site_id, "n": len(recs)}
-        for split in ("train", "val", "test"):
-            out[f"n-{split}"] = sum(r.split == split for r in recs)
-            out[f"labelled-{split}"] = sum(r.split == split and r.response is not None for r in recs)
-        out["labelled-all"] = sum(r.response is not None for r in recs)
-        out["val-responders"] = sum(r.split == "val" and r.response == 1 for r in recs)
-        return out
+
+        def count(split: str, labelled: bool = False) -> int:
+            return sum(r.split == split and (not labelled or r.response is not None) for r in recs)
+
+        return SiteCounts(len(recs), count("train"), count("val"), count("test"), count("train", True), count("val", True),
+                          count("test", True), sum(r.response is not None for r in recs),
+                          sum(r.split == "val" and r.response == 1 for r in recs))  # fmt: skip
 
     def require_enough_patients(self) -> None:
         """A training site with very few patients would reveal individuals through its statistics and updates."""
@@ -115,11 +115,10 @@ class SiteTask:
         return SiteDataset(records, self.manifest.root, self.cache, transform)
 
     def settings(self, stage: str, lr: float, seed: int) -> TrainSettings:
-        epochs = {"dltr": self.run.local_epochs, "head": self.run.head_local_epochs, "clinical": self.run.clinical_local_epochs}[stage]
+        spec = STAGES[stage]
         mu = self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0
-        batch = self.run.batch_size if stage == "dltr" else 32
-        return TrainSettings(epochs=epochs, lr=lr, weight_decay=self.run.weight_decay, batch_size=batch, proximal_mu=mu,
-                             seed=seed, device=self.device, amp=self.run.amp)  # fmt: skip
+        return TrainSettings(epochs=spec.local_epochs(self.run), lr=lr, weight_decay=self.run.weight_decay,
+                             batch_size=spec.local_batch_size(self.run), proximal_mu=mu, seed=seed, device=self.device, amp=self.run.amp)  # fmt: skip
 
     # -- training --------------------------------------------------------------------------------------------
     def deep_features(self, dltr: DLTR, records: list[PatientRecord]) -> np.ndarray:
@@ -236,12 +235,11 @@ class SiteTask:
         if write_predictions:
             self.write_predictions(records, scores, tag)
         if summary:
-            result["summary"] = site_summary(
-                site_id=self.site.site_id, role=self.role, patient_ids=[r.patient_id for r in records], labels=y, scores=scores,
-                pfs_days=[r.pfs_days for r in records], pfs_event=[r.pfs_event for r in records], bins=self.run.analysis_bins,
-                min_cell_count=self.site.min_cell_count, cutoffs=cutoffs, share_patient_level=self.site.share_patient_level,
-                pseudonym_key=self.pseudonym_key() if self.site.share_patient_level else b"",
-            )  # fmt: skip
+            patients = EvaluatedPatients([r.patient_id for r in records], y, scores, [r.pfs_days for r in records],
+                                         [r.pfs_event for r in records])  # fmt: skip
+            rules = SharingRules(self.site.min_cell_count, self.site.share_patient_level,
+                                 self.pseudonym_key() if self.site.share_patient_level else b"")  # fmt: skip
+            result["summary"] = site_summary(self.site.site_id, self.role, patients, self.run.analysis_bins, rules, cutoffs).encode()
         return result
 
     def pseudonym_key(self) -> bytes:

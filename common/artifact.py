@@ -1,5 +1,5 @@
-"""The exported model of a finished run (``tace-model.zip``): everything a hospital needs to predict, nothing about
-any patient.
+"""The model file of a finished run (``tace-model.zip``): writing, reading, checking and loading it, and the
+run folder's ``models/``. Everything a hospital needs to predict, nothing about any patient.
 
 One zip file holding ``model.json`` (format, TACE-FL version, backbone, model signature, preprocessing parameters,
 clinical standardisation, the cut-offs and where they were fixed, the score grid, the privacy the models were
@@ -7,6 +7,9 @@ trained under, a SHA-256 digest of all of it and of the weights) and ``weights.n
 plain arrays: no pickled code runs when a hospital loads it). `read_model` refuses a file another TACE-FL version
 cannot reproduce predictions from, and says which version to use; it refuses a damaged or edited file too. The
 digest shows integrity, not authorship: a file is as trustworthy as the channel it came through.
+
+`TrainedModels` is a model file loaded for use (`tace-client predict`, `features`, `finetune`); `save_run_models`
+writes a run's ``models/`` folder: the model file, state dicts and portable ``torch.export`` programs.
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ import json
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from tace.common.errors import TaceError
 from tace.common.preprocess import PIPELINE_VERSION, PreprocessConfig
+from tace.common.protocol import STAGES
+
+if TYPE_CHECKING:
+    from tace.common.clinical import ClinicalEncoder
+    from tace.common.config import RunConfig
+    from tace.common.models import StudyModels
 
 FORMAT = "tace-model/1"
 FILENAME = "tace-model.zip"
-STAGES = ("dltr", "head", "clinical")
 #: Run-config keys a model file carries for local fine-tuning at a hospital (nothing about any patient).
 TRAINING_KEYS = ("lr", "head-lr", "weight-decay", "batch-size", "augment", "amp", "seed")
 #: Run-config keys a model file carries about the privacy its models were trained under.
@@ -51,12 +59,21 @@ class ModelArtefact:
     encoder: dict[str, Any]
     cutoffs: dict[str, Any]
     bins: int
-    version: str
-    signature: str
     source: str = ""  # the run it came from (its folder name), for the record
     training: dict[str, Any] = field(default_factory=dict)  # run-config keys local fine-tuning starts from (lr, head-lr, ...)
     privacy: dict[str, Any] = field(default_factory=dict)  # dp, dp-mode, dp-target-epsilon, secagg of the run, or a note
     cutoffs_note: str = CUTOFFS_NOTE
+    version: str = ""  # the TACE-FL version that wrote it (set by `read_model`)
+    signature: str = ""  # its model signature (set by `read_model`)
+
+    @classmethod
+    def of_run(
+        cls, run: RunConfig, arrays: dict[str, Arrays], backbone: str, encoder: dict[str, Any], cutoffs: dict[str, Any], source: str
+    ) -> ModelArtefact:
+        """The models a run trained, with the run's preprocessing, score grid, training and privacy settings."""
+        config = run.to_run_config()
+        return cls(arrays, backbone, run.preprocess, encoder, cutoffs, run.analysis_bins, source,
+                   {k: config[k] for k in TRAINING_KEYS}, {k: config[k] for k in PRIVACY_KEYS})  # fmt: skip
 
 
 def _digest(arrays: dict[str, Arrays]) -> str:
@@ -76,22 +93,19 @@ def _card_digest(card: dict[str, Any], arrays: dict[str, Arrays]) -> str:
     return h.hexdigest()
 
 
-def write_model(
-    path: Path, arrays: dict[str, Arrays], backbone: str, preprocess: PreprocessConfig, encoder: dict[str, Any], cutoffs: dict[str, Any],
-    bins: int, source: str = "", training: dict[str, Any] | None = None, privacy: dict[str, Any] | None = None,
-    cutoffs_note: str = CUTOFFS_NOTE,
-) -> Path:  # fmt: skip
-    """Write the model file atomically; returns its path."""
+def write_model(path: Path, model: ModelArtefact) -> Path:
+    """Write the model file atomically (with this TACE-FL version and the model's signature); returns its path."""
     from tace.common.cli import version_string
     from tace.common.clinical import FEATURES
     from tace.common.models import model_signature
 
+    m, arrays = model, model.arrays
     card: dict[str, Any] = {
-        "format": FORMAT, "tace_fl_version": version_string(), "backbone": backbone,
-        "model_signature": model_signature((backbone,), len(preprocess.sequences), len(FEATURES)),
-        "preprocessing": {**preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
-        "clinical_encoder": encoder, "cutoffs": cutoffs, "cutoffs_note": cutoffs_note, "score_bins": int(bins), "source_run": source,
-        "training": training or {}, "privacy": privacy or {},
+        "format": FORMAT, "tace_fl_version": version_string(), "backbone": m.backbone,
+        "model_signature": model_signature((m.backbone,), len(m.preprocess.sequences), len(FEATURES)),
+        "preprocessing": {**m.preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
+        "clinical_encoder": m.encoder, "cutoffs": m.cutoffs, "cutoffs_note": m.cutoffs_note, "score_bins": int(m.bins),
+        "source_run": m.source, "training": m.training, "privacy": m.privacy,
         "outputs": "probability of objective response (mRECIST CR/PR) from DLTRMLP, DLTR and the clinical model",
     }  # fmt: skip
     card = json.loads(json.dumps(card))  # exactly what a reader will parse (tuples as lists), so the digest matches
@@ -163,8 +177,106 @@ def read_model(path: Path | str) -> ModelArtefact:
             raise TaceError(f"{path} was made by TACE-FL {made_by}, whose {backbone} model differs from this version's "
                             f"({version_string()}; signature {card['model_signature']} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
         return ModelArtefact(arrays, backbone, preprocess, dict(card["clinical_encoder"]), dict(card["cutoffs"]), int(card["score_bins"]),
-                             str(made_by), ours, str(card["source_run"]), dict(card["training"]), dict(card["privacy"]),
-                             str(card["cutoffs_note"]))  # fmt: skip
+                             str(card["source_run"]), dict(card["training"]), dict(card["privacy"]), str(card["cutoffs_note"]),
+                             str(made_by), ours)  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise TaceError(f"{path}: model.json lacks or garbles a field ({type(exc).__name__}: {exc})",
                         "the file is not one TACE-FL wrote; copy the run's model file again") from None  # fmt: skip
+
+
+@dataclass
+class TrainedModels:
+    """A model file loaded for use: the three models built and loaded, the clinical standardisation, and how they
+    were made (preprocessing, the cut-offs fixed on the training sites, version, training and privacy settings)."""
+
+    models: StudyModels
+    encoder: ClinicalEncoder
+    preprocess: PreprocessConfig
+    path: Path
+    cutoffs: dict[str, Any] = field(default_factory=dict)
+    bins: int = 100_000
+    backbone: str = "small"
+    version: str = ""
+    training: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    privacy: dict[str, Any] = field(default_factory=dict)
+    cutoffs_note: str = ""
+
+    @classmethod
+    def load(cls, path: Path | str) -> TrainedModels:
+        """From a model file (tace-model.zip) or a finished run folder; an incompatible file is a clear error."""
+        from tace.common.clinical import FEATURES, ClinicalEncoder
+        from tace.common.models import StudyModels
+
+        art = read_model(path)
+        models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
+        models.load(art.arrays)
+        return cls(models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
+                   art.version, art.training, art.source, art.privacy, art.cutoffs_note)  # fmt: skip
+
+    def artefact(self) -> ModelArtefact:
+        """What a model file of these models holds (for a derived file, e.g. fine-tuned at a site)."""
+        return ModelArtefact(self.models.arrays(), self.backbone, self.preprocess, self.encoder.to_dict(), self.cutoffs, self.bins,
+                             self.source, self.training, self.privacy, self.cutoffs_note)  # fmt: skip
+
+
+def save_run_models(folder: Path, model: ModelArtefact) -> None:
+    """A run's ``models/`` folder: the model file hospitals predict with (`FILENAME`), the state dicts (``.pt``), the
+    portable programs (``.pt2``, loadable with ``torch.export.load`` without TACE-FL) and ``model.json``."""
+    import torch
+
+    from tace.common.clinical import FEATURES
+    from tace.common.models import StudyModels
+    from tace.common.serialize import write_json
+
+    write_model(folder / FILENAME, model)
+    in_channels, shape = len(model.preprocess.sequences), model.preprocess.shape
+    models = StudyModels.build(model.backbone, in_channels, len(FEATURES))
+    models.load(model.arrays)
+    for name in STAGES:
+        torch.save(models.module(name).state_dict(), folder / f"{name}.pt")
+    exports = _exportable(models.dltr.eval(), models.head.eval(), models.clinical.eval())
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    image = torch.zeros(2, *shape)
+    clin = torch.zeros(2, len(FEATURES))
+    for name, module, inputs in (("dltr", exports[0], (image,)), ("dltrmlp", exports[1], (image, clin)), ("clinical", exports[2], (clin,))):
+        program = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
+        torch.export.save(program, folder / f"{name}.pt2")
+    write_json(folder / "model.json", {
+        "backbone": model.backbone, "in_channels": in_channels, "input_shape": list(shape), "clinical_features": list(FEATURES),
+        "outputs": "probability of objective response (mRECIST CR/PR)",
+        "portable": {"dltr.pt2": "image (B, C, D, H, W) -> p", "dltrmlp.pt2": "image, clinical (B, K) standardised -> p",
+                     "clinical.pt2": "clinical (B, K) standardised -> p"},
+        "clinical_encoder": model.encoder,
+    })  # fmt: skip
+
+
+def _exportable(dltr: Any, head: Any, clinical: Any) -> tuple[Any, Any, Any]:
+    """The three models as modules from inputs to probabilities, for `torch.export`."""
+    import torch
+
+    class Image(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dltr = dltr
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.dltr(x))
+
+    class Fusion(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.dltr, self.head = dltr, head
+
+        def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.head(self.dltr.features(x), c))
+
+    class Clinical(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.clinical = clinical
+
+        def forward(self, c: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.clinical(c))
+
+    return Image(), Fusion(), Clinical()

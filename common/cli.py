@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 from tace.common.errors import TaceError
@@ -48,6 +49,37 @@ def command_parser(prog: str, description: str) -> tuple[argparse.ArgumentParser
     parser = argparse.ArgumentParser(prog=prog, description=description)
     add_version(parser)
     return parser, parser.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def command(
+    sub: Any, name: str, func: Callable[[argparse.Namespace], int], help: str, description: str = "",
+    parents: Sequence[argparse.ArgumentParser] = (),
+) -> argparse.ArgumentParser:  # fmt: skip
+    """A subcommand running ``func(args)``, with the shared options of `parents` (`shared_options`)."""
+    parser: argparse.ArgumentParser = sub.add_parser(name, help=help, description=description or help, parents=list(parents))
+    parser.set_defaults(func=func)
+    return parser
+
+
+#: The options several commands share, by name: (flags, argparse keyword arguments). Each command takes them
+#: through a parent parser (`shared_options`), so a flag means the same everywhere.
+SHARED_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "manifest": (("--manifest",), {"type": Path, "required": True, "help": "the site's manifest CSV"}),
+    "cache": (("--cache",), {"type": Path, "help": "preprocessing cache folder"}),
+    "device": (("--device",), {"default": "auto", "help": "auto (GPU when there is one), cpu, cuda or cuda:N (default %(default)s)"}),
+    "seed": (("--seed",), {"type": int, "default": 0, "help": "random seed (default %(default)s)"}),
+    "run-config": (("--run-config",), {"default": "", "metavar": '"KEY=VALUE ..."', "help": "override run-config keys (docs/training.md)"}),
+}
+
+
+def shared_options(*names: str, **helps: str) -> argparse.ArgumentParser:
+    """A parent parser (argparse ``parents=``) holding the shared options `names`; `helps` (keyed by the option's
+    name with ``_`` for ``-``) words an option's help for one command."""
+    parser = argparse.ArgumentParser(add_help=False)
+    for name in names:
+        flags, kwargs = SHARED_OPTIONS[name]
+        parser.add_argument(*flags, **{**kwargs, "help": helps.get(name.replace("-", "_"), kwargs["help"])})
+    return parser
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:

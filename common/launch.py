@@ -20,6 +20,10 @@ from typing import Any
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 
+#: The Flower apps a run bundle names (as ``[tool.flwr.app.components]`` of pyproject.toml does); a test checks that
+#: they import as Flower apps and agree with pyproject.toml, so a moved app cannot break `flwr run` unnoticed.
+APP_COMPONENTS = {"serverapp": "tace.server.app:app", "clientapp": "tace.client.app:app"}
+
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -47,6 +51,7 @@ def write_app(folder: Path, run: RunConfig) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     config = "\n".join(f"{k} = {toml_value(v)}" for k, v in run.to_run_config().items())
+    components = "\n".join(f"{k} = {toml_value(v)}" for k, v in APP_COMPONENTS.items())
     (folder / "pyproject.toml").write_text(
         f"""[build-system]
 requires = ["setuptools>=77"]
@@ -63,8 +68,7 @@ dependencies = []
 publisher = "tace-fl"
 
 [tool.flwr.app.components]
-serverapp = "tace.server.app:app"
-clientapp = "tace.client.app:app"
+{components}
 
 [tool.flwr.app.config]
 {config}

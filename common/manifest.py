@@ -88,7 +88,6 @@ COLUMNS: tuple[ColumnSpec, ...] = (
 )  # fmt: skip
 
 COLUMN_BY_NAME: dict[str, ColumnSpec] = {c.name: c for c in COLUMNS}
-PATH_COLUMNS = tuple(c.name for c in COLUMNS if c.kind == "path")
 CLINICAL_COLUMNS = (
     "age", "sex", "afp_ng_ml", "tumour_diameter_mm", "tumour_number", "child_pugh", "bclc_stage", "albi_grade",
     "portal_vein_invasion", "tace_type",
@@ -232,55 +231,81 @@ def parse_manifest(path: Path | str) -> Manifest:
     """
     path = Path(path)
     manifest = Manifest(path=path, columns=())
+    text = _read_text(path, manifest.problems)
+    table = _split_table(text, path, manifest.problems) if text is not None else None
+    if table is None:
+        return manifest
+    header, unnamed, rows = table
+    _check_header([h for i, h in enumerate(header) if i not in unnamed], manifest.problems)
+    manifest.columns = tuple(h for h in header if h)
+    _read_rows(manifest, header, rows)
+    if manifest.n_rows == 0 and not manifest.problems:
+        manifest.problems.append(
+            Problem("empty-manifest", "manifest has a header but no patient rows", "add one row per patient", file=str(path))
+        )
+    return manifest
+
+
+def _read_text(path: Path, problems: list[Problem]) -> str | None:
+    """The manifest's text with universal newlines, or None (with the problem) when it cannot be read as UTF-8."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        manifest.problems.append(Problem("missing-file", "manifest file not found", "check the path given to --manifest", file=str(path)))
-        return manifest
+        problems.append(Problem("missing-file", "manifest file not found", "check the path given to --manifest", file=str(path)))
+        return None
     except OSError as exc:
-        manifest.problems.append(
+        problems.append(
             Problem("unreadable-file", f"manifest cannot be read ({exc.strerror})", "check the file's permissions", file=str(path))
         )
-        return manifest
+        return None
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        manifest.problems.append(
+        problems.append(
             Problem("bad-encoding", "manifest is not UTF-8 text", "save it as 'CSV UTF-8' from your spreadsheet program", file=str(path))
         )
-        return manifest
+        return None
     # Universal newlines: CR-only files come from spreadsheet programs' "CSV (Macintosh)".
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _split_table(text: str, path: Path, problems: list[Problem]) -> tuple[list[str], set[int], list[list[str]]] | None:
+    """Header, the indices of empty unnamed columns, and the data rows; None (with the problem) when the text is not
+    a manifest with a header row."""
     lines = text.split("\n")
     if not lines or not lines[0].strip():
-        manifest.problems.append(
+        problems.append(
             Problem(
                 "empty-manifest", "manifest has no header row", "the first row must name the columns; see docs/manifest.md", file=str(path)
             )
         )
-        return manifest
+        return None
     delimiter = _sniff_delimiter(lines[0])
     try:
         header = [h.strip() for h in next(csv.reader(io.StringIO(lines[0]), delimiter=delimiter))]
         unnamed = _unnamed_columns(text, delimiter, header)
         rows = list(csv.reader(io.StringIO(text), delimiter=delimiter))[1:]
     except csv.Error as exc:
-        manifest.problems.append(
+        problems.append(
             Problem("unreadable-file", f"manifest is not valid CSV ({str(exc).split(':')[0]})", "save it again as CSV from the spreadsheet program", file=str(path))
         )  # fmt: skip
-        return manifest
+        return None
     named = [h for h in header if h]
     if named and sum(h in COLUMN_BY_NAME for h in named) < max(1, len(named) // 2):
         # Most cells of the first row are not column names: it is probably a patient row. Do not echo its cells.
-        manifest.problems.append(
+        problems.append(
             Problem("missing-header", f"the first row is not a header: {sum(h in COLUMN_BY_NAME for h in named)} of its {len(named)} cells are column names",
                     "insert the header row naming the columns (see docs/manifest.md)", 1)
         )  # fmt: skip
-        return manifest
-    _check_header([h for i, h in enumerate(header) if i not in unnamed], manifest.problems)
-    manifest.columns = tuple(h for h in header if h)
+        return None
+    return header, unnamed, rows
+
+
+def _read_rows(manifest: Manifest, header: list[str], rows: list[list[str]]) -> None:
+    """Every data row checked against the schema: valid ones become records, every problem is listed."""
     known = [(i, COLUMN_BY_NAME[h]) for i, h in enumerate(header) if h in COLUMN_BY_NAME]
     seen_ids: dict[str, int] = {}
+    complete = all(h in manifest.columns for h in _required_headers())
     # Spreadsheet row numbers: one per CSV record (a cell with a line break is still one row).
     for row, cells in enumerate(rows, start=2):
         if not any(c.strip() for c in cells):
@@ -299,31 +324,29 @@ def parse_manifest(path: Path | str) -> Manifest:
             values[spec.name] = value
             if problem is not None:
                 row_problems.append(problem)
-        pid = values.get("patient_id")
-        if isinstance(pid, str):
-            if pid in seen_ids:
-                row_problems.append(
-                    Problem("duplicate-id", f"patient_id already used on row {seen_ids[pid]}",
-                            "each patient appears once per site; merge or renumber the rows", row, "patient_id")
-                )  # fmt: skip
-            else:
-                seen_ids[pid] = row
-        if (values.get("pfs_days") is None) != (values.get("pfs_event") is None) and not any(
-            p.column in ("pfs_days", "pfs_event") for p in row_problems
-        ):
-            row_problems.append(
-                Problem("incomplete-survival", "pfs_days and pfs_event must be given together or both left empty",
-                        "fill in the missing one, or clear both if follow-up is unknown", row, "pfs_event")
-            )  # fmt: skip
+        row_problems += _row_consistency(values, row, row_problems, seen_ids)
         manifest.problems.extend(row_problems)
-        if row_problems or any(h not in manifest.columns for h in _required_headers()):
-            continue
-        manifest.records.append(_to_record(row, values))
-    if manifest.n_rows == 0 and not manifest.problems:
-        manifest.problems.append(
-            Problem("empty-manifest", "manifest has a header but no patient rows", "add one row per patient", file=str(path))
-        )
-    return manifest
+        if not row_problems and complete:
+            manifest.records.append(_to_record(row, values))
+
+
+def _row_consistency(values: dict[str, float | str | None], row: int, found: list[Problem], seen_ids: dict[str, int]) -> list[Problem]:
+    """Problems of a row as a whole: a patient id used before (`seen_ids` records the first row of each), survival
+    given half."""
+    out = []
+    pid = values.get("patient_id")
+    if isinstance(pid, str):
+        if pid in seen_ids:
+            out.append(Problem("duplicate-id", f"patient_id already used on row {seen_ids[pid]}",
+                               "each patient appears once per site; merge or renumber the rows", row, "patient_id"))  # fmt: skip
+        else:
+            seen_ids[pid] = row
+    if (values.get("pfs_days") is None) != (values.get("pfs_event") is None) and not any(
+        p.column in ("pfs_days", "pfs_event") for p in found
+    ):
+        out.append(Problem("incomplete-survival", "pfs_days and pfs_event must be given together or both left empty",
+                           "fill in the missing one, or clear both if follow-up is unknown", row, "pfs_event"))  # fmt: skip
+    return out
 
 
 def _unnamed_columns(text: str, delimiter: str, header: list[str]) -> set[int]:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tace.common.protocol import STAGES, Arrays
+
 BACKBONES = ("small", "resnet10", "resnet18", "densenet121")
 
 
@@ -167,13 +169,6 @@ class ClinicalModel(nn.Module):
         return self.linear(clinical).squeeze(-1)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-Arrays = dict[str, np.ndarray]
-
-
 def state_dict_numpy(module: nn.Module) -> Arrays:
     return {k: v.detach().cpu().numpy() for k, v in module.state_dict().items()}
 
@@ -198,10 +193,13 @@ class StudyModels:
         return cls(dltr, FusionHead(dltr.feature_dim, clinical_dim), ClinicalModel(clinical_dim))
 
     def module(self, stage: str) -> nn.Module:
-        return {"dltr": self.dltr, "head": self.head, "clinical": self.clinical}[stage]
+        """The model a stage trains (`tace.common.protocol.STAGES`)."""
+        if stage not in STAGES:
+            raise KeyError(f"no stage {stage!r}")
+        return cast(nn.Module, getattr(self, stage))
 
     def arrays(self) -> dict[str, Arrays]:
-        return {stage: state_dict_numpy(self.module(stage)) for stage in ("dltr", "head", "clinical")}
+        return {stage: state_dict_numpy(self.module(stage)) for stage in STAGES}
 
     def load(self, arrays: dict[str, Arrays]) -> None:
         for stage, values in arrays.items():

@@ -2,7 +2,8 @@
 
 `dp_fit` is the training loop of `tace.common.training.fit` with per-sample gradient clipping, Gaussian noise and
 Poisson sampling (Opacus' `GradSampleModule` and `DPOptimizer` on the caller's own module, so the weights keep
-their names). The accounting functions work on a *history* of ``(noise multiplier, sample rate, steps)`` entries,
+their names); `DPSettings.fit` hands it to `tace.common.training`'s loops, which take it in place of their plain
+loop without knowing DP-SGD. The accounting functions work on a *history* of ``(noise multiplier, sample rate, steps)`` entries,
 the form Opacus' RDP accountant keeps, so a site can store it between rounds and a coordinator can replay it.
 
 Privacy argument, in short: the mechanism's randomness (which patients a step samples, and the noise) is drawn
@@ -17,7 +18,7 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,9 +27,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from tace.common.errors import ConfigError
-from tace.common.training import TrainResult, TrainSettings
+from tace.common.training import Forward, TrainResult, TrainSettings
 
-History = list[tuple[float, float, int]]  # (noise multiplier, sample rate, steps), as Opacus' RDPAccountant keeps it
 #: RDP orders: Opacus' defaults and larger ones, which strong privacy (much noise, few steps) needs for a tight bound.
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [80, 96, 128, 160, 192, 256, 384, 512]
 
@@ -54,6 +54,10 @@ class DPSettings:
     max_grad_norm: float
     sample_rate: float
     secure_rng: bool = False
+
+    def fit(self, model: nn.Module, dataset: Dataset[Any], forward: Forward, settings: TrainSettings) -> TrainResult:
+        """`dp_fit` with these settings (`tace.common.training.PrivateTraining`)."""
+        return dp_fit(model, dataset, forward, settings, self)
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -162,13 +166,7 @@ def _entropy_seed() -> int:
     return secrets.randbits(63)
 
 
-def dp_fit(
-    model: nn.Module,
-    dataset: Dataset[Any],
-    forward: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
-    settings: TrainSettings,
-    dp: DPSettings,
-) -> TrainResult:
+def dp_fit(model: nn.Module, dataset: Dataset[Any], forward: Forward, settings: TrainSettings, dp: DPSettings) -> TrainResult:
     """DP-SGD: minimise binary cross-entropy with AdamW for `settings.epochs` passes of Poisson-sampled steps.
 
     Every step clips each patient's gradient to `dp.max_grad_norm`, sums, adds Gaussian noise of standard deviation

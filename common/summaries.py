@@ -1,7 +1,7 @@
 """What a site returns for the final analysis, and the cut-offs the coordinator fixes on training data.
 
 After training, every site summarises its evaluation set (internal-validation split at a training site, the whole
-labelled cohort at a holdout site) in a `site_summary`:
+labelled cohort at a holdout site) in a `SiteSummary` (`site_summary`):
 
 * a **joint score table**: the class-conditional counts of patients per cell of a fixed grid over the models'
   predicted probabilities (one axis per model, ``bins`` bins per axis). Its one-model margins are the score
@@ -21,8 +21,8 @@ rows are merged with the following distinct times until each row holds at least 
 merged row is reported at the latest time it covers); a survival group with fewer than ``k`` patients is
 suppressed and named in the summary. docs/analysis.md quantifies the effect.
 
-This module is numpy-only: the site builds summaries with it, the coordinator fixes cut-offs and checks incoming
-summaries with it, and `tace.analysis` reads them.
+This module is numpy-only: the site builds summaries with it, the coordinator fixes cut-offs and decodes (checks)
+incoming summaries with it, and `tace.analysis` reads them.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,15 +69,212 @@ def risk_group_names(k: int) -> list[str]:
     return [f"risk group {i + 1} of {k} (1 = highest risk)" for i in range(k)]
 
 
-# -- the joint score table -------------------------------------------------------------------------------------
-def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins: int, min_cell_count: int = 0) -> dict[str, Any]:
-    """Class-conditional patient counts per joint grid cell of the models' scores.
+# -- what a site returns, typed ------------------------------------------------------------------------------------
+class _Checker:
+    """Raises the error for a malformed summary from `site` (what is wrong, and what to do)."""
 
-    Returns ``{"bins", "models", "cells": [[bin_model_1, ..., bin_model_m, n_negative, n_positive], ...],
-    "microaggregated": 0}``; cells are sorted, only non-empty cells are listed. With ``min_cell_count`` k > 1:
-    ``{"bins", "models", "marginals": {model: [[bin, n_negative, n_positive], ...]}, "microaggregated": k}``.
+    def __init__(self, site: str) -> None:
+        self.site = site
+
+    def __call__(self, what: str) -> TaceError:
+        return TaceError(f"site {self.site} sent a malformed analysis summary: {what}",
+                         "the site may run another TACE-FL version; ask it to update, then rerun the final evaluation")  # fmt: skip
+
+    def counts(self, cells: Any, width: int, bins: int) -> list[list[int]]:
+        """Rows of `width` bin indices on the grid followed by two non-negative counts."""
+        if not isinstance(cells, list):
+            raise self("a model's score table is missing")
+        for cell in cells:
+            if not isinstance(cell, list) or len(cell) != width + 2 or not all(isinstance(v, int) and v >= 0 for v in cell):
+                raise self("a score-table cell is not a list of non-negative integers of the right length")
+            if any(v >= bins for v in cell[:width]):
+                raise self("a score-table cell lies outside the grid")
+        return [list(c) for c in cells]
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """Class-conditional patient counts on a grid of `bins` cells per model score.
+
+    Joint (`cells`): rows ``[bin_model_1, ..., bin_model_m, n_negative, n_positive]``, non-empty cells only, sorted.
+    Microaggregated to cells of at least `microaggregated` patients (`marginals`): per model, rows
+    ``[bin, n_negative, n_positive]``.
     """
-    models = list(scores)
+
+    bins: int
+    models: tuple[str, ...]
+    cells: list[list[int]] | None = None
+    marginals: dict[str, list[list[int]]] | None = None
+    microaggregated: int = 0
+
+    def parts(self) -> list[tuple[list[list[int]], int]]:
+        """Each table with its number of bin columns: one joint table, or one per model."""
+        if self.marginals is not None:
+            return [(self.marginals[m], 1) for m in self.models]
+        return [(self.cells or [], len(self.models))]
+
+    def margins(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """One model's class-conditional histograms (negatives, positives)."""
+        neg, pos = np.zeros(self.bins, dtype=np.int64), np.zeros(self.bins, dtype=np.int64)
+        if self.marginals is not None:
+            cells, j, m = self.marginals[model], 0, 1
+        else:
+            cells, j, m = self.cells or [], self.models.index(model), len(self.models)
+        for cell in cells:
+            neg[int(cell[j])] += int(cell[m])
+            pos[int(cell[j])] += int(cell[m + 1])
+        return neg, pos
+
+    @property
+    def n_cells(self) -> int:
+        return sum(len(cells) for cells, _ in self.parts())
+
+    def encode(self) -> dict[str, Any]:
+        key, value = ("marginals", self.marginals) if self.marginals is not None else ("cells", self.cells)
+        return {"bins": self.bins, "models": list(self.models), key: value, "microaggregated": self.microaggregated}
+
+    @classmethod
+    def decode(cls, data: Any, check: _Checker, models: Sequence[str]) -> ScoreTable:
+        if not isinstance(data, dict) or not isinstance(data.get("bins"), int):
+            raise check("no score table")
+        names = tuple(str(m) for m in data.get("models", []))
+        missing = [m for m in models if m not in names]
+        if missing:
+            raise check(f"score table lacks model(s) {', '.join(missing)}")
+        bins, micro = int(data["bins"]), int(data.get("microaggregated", 0))
+        if isinstance(data.get("marginals"), dict):
+            marginals = {m: check.counts(data["marginals"].get(m), 1, bins) for m in names}
+            return cls(bins, names, marginals=marginals, microaggregated=micro)
+        if isinstance(data.get("cells"), list):
+            return cls(bins, names, cells=check.counts(data["cells"], len(names), bins), microaggregated=micro)
+        raise check("no score table")
+
+
+@dataclass(frozen=True)
+class EventTable:
+    """PFS events of one grouping: rows ``[time, group, at_risk, events, censored]`` per group and distinct time
+    (sorted by group, then time); groups of fewer than `merged` patients are left out and listed in `suppressed`."""
+
+    groups: list[str]
+    rows: list[list[float]]
+    suppressed: list[int] = field(default_factory=list)
+    merged: int = 0
+
+    def encode(self) -> dict[str, Any]:
+        return {"groups": list(self.groups), "rows": self.rows, "suppressed": self.suppressed, "merged": self.merged}
+
+    @classmethod
+    def decode(cls, name: str, data: Any, check: _Checker) -> EventTable:
+        if not isinstance(data, dict):
+            raise check(f"event table {name!r} is not a mapping")
+        groups = [str(g) for g in data.get("groups", [])]
+        for row in data.get("rows", []):
+            if (
+                not isinstance(row, list)
+                or len(row) != 5
+                or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in row)
+            ):
+                raise check(f"event table {name!r} has a row that is not five non-negative numbers")
+            if not all(float(v).is_integer() for v in row[1:]):
+                raise check(f"event table {name!r} has a row whose counts are not whole numbers")
+            if row[1] >= len(groups):
+                raise check(f"event table {name!r} names a group that does not exist")
+        return cls(
+            groups, [list(r) for r in data.get("rows", [])], [int(g) for g in data.get("suppressed", [])], int(data.get("merged", 0))
+        )
+
+
+@dataclass(frozen=True)
+class PatientRows:
+    """Patient-level rows a site opted in to share: pseudonym (keyed hash), label, scores per model, PFS."""
+
+    pseudonym: list[str]
+    label: list[int]
+    scores: dict[str, list[float]]
+    pfs_days: list[float | None]
+    pfs_event: list[int | None]
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "pseudonym": self.pseudonym,
+            "label": self.label,
+            "scores": self.scores,
+            "pfs_days": self.pfs_days,
+            "pfs_event": self.pfs_event,
+        }
+
+    @classmethod
+    def decode(cls, data: Any, n: int, check: _Checker, models: Sequence[str]) -> PatientRows:
+        columns = ("pseudonym", "label", "pfs_days", "pfs_event")
+        ok = isinstance(data, dict) and all(isinstance(data.get(k), list) and len(data[k]) == n for k in columns)
+        scores = data.get("scores") if isinstance(data, dict) else None
+        if not ok or not isinstance(scores, dict) or any(not isinstance(scores.get(m), list) or len(scores[m]) != n for m in models):
+            raise check("its patient-level rows do not match its patient count or models")
+        return cls(list(data["pseudonym"]), list(data["label"]), {str(m): list(v) for m, v in scores.items()}, list(data["pfs_days"]),
+                   list(data["pfs_event"]))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SiteSummary:
+    """Everything a site returns for the final analysis (see the module docstring); `encode` gives the JSON form
+    sites send and ``site_returns/<site>.json`` keeps, `decode` checks it on the way in."""
+
+    site_id: str
+    role: str
+    sharing: str
+    min_cell_count: int
+    n: int
+    n_pos: int
+    scores: ScoreTable
+    n_with_pfs: int = 0
+    survival_cutoffs: dict[str, Any] | None = None  # with the event tables: the cut-offs that grouped them
+    survival: dict[str, EventTable] = field(default_factory=dict)
+    patients: PatientRows | None = None
+    version: int = SUMMARY_VERSION
+
+    def encode(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"version": self.version, "site_id": self.site_id, "role": self.role, "sharing": self.sharing,
+                               "min_cell_count": self.min_cell_count, "n": self.n, "n_pos": self.n_pos, "scores": self.scores.encode(),
+                               "n_with_pfs": self.n_with_pfs}  # fmt: skip
+        if self.survival_cutoffs is not None:
+            out["survival"] = {"cutoffs": self.survival_cutoffs, "tables": {k: t.encode() for k, t in self.survival.items()}}
+        if self.patients is not None:
+            out["patients"] = self.patients.encode()
+        return out
+
+    @classmethod
+    def decode(cls, data: Any, site: str, models: Sequence[str]) -> SiteSummary:
+        """Check a summary received from `site` before anything is computed from it; raise a clear error if malformed."""
+        check = _Checker(site)
+        if not isinstance(data, dict):
+            raise check("not a mapping")
+        if data.get("version") != SUMMARY_VERSION:
+            raise check(f"summary version {data.get('version')!r}, expected {SUMMARY_VERSION}")
+        if data.get("role") not in ("train", "holdout") or not isinstance(data.get("site_id"), str):
+            raise check("no valid role or site id")
+        n, n_pos = data.get("n"), data.get("n_pos")
+        if not isinstance(n, int) or not isinstance(n_pos, int):
+            raise check("no patient counts")
+        table = ScoreTable.decode(data.get("scores"), check, models)
+        for cells, m in table.parts():
+            total = sum(c[m] + c[m + 1] for c in cells)
+            if total != n:
+                raise check(f"the score table holds {total} patients but the summary says {n}")
+            if sum(c[m + 1] for c in cells) != n_pos:
+                raise check("the score table's responders do not add up to the summary's")
+        survival = data.get("survival") or {}
+        tables = {str(k): EventTable.decode(str(k), t, check) for k, t in dict(survival.get("tables", {})).items()}
+        patients = PatientRows.decode(data["patients"], n, check, models) if data.get("patients") is not None else None
+        cutoffs = dict(survival["cutoffs"]) if "cutoffs" in survival else None
+        return cls(str(data["site_id"]), str(data["role"]), str(data.get("sharing", "aggregate")), int(data.get("min_cell_count", 0)),
+                   n, n_pos, table, int(data.get("n_with_pfs", 0)), cutoffs, tables, patients)  # fmt: skip
+
+
+# -- the joint score table -------------------------------------------------------------------------------------
+def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins: int, min_cell_count: int = 0) -> ScoreTable:
+    """Class-conditional patient counts per joint grid cell of the models' scores (only non-empty cells, sorted);
+    with ``min_cell_count`` k > 1 one microaggregated table per model (see the module docstring)."""
+    models = tuple(scores)
     y = np.asarray(labels, dtype=int)
     k = int(min_cell_count)
     if k > 1:
@@ -84,8 +282,8 @@ def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins
         for m in models:
             bin_index(scores[m], bins, f"{m} scores in the score table")  # refused before averaging could hide them
             single = joint_score_table(y, {m: _microaggregate(np.asarray(scores[m], dtype=float), k)}, bins)
-            marginals[m] = single["cells"]
-        return {"bins": int(bins), "models": models, "marginals": marginals, "microaggregated": k}
+            marginals[m] = single.cells or []
+        return ScoreTable(int(bins), models, marginals=marginals, microaggregated=k)
     values = np.column_stack([np.asarray(scores[m], dtype=float) for m in models]) if models else np.zeros((len(y), 0))
     idx = (
         np.column_stack([bin_index(values[:, j], bins, f"{m} scores in the score table") for j, m in enumerate(models)])
@@ -96,12 +294,7 @@ def joint_score_table(labels: np.ndarray, scores: Mapping[str, np.ndarray], bins
     for row, label in zip(idx, y, strict=True):
         cell = cells.setdefault(tuple(int(v) for v in row), [0, 0])
         cell[int(label)] += 1
-    return {
-        "bins": int(bins),
-        "models": models,
-        "cells": [[*key, neg, pos] for key, (neg, pos) in sorted(cells.items())],
-        "microaggregated": k if k > 1 else 0,
-    }
+    return ScoreTable(int(bins), models, cells=[[*key, neg, pos] for key, (neg, pos) in sorted(cells.items())])
 
 
 def _microaggregate(values: np.ndarray, k: int) -> np.ndarray:
@@ -117,23 +310,6 @@ def _microaggregate(values: np.ndarray, k: int) -> np.ndarray:
         members = order[s:e]
         out[members] = values[members].mean()
     return out
-
-
-def table_margins(table: Mapping[str, Any], model: str) -> tuple[np.ndarray, np.ndarray]:
-    """One model's class-conditional histograms (negatives, positives) from a joint score table."""
-    bins = int(table["bins"])
-    neg, pos = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
-    if "marginals" in table:
-        for b, n, p in table["marginals"][model]:
-            neg[int(b)] += int(n)
-            pos[int(b)] += int(p)
-        return neg, pos
-    j = list(table["models"]).index(model)
-    m = len(table["models"])
-    for cell in table["cells"]:
-        neg[int(cell[j])] += int(cell[m])
-        pos[int(cell[j])] += int(cell[m + 1])
-    return neg, pos
 
 
 # -- cut-offs fixed on the training sites ---------------------------------------------------------------------
@@ -176,15 +352,15 @@ def quantile_bins(counts: np.ndarray, groups: int) -> list[int]:
     return cuts
 
 
-def fix_cutoffs(tables: Sequence[Mapping[str, Any]], risk_groups: int) -> dict[str, dict[str, Any]]:
+def fix_cutoffs(tables: Sequence[ScoreTable], risk_groups: int) -> dict[str, dict[str, Any]]:
     """Per model, from the training sites' pooled score tables: the Youden cut-off and the risk-group cuts."""
     if not tables:
         raise TaceError("no training-site score tables to fix cut-offs on")
-    bins = int(tables[0]["bins"])
+    bins = tables[0].bins
     out: dict[str, dict[str, Any]] = {}
-    for model in tables[0]["models"]:
-        neg = sum((table_margins(t, model)[0] for t in tables), np.zeros(bins, dtype=np.int64))
-        pos = sum((table_margins(t, model)[1] for t in tables), np.zeros(bins, dtype=np.int64))
+    for model in tables[0].models:
+        neg = sum((t.margins(model)[0] for t in tables), np.zeros(bins, dtype=np.int64))
+        pos = sum((t.margins(model)[1] for t in tables), np.zeros(bins, dtype=np.int64))
         if neg.sum() == 0 or pos.sum() == 0:
             continue
         y_bin = youden_bin(neg, pos)
@@ -216,8 +392,8 @@ def groupings(
 
 
 # -- event tables ---------------------------------------------------------------------------------------------
-def event_table(times: np.ndarray, events: np.ndarray, groups: np.ndarray, n_groups: int, min_cell_count: int = 0) -> dict[str, Any]:
-    """Rows ``[time, group, at_risk, events, censored]`` per group and distinct time (sorted by group, time).
+def event_table(times: np.ndarray, events: np.ndarray, groups: np.ndarray, names: Sequence[str], min_cell_count: int = 0) -> EventTable:
+    """The event table of patients in groups ``0 .. len(names) - 1`` (see `EventTable`).
 
     With ``min_cell_count`` k > 1 rows are merged forward until each holds k events + censorings, and groups of
     fewer than k patients are left out (listed under ``suppressed``).
@@ -226,7 +402,7 @@ def event_table(times: np.ndarray, events: np.ndarray, groups: np.ndarray, n_gro
     rows: list[list[float]] = []
     suppressed: list[int] = []
     k = int(min_cell_count)
-    for group in range(n_groups):
+    for group in range(len(names)):
         mask = g == group
         if k > 1 and 0 < mask.sum() < k:
             suppressed.append(group)
@@ -241,7 +417,7 @@ def event_table(times: np.ndarray, events: np.ndarray, groups: np.ndarray, n_gro
             dd, cc = int(d[s : end + 1].sum()), int(c[s : end + 1].sum())
             rows.append([float(uniq[end]), group, at_risk, dd, cc])
             at_risk -= dd + cc
-    return {"rows": rows, "suppressed": suppressed, "merged": k if k > 1 else 0}
+    return EventTable(list(names), rows, suppressed, k if k > 1 else 0)
 
 
 def _merge_blocks(counts: np.ndarray, k: int) -> list[tuple[int, int]]:
@@ -267,112 +443,53 @@ def pseudonym(patient_id: str, key: bytes) -> str:
     return hmac.new(key, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class EvaluatedPatients:
+    """A site's evaluated patients (site-local; a summary carries only what `SharingRules` allow of them).
+
+    labels : (N,) 0/1; scores : {model: (N,) probabilities}; pfs_days, pfs_event : per patient, None when unknown.
+    """
+
+    patient_ids: Sequence[str]
+    labels: np.ndarray
+    scores: Mapping[str, np.ndarray]
+    pfs_days: Sequence[float | None]
+    pfs_event: Sequence[int | None]
+
+
+@dataclass(frozen=True)
+class SharingRules:
+    """What the site's own configuration allows to leave: cells of at least `min_cell_count` patients, and
+    patient-level rows (pseudonymised with the site's secret `pseudonym_key`) only when it opted in."""
+
+    min_cell_count: int = 0
+    share_patient_level: bool = False
+    pseudonym_key: bytes = b""
+
+
 def site_summary(
-    *,
-    site_id: str,
-    role: str,
-    patient_ids: Sequence[str],
-    labels: np.ndarray,
-    scores: Mapping[str, np.ndarray],
-    pfs_days: Sequence[float | None],
-    pfs_event: Sequence[int | None],
-    bins: int,
-    min_cell_count: int = 0,
+    site_id: str, role: str, patients: EvaluatedPatients, bins: int, rules: SharingRules = SharingRules(),
     cutoffs: Mapping[str, Mapping[str, Any]] | None = None,
-    share_patient_level: bool = False,
-    pseudonym_key: bytes = b"",
-) -> dict[str, Any]:
-    """Everything the site returns for the final analysis (see the module docstring)."""
-    y = np.asarray(labels, dtype=int)
-    out: dict[str, Any] = {
-        "version": SUMMARY_VERSION,
-        "site_id": site_id,
-        "role": role,
-        "sharing": "patient-level" if share_patient_level else "aggregate",
-        "min_cell_count": int(min_cell_count),
-        "n": len(y),
-        "n_pos": int(y.sum()),
-        "scores": joint_score_table(y, scores, bins, min_cell_count),
-    }
-    has_pfs = np.array([d is not None and e is not None for d, e in zip(pfs_days, pfs_event, strict=True)], dtype=bool)
-    out["n_with_pfs"] = int(has_pfs.sum())
+) -> SiteSummary:  # fmt: skip
+    """Everything the site returns for the final analysis (see the module docstring); event tables only with the
+    coordinator's `cutoffs`."""
+    y = np.asarray(patients.labels, dtype=int)
+    k = rules.min_cell_count
+    has_pfs = np.array([d is not None and e is not None for d, e in zip(patients.pfs_days, patients.pfs_event, strict=True)], dtype=bool)
+    tables: dict[str, EventTable] = {}
     if cutoffs:
-        t = np.array([float(d) if d is not None else math.nan for d in pfs_days])[has_pfs]
-        ev = np.array([int(e) if e is not None else 0 for e in pfs_event])[has_pfs]
-        tables = {}
-        for name, (group, labels_) in groupings({m: np.asarray(s)[has_pfs] for m, s in scores.items()}, cutoffs, bins).items():
-            tables[name] = {"groups": labels_, **event_table(t, ev, group, len(labels_), min_cell_count)}
-        out["survival"] = {"cutoffs": {m: dict(c) for m, c in cutoffs.items()}, "tables": tables}
-    if share_patient_level:
-        if not pseudonym_key:
+        t = np.array([float(d) if d is not None else math.nan for d in patients.pfs_days])[has_pfs]
+        ev = np.array([int(e) if e is not None else 0 for e in patients.pfs_event])[has_pfs]
+        with_pfs = {m: np.asarray(s)[has_pfs] for m, s in patients.scores.items()}
+        tables = {name: event_table(t, ev, group, names, k) for name, (group, names) in groupings(with_pfs, cutoffs, bins).items()}
+    rows = None
+    if rules.share_patient_level:
+        if not rules.pseudonym_key:
             raise ValueError("patient-level sharing needs the site's pseudonym key")
-        out["patients"] = {
-            "pseudonym": [pseudonym(p, pseudonym_key) for p in patient_ids],
-            "label": [int(v) for v in y],
-            "scores": {m: [float(v) for v in s] for m, s in scores.items()},
-            "pfs_days": [None if d is None else float(d) for d in pfs_days],
-            "pfs_event": [None if e is None else int(e) for e in pfs_event],
-        }
-    return out
-
-
-def check_summary(summary: Any, site: str, models: Sequence[str]) -> dict[str, Any]:
-    """Check a summary received from `site` before anything is computed from it; raise a clear error if malformed."""
-
-    def bad(what: str) -> TaceError:
-        return TaceError(f"site {site} sent a malformed analysis summary: {what}",
-                         "the site may run another TACE-FL version; ask it to update, then rerun the final evaluation")  # fmt: skip
-
-    if not isinstance(summary, dict):
-        raise bad("not a mapping")
-    if summary.get("version") != SUMMARY_VERSION:
-        raise bad(f"summary version {summary.get('version')!r}, expected {SUMMARY_VERSION}")
-    if summary.get("role") not in ("train", "holdout") or not isinstance(summary.get("site_id"), str):
-        raise bad("no valid role or site id")
-    if not isinstance(summary.get("n"), int) or not isinstance(summary.get("n_pos"), int):
-        raise bad("no patient counts")
-    table = summary.get("scores")
-    if not isinstance(table, dict) or not isinstance(table.get("bins"), int):
-        raise bad("no score table")
-    missing = [m for m in models if m not in table.get("models", [])]
-    if missing:
-        raise bad(f"score table lacks model(s) {', '.join(missing)}")
-    bins = table["bins"]
-    if isinstance(table.get("marginals"), dict):
-        parts = [(table["marginals"].get(m), 1) for m in table["models"]]
-    elif isinstance(table.get("cells"), list):
-        parts = [(table["cells"], len(table["models"]))]
-    else:
-        raise bad("no score table")
-    for cells, m in parts:
-        if not isinstance(cells, list):
-            raise bad("a model's score table is missing")
-        total = 0
-        for cell in cells:
-            if not isinstance(cell, list) or len(cell) != m + 2 or not all(isinstance(v, int) and v >= 0 for v in cell):
-                raise bad("a score-table cell is not a list of non-negative integers of the right length")
-            if any(v >= bins for v in cell[:m]):
-                raise bad("a score-table cell lies outside the grid")
-            total += cell[m] + cell[m + 1]
-        if total != summary.get("n"):
-            raise bad(f"the score table holds {total} patients but the summary says {summary.get('n')}")
-        if sum(cell[m + 1] for cell in cells) != summary["n_pos"]:
-            raise bad("the score table's responders do not add up to the summary's")
-    for name, tab in summary.get("survival", {}).get("tables", {}).items():
-        for row in tab.get("rows", []):
-            if len(row) != 5 or not all(isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in row):
-                raise bad(f"event table {name!r} has a row that is not five non-negative numbers")
-            if not all(float(v).is_integer() for v in row[1:]):
-                raise bad(f"event table {name!r} has a row whose counts are not whole numbers")
-            if row[1] >= len(tab.get("groups", [])):
-                raise bad(f"event table {name!r} names a group that does not exist")
-    patients = summary.get("patients")
-    if patients is not None:
-        n = summary["n"]
-        ok = isinstance(patients, dict) and all(
-            isinstance(patients.get(k), list) and len(patients[k]) == n for k in ("pseudonym", "label", "pfs_days", "pfs_event")
-        )
-        scores = patients.get("scores") if isinstance(patients, dict) else None
-        if not ok or not isinstance(scores, dict) or any(not isinstance(scores.get(m), list) or len(scores[m]) != n for m in models):
-            raise bad("its patient-level rows do not match its patient count or models")
-    return summary
+        rows = PatientRows([pseudonym(p, rules.pseudonym_key) for p in patients.patient_ids], [int(v) for v in y],
+                           {m: [float(v) for v in s] for m, s in patients.scores.items()},
+                           [None if d is None else float(d) for d in patients.pfs_days],
+                           [None if e is None else int(e) for e in patients.pfs_event])  # fmt: skip
+    return SiteSummary(site_id, role, "patient-level" if rules.share_patient_level else "aggregate", int(k), len(y), int(y.sum()),
+                       joint_score_table(y, patients.scores, bins, k), int(has_pfs.sum()),
+                       {m: dict(c) for m, c in cutoffs.items()} if cutoffs else None, tables, rows)  # fmt: skip

@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-if TYPE_CHECKING:
-    from tace.common.privacy import DPSettings
+Forward = Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -50,6 +49,13 @@ class TrainResult:
         return self.samples_seen / self.seconds if self.seconds > 0 else 0.0
 
 
+class PrivateTraining(Protocol):
+    """Differentially private training in place of `fit` (`tace.common.privacy.DPSettings` is one): this module
+    hands it the model, the items and the forward pass, and never needs to know how DP-SGD works."""
+
+    def fit(self, model: nn.Module, dataset: Dataset[Any], forward: Forward, settings: TrainSettings) -> TrainResult: ...
+
+
 def select_device(preference: str = "auto") -> str:
     """'cuda' when asked for ('auto' or 'cuda[:i]') and available, else 'cpu'."""
     if preference == "cpu":
@@ -74,7 +80,7 @@ def _proximal(model: nn.Module, reference: Sequence[torch.Tensor] | None, mu: fl
 def fit(
     model: nn.Module,
     batches: Callable[[int], Any],
-    forward: Callable[[nn.Module, Any], tuple[torch.Tensor, torch.Tensor]],
+    forward: Forward,
     num_examples: int,
     settings: TrainSettings,
 ) -> TrainResult:
@@ -118,9 +124,9 @@ def image_loader(dataset: Dataset[Any], batch_size: int, shuffle: bool, seed: in
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0, drop_last=False)
 
 
-def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSettings, dp: DPSettings | None = None) -> TrainResult:
+def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSettings, dp: PrivateTraining | None = None) -> TrainResult:
     """Train DLTR on a dataset of ``{"image", "label"}`` items (unlabelled items must be excluded beforehand); with
-    `dp`, by DP-SGD (`tace.common.privacy.dp_fit`)."""
+    `dp` (a `tace.common.privacy.DPSettings`), by DP-SGD."""
 
     def batches(epoch: int) -> DataLoader[Any]:
         return image_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
@@ -129,28 +135,24 @@ def train_image_model(model: nn.Module, dataset: Dataset[Any], settings: TrainSe
         return m(batch["image"].to(settings.device)), batch["label"].to(settings.device)
 
     if dp is not None:
-        from tace.common.privacy import dp_fit
-
-        return dp_fit(model, dataset, forward, settings, dp)
+        return dp.fit(model, dataset, forward, settings)
     return fit(model, batches, forward, len(dataset), settings)  # type: ignore[arg-type]
 
 
 def train_tabular_model(
-    model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor, settings: TrainSettings, dp: DPSettings | None = None
+    model: nn.Module, inputs: Sequence[torch.Tensor], labels: torch.Tensor, settings: TrainSettings, dp: PrivateTraining | None = None
 ) -> TrainResult:
     """Train a model on in-memory tensors (the fusion head on deep features + clinical, or the clinical model); with
-    `dp`, by DP-SGD (`tace.common.privacy.dp_fit`)."""
+    `dp` (a `tace.common.privacy.DPSettings`), by DP-SGD."""
     n = len(labels)
     if dp is not None:
         from torch.utils.data import TensorDataset
-
-        from tace.common.privacy import dp_fit
 
         def forward_dp(m: nn.Module, batch: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
             *xs, y = batch
             return m(*[x.to(settings.device) for x in xs]), y.to(settings.device)
 
-        return dp_fit(model, TensorDataset(*inputs, labels), forward_dp, settings, dp)
+        return dp.fit(model, TensorDataset(*inputs, labels), forward_dp, settings)
 
     def batches(epoch: int) -> list[tuple[list[torch.Tensor], torch.Tensor]]:
         g = torch.Generator().manual_seed(settings.seed * 1000 + epoch)

@@ -7,8 +7,9 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from tace.common.cli import EXIT_OK, command_parser, run
+from tace.common.cli import EXIT_OK, command, command_parser, run, shared_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,82 +18,69 @@ def build_parser() -> argparse.ArgumentParser:
         "TACE-FL coordinator: creates the study's certificates, registers sites, and runs the federated training on "
         "Flower's deployment engine with TLS and site authentication. See docs/deployment.md.",
     )
-
-    def study_option(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--study", type=Path, default=Path("."), help="the study folder (default: the current folder)")
-
-    init = sub.add_parser(
-        "init",
-        help="create a study folder: certificate authority, server certificate, run config, instructions for sites",
-        description="Create a study folder with the study's certificate authority, the coordinator's TLS certificate "
-        "(valid for every --host given, plus localhost), a run configuration to edit, and FOR-SITES.md with what each "
-        "site needs (including the CA fingerprint they should confirm with you).",
-    )
+    init = command(
+        sub, "init", cmd_init, "create a study folder: certificate authority, server certificate, run config, instructions for sites",
+        "Create a study folder with the study's certificate authority, the coordinator's TLS certificate (valid for every "
+        "--host given, plus localhost), a run configuration to edit, and FOR-SITES.md with what each site needs (including "
+        "the CA fingerprint they should confirm with you).",
+    )  # fmt: skip
     init.add_argument("folder", type=Path, help="the new study folder")
     init.add_argument("--name", default="TACE study", help="study name, shown in the CA certificate (default %(default)r)")
-    init.add_argument(
-        "--host",
-        action="append",
-        default=[],
-        metavar="NAME_OR_IP",
-        help="a DNS name or IP address sites use to reach this machine (repeat for several; default: this machine's name)",
-    )
+    init.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
+                      help="a DNS name or IP address sites use to reach this machine (repeat for several; default: this machine's name)")  # fmt: skip
     init.add_argument("--port", type=int, default=9092, help="TCP port sites connect to (default %(default)s)")
     init.add_argument("--expected-sites", type=int, default=0, help="number of sites taking part (written to run_config.toml)")
-    init.set_defaults(func=cmd_init)
+    _site_commands(sub.add_parser("sites", help="register and list the sites allowed to join", description="Manage the registered sites."))
+    _run_commands(sub)
+    return parser
 
-    sites = sub.add_parser("sites", help="register and list the sites allowed to join", description="Manage the registered sites.")
+
+def _study() -> argparse.ArgumentParser:
+    """The option of every command that works in an existing study folder."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--study", type=Path, default=Path("."), help="the study folder (default: the current folder)")
+    return parser
+
+
+def _site_commands(sites: argparse.ArgumentParser) -> None:
+    """sites add and sites list."""
     site_sub = sites.add_subparsers(title="commands", metavar="COMMAND")
-    add = site_sub.add_parser(
-        "add",
-        help="register a site's public key",
-        description="Register a site's public key (the .pub file `tace-client keygen` wrote). Only registered sites can "
-        "connect. Confirm the printed fingerprint with the site before the first run.",
-    )
+    add = command(
+        site_sub, "add", cmd_sites_add, "register a site's public key",
+        "Register a site's public key (the .pub file `tace-client keygen` wrote). Only registered sites can connect. Confirm "
+        "the printed fingerprint with the site before the first run.",
+        [_study()],
+    )  # fmt: skip
     add.add_argument("site", help="the site's id (the same as site.toml's [site] id)")
     add.add_argument("key", type=Path, help="the site's public key file (SITE.pub)")
-    study_option(add)
-    add.set_defaults(func=cmd_sites_add)
-    lst = site_sub.add_parser(
-        "list",
-        help="list registered sites and their key fingerprints",
-        description="List the registered sites with the SHA-256 fingerprints of their keys and when they were added.",
-    )
-    study_option(lst)
-    lst.set_defaults(func=cmd_sites_list)
+    command(site_sub, "list", cmd_sites_list, "list registered sites and their key fingerprints",
+            "List the registered sites with the SHA-256 fingerprints of their keys and when they were added.", [_study()])  # fmt: skip
 
-    start = sub.add_parser(
-        "start",
-        help="start the SuperLink and the study run (foreground)",
-        description="Start Flower's SuperLink with TLS and site authentication, register the site keys, and run the "
-        "study (the same ServerApp as in simulation). Runs in the foreground until the run ends; Ctrl-C or "
-        "`tace-server stop` stops it, and `start --resume` continues from the last completed round.",
-    )
-    study_option(start)
+
+def _run_commands(sub: Any) -> None:
+    """start, status and stop: the study run."""
+    start = command(
+        sub, "start", cmd_start, "start the SuperLink and the study run (foreground)",
+        "Start Flower's SuperLink with TLS and site authentication, register the site keys, and run the study (the same "
+        "ServerApp as in simulation). Runs in the foreground until the run ends; Ctrl-C or `tace-server stop` stops it, and "
+        "`start --resume` continues from the last completed round.",
+        [_study(), shared_options("run-config", run_config="override keys of run_config.toml for this run")],
+    )  # fmt: skip
     start.add_argument("--resume", action="store_true", help="continue the latest interrupted run from its last completed round")
     start.add_argument("--insecure", action="store_true", help="no TLS and no site authentication (tests on a private network only)")
-    start.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."', help="override keys of run_config.toml for this run")
-    start.set_defaults(func=cmd_start)
-
-    stat = sub.add_parser(
-        "status",
-        help="show the coordinator, the current round, sites online and per-site metrics",
-        description="Show whether the coordinator runs, the current run's stage, round and pooled validation AUC, every "
-        "site's role, whether it is online and its last metrics, and the last faults the run survived.",
-    )
-    study_option(stat)
+    stat = command(
+        sub, "status", cmd_status, "show the coordinator, the current round, sites online and per-site metrics",
+        "Show whether the coordinator runs, the current run's stage, round and pooled validation AUC, every site's role, "
+        "whether it is online and its last metrics, and the last faults the run survived.",
+        [_study()],
+    )  # fmt: skip
     stat.add_argument("--json", action="store_true", help="print the status as JSON")
-    stat.set_defaults(func=cmd_status)
-
-    stop = sub.add_parser(
-        "stop",
-        help="stop the running coordinator (the run can be resumed)",
-        description="Stop the running coordinator and its SuperLink (SIGTERM, then SIGKILL after a minute). The run "
-        "keeps everything up to its last completed round: continue it with `tace-server start --resume`.",
-    )
-    study_option(stop)
-    stop.set_defaults(func=cmd_stop)
-    return parser
+    command(
+        sub, "stop", cmd_stop, "stop the running coordinator (the run can be resumed)",
+        "Stop the running coordinator and its SuperLink (SIGTERM, then SIGKILL after a minute). The run keeps everything up "
+        "to its last completed round: continue it with `tace-server start --resume`.",
+        [_study()],
+    )  # fmt: skip
 
 
 def cmd_init(args: argparse.Namespace) -> int:

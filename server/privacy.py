@@ -26,6 +26,7 @@ from typing import Any
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.privacy import calibrate_noise, epsilon
+from tace.common.protocol import STAGES
 from tace.common.serialize import write_json
 
 FORMAT = 1
@@ -43,7 +44,8 @@ def planned_rounds(run: RunConfig, n_sites: int, central: bool = False) -> dict[
     noise for."""
     folds = (n_sites if central else max(n_sites - 1, 1)) if run.layout == "loco" else 1
     candidates = len(run.backbone_candidates) or 1
-    plan = {"dltr": run.rounds * candidates, "head": run.head_rounds, "clinical": run.clinical_rounds}
+    # Every candidate backbone trains its own DLTR stage.
+    plan = {name: stage.rounds(run) * (candidates if name == "dltr" else 1) for name, stage in STAGES.items()}
     return {stage: (rounds + RESUME_HEADROOM) * folds for stage, rounds in plan.items()}
 
 

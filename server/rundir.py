@@ -6,14 +6,13 @@ import csv
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from tace.common.serialize import write_json
-
-if TYPE_CHECKING:
-    from tace.server.workflow import TrainReply
+from tace.server.messages import SiteUpdate
+from tace.server.progress import save_arrays
 
 METRIC_COLUMNS = (
     "stage",
@@ -36,7 +35,7 @@ class RunDir:
 
     Layout: ``run_config.json``, ``run.log``, ``metrics.csv`` (one row per stage, round and site, plus a
     ``pooled`` row), ``checkpoints/<stage>/round-NNN.npz`` and ``best.npz``, ``clinical_encoder.json``,
-    ``models/`` (state dicts, portable ``torch.export`` programs, ``model.json``), ``summary.json``.
+    ``models/`` (`tace.common.artifact.save_run_models`), ``summary.json``.
     """
 
     def __init__(self, path: Path | str, run_config: dict[str, Any], mode: str) -> None:
@@ -64,7 +63,7 @@ class RunDir:
         return write_json(self.path / name, obj)
 
     def record_round(
-        self, stage: str, server_round: int, lr: float, replies: list[TrainReply], evaluation: dict[str, dict[str, Any]], model: str,
+        self, stage: str, server_round: int, lr: float, replies: list[SiteUpdate], evaluation: dict[str, dict[str, Any]], model: str,
         pooled_auc: float | None, round_s: float,
     ) -> None:  # fmt: skip
         by_site = {r.site_id: r for r in replies}
@@ -90,8 +89,6 @@ class RunDir:
         return self.path / "checkpoints" / stage / name
 
     def checkpoint(self, stage: str, server_round: int | str, arrays: dict[str, np.ndarray]) -> Path:
-        from tace.server.progress import save_arrays
-
         path = self.checkpoint_path(stage, server_round)
         save_arrays(path, arrays)
         return path
@@ -123,70 +120,6 @@ class RunDir:
                  "round": server_round, "site": site, "detail": detail}  # fmt: skip
         with open(self.path / "events.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
-
-    def save_models(
-        self, arrays: dict[str, dict[str, np.ndarray]], backbone: str, in_channels: int, shape: tuple[int, ...], encoder: dict[str, Any]
-    ) -> None:
-        """State dicts (``.pt``), portable programs (``.pt2``, loadable with ``torch.export.load`` without TACE-FL) and a model card."""
-        import torch
-
-        from tace.common.clinical import FEATURES
-        from tace.common.models import StudyModels
-
-        folder = self.path / "models"
-        folder.mkdir(parents=True, exist_ok=True)
-        models = StudyModels.build(backbone, in_channels, len(FEATURES))
-        models.load(arrays)
-        for name in ("dltr", "head", "clinical"):
-            torch.save(models.module(name).state_dict(), folder / f"{name}.pt")
-        exports = _exportable(models.dltr.eval(), models.head.eval(), models.clinical.eval())
-        batch = torch.export.Dim("batch", min=1, max=4096)
-        image = torch.zeros(2, *shape)
-        clin = torch.zeros(2, len(FEATURES))
-        for name, module, inputs in (
-            ("dltr", exports[0], (image,)),
-            ("dltrmlp", exports[1], (image, clin)),
-            ("clinical", exports[2], (clin,)),
-        ):
-            program = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
-            torch.export.save(program, folder / f"{name}.pt2")
-        self.write_json("models/model.json", {
-            "backbone": backbone, "in_channels": in_channels, "input_shape": list(shape), "clinical_features": list(FEATURES),
-            "outputs": "probability of objective response (mRECIST CR/PR)",
-            "portable": {"dltr.pt2": "image (B, C, D, H, W) -> p", "dltrmlp.pt2": "image, clinical (B, K) standardised -> p",
-                         "clinical.pt2": "clinical (B, K) standardised -> p"},
-            "clinical_encoder": encoder,
-        })  # fmt: skip
-
-
-def _exportable(dltr: Any, head: Any, clinical: Any) -> tuple[Any, Any, Any]:
-    import torch
-
-    class Image(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dltr = dltr
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.dltr(x))
-
-    class Fusion(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.dltr, self.head = dltr, head
-
-        def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.head(self.dltr.features(x), c))
-
-    class Clinical(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.clinical = clinical
-
-        def forward(self, c: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.clinical(c))
-
-    return Image(), Fusion(), Clinical()
 
 
 def _fmt(value: Any) -> str:

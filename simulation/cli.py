@@ -8,8 +8,9 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command_parser, progress, run
+from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command, command_parser, progress, run, shared_options
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 
@@ -22,47 +23,35 @@ def build_parser() -> argparse.ArgumentParser:
         "TACE-FL simulation: generate a realistic synthetic multi-centre cohort (NIfTI/NRRD/MetaImage "
         "files and a manifest per site) and run the study on one machine.",
     )
-
-    cohort = sub.add_parser(
-        "cohort",
-        help="generate a synthetic multi-centre cohort",
-        description="Generate a synthetic multi-centre TACE cohort: per site, MRI phases and tumour masks plus a "
-        "manifest (docs/manifest.md); a radiogenomics cohort with an expression matrix; and the ground truth "
-        "(ground_truth/, read by no training or analysis code). Deterministic for a seed. See docs/synthetic-cohort.md.",
-    )
-    cohort.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        default="demo",
-        help="demo: 5 centres x 100-150 patients; tiny: 5 centres x 6-8 patients, <= 16^3 voxels (tests)",
-    )
-    cohort.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    workers = argparse.ArgumentParser(add_help=False)
+    workers.add_argument("--workers", type=int, default=default_workers(),
+                         help="parallel rendering processes (default %(default)s; output does not depend on it)")  # fmt: skip
+    cohort = command(
+        sub, "cohort", cmd_cohort, "generate a synthetic multi-centre cohort",
+        "Generate a synthetic multi-centre TACE cohort: per site, MRI phases and tumour masks plus a manifest "
+        "(docs/manifest.md); a radiogenomics cohort with an expression matrix; and the ground truth (ground_truth/, read by "
+        "no training or analysis code). Deterministic for a seed. See docs/synthetic-cohort.md.",
+        [shared_options("seed"), workers],
+    )  # fmt: skip
+    cohort.add_argument("--preset", choices=sorted(PRESETS), default="demo",
+                        help="demo: 5 centres x 100-150 patients; tiny: 5 centres x 6-8 patients, <= 16^3 voxels (tests)")  # fmt: skip
     cohort.add_argument("--out", type=Path, required=True, help="output folder (must be new or empty)")
     cohort.add_argument("--n-sites", type=int, help="number of centres (default: the preset's 5; the last two are external)")
     cohort.add_argument("--patients-per-site", type=int, help="patients per centre (default: the preset's)")
-    cohort.add_argument(
-        "--format", choices=("nii.gz", "nii", "nrrd", "mha", "dicom"), help="one image format for every centre (default: varies by centre)"
-    )
+    cohort.add_argument("--format", choices=("nii.gz", "nii", "nrrd", "mha", "dicom"),
+                        help="one image format for every centre (default: varies by centre)")  # fmt: skip
     cohort.add_argument(
         "--gene-sets", type=Path, metavar="GMT", help="GMT file for the radiogenomics pathways (default: a built-in synthetic set)"
     )
-    cohort.add_argument(
-        "--workers",
-        type=int,
-        default=default_workers(),
-        help="parallel rendering processes (default %(default)s; output does not depend on it)",
-    )
     cohort.add_argument("--force", action="store_true", help="replace the output folder if it is not empty")
-    cohort.set_defaults(func=cmd_cohort)
-
-    run = sub.add_parser(
-        "run",
-        help="run the study on a cohort: federated (Flower simulation), centralized or local",
-        description="Run the whole study (clinical statistics, DLTR, DLTRMLP head, clinical model, evaluation at every "
-        "site) with all sites on this machine. federated: Flower's simulation engine with the same ClientApp and "
-        "ServerApp hospitals run; centralized: the training sites' data pooled through the same model and training code "
-        "(upper reference); local: each training site alone (lower reference). Writes the run folder and summary.json.",
-    )
+    run = command(
+        sub, "run", cmd_run, "run the study on a cohort: federated (Flower simulation), centralized or local",
+        "Run the whole study (clinical statistics, DLTR, DLTRMLP head, clinical model, evaluation at every site) with all "
+        "sites on this machine. federated: Flower's simulation engine with the same ClientApp and ServerApp hospitals run; "
+        "centralized: the training sites' data pooled through the same model and training code (upper reference); local: "
+        "each training site alone (lower reference). Writes the run folder and summary.json.",
+        [shared_options("run-config", run_config="override run-config keys as Flower does, e.g. \"lr=0.0005 backbone='resnet10'\"")],
+    )  # fmt: skip
     run.add_argument("--cohort", type=Path, required=True, help="cohort folder (cohort.json + sites/), e.g. from `tace-sim cohort`")
     run.add_argument("--out", type=Path, required=True, help="run folder to create")
     run.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated", help="default %(default)s")
@@ -72,28 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="continue the interrupted run in --out from its last completed round, with its own configuration",
     )
-    run.add_argument(
-        "--run-config",
-        default="",
-        metavar='"KEY=VALUE ..."',
-        help="override run-config keys as Flower does, e.g. \"lr=0.0005 backbone='resnet10'\"",
-    )
-    run.set_defaults(func=cmd_run)
-
-    demo = sub.add_parser(
-        "demo",
-        help="the main job: the whole study on the demo cohort (generated if missing), with a results table",
-        description="Generate the five-centre demo cohort if DIR has none, validate every site as `tace-client "
-        "check` would, preprocess every patient into the site caches, then run the study federated (three training "
-        "centres, two external ones) in Flower's simulation engine and print per model and site the AUC, with the "
-        "generator's oracle. Each run goes to DIR/runs/<time>-federated.",
-    )
+    demo = command(
+        sub, "demo", cmd_demo, "the main job: the whole study on the demo cohort (generated if missing), with a results table",
+        "Generate the five-centre demo cohort if DIR has none, validate every site as `tace-client check` would, preprocess "
+        "every patient into the site caches, then run the study federated (three training centres, two external ones) in "
+        "Flower's simulation engine and print per model and site the AUC, with the generator's oracle. Each run goes to "
+        "DIR/runs/<time>-federated.",
+        [shared_options("seed", "run-config", run_config="override run-config keys of the study run"), workers],
+    )  # fmt: skip
     demo.add_argument("--out", type=Path, default=Path("demo"), help="demo folder (default %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
     demo.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="cohort preset (default %(default)s)")
-    demo.add_argument("--workers", type=int, default=default_workers(), help="parallel rendering processes (default %(default)s)")
-    demo.add_argument("--run-config", default="", metavar='"KEY=VALUE ..."', help="override run-config keys of the study run")
-    demo.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -115,60 +92,10 @@ def cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tace.client.cache import PreprocessCache
-    from tace.common.manifest import parse_manifest
-    from tace.common.preprocess import PreprocessConfig
-    from tace.common.validate import check_site
-    from tace.simulation.cohort import generate_cohort, make_preset
-
     demo_start = time.perf_counter()
     out: Path = args.out
-    meta_path = out / "cohort.json"
-    if meta_path.exists():
-        meta = json.loads(meta_path.read_text())
-        if (meta.get("preset"), meta.get("seed")) != (args.preset, args.seed):
-            raise TaceError(
-                f"{out} holds a cohort with preset {meta.get('preset')!r} and seed {meta.get('seed')}",
-                "choose another --out folder, or the same --preset/--seed",
-            )  # fmt: skip
-        print(f"using the existing {args.preset} cohort in {out}")
-    else:
-        start = time.perf_counter()
-        generate_cohort(
-            out, make_preset(args.preset), seed=args.seed, workers=args.workers,
-            progress=lambda it, total: progress(it, total=total, desc="generating cohort", unit="patient"),
-        )  # fmt: skip
-        print(f"generated the {args.preset} cohort in {out} in {time.perf_counter() - start:.1f} s")
-        meta = json.loads(meta_path.read_text())
-
-    config = PreprocessConfig.from_mapping(meta["suggested_preprocessing"])
-    rows = []
-    all_ok = True
-    for site in meta["sites"]:
-        manifest = parse_manifest(out / site["manifest"])
-        report = check_site(manifest, progress=functools.partial(progress, desc=f"checking {site['site_id']}", unit="patient"))
-        all_ok &= report.ok
-        cache = PreprocessCache(out / "cache" / site["site_id"], config)
-        start = time.perf_counter()
-        hits = 0
-        if report.ok:
-            for record in progress(manifest.records, desc=f"preprocessing {site['site_id']}", unit="patient"):
-                hits += cache.load(record, manifest.root).hit
-        summary = report.summary
-        rate = summary.responder_rate() if summary else None
-        rows.append((
-            site["site_id"], site["suggested_role"], summary.n_patients if summary else 0,
-            f"{100 * rate:.0f} %" if rate is not None else "-", site["image_format"],
-            "ok" if report.ok else f"{len(report.problems)} problems", f"{time.perf_counter() - start:.1f} s ({hits} cached)",
-        ))  # fmt: skip
-        if not report.ok:
-            for p in report.problems[:10]:
-                print("  " + p.format())
-
-    print()
-    print(_columns(("site", "role", "patients", "responders", "format", "check", "preprocess"), rows))
-    print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
-    if not all_ok:
+    meta = demo_cohort(out, args.preset, args.seed, args.workers)
+    if not check_and_preprocess(out, meta):
         print("Some sites failed validation (listed above); the study was not run.")
         return EXIT_PROBLEMS
 
@@ -201,12 +128,70 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def demo_cohort(out: Path, preset: str, seed: int, workers: int) -> dict[str, Any]:
+    """The demo's cohort in `out` (generated unless it is there for the same preset and seed): its cohort.json."""
+    from tace.simulation.cohort import generate_cohort, make_preset
+
+    meta_path = out / "cohort.json"
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta.get("preset"), meta.get("seed")) != (preset, seed):
+            raise TaceError(f"{out} holds a cohort with preset {meta.get('preset')!r} and seed {meta.get('seed')}",
+                            "choose another --out folder, or the same --preset/--seed")  # fmt: skip
+        print(f"using the existing {preset} cohort in {out}")
+        return dict(meta)
+    start = time.perf_counter()
+    generate_cohort(
+        out, make_preset(preset), seed=seed, workers=workers,
+        progress=lambda it, total: progress(it, total=total, desc="generating cohort", unit="patient"),
+    )  # fmt: skip
+    print(f"generated the {preset} cohort in {out} in {time.perf_counter() - start:.1f} s")
+    return dict(json.loads(meta_path.read_text()))
+
+
+def check_and_preprocess(out: Path, meta: dict[str, Any]) -> bool:
+    """Every site checked as `tace-client check` does and preprocessed into its cache (as `tace-client preprocess`),
+    with a table of what was found; False when a site has problems (they are listed)."""
+    from tace.client.cache import PreprocessCache
+    from tace.common.manifest import parse_manifest
+    from tace.common.preprocess import PreprocessConfig
+    from tace.common.validate import check_site
+
+    config = PreprocessConfig.from_mapping(meta["suggested_preprocessing"])
+    rows = []
+    all_ok = True
+    for site in meta["sites"]:
+        manifest = parse_manifest(out / site["manifest"])
+        report = check_site(manifest, progress=functools.partial(progress, desc=f"checking {site['site_id']}", unit="patient"))
+        all_ok &= report.ok
+        cache = PreprocessCache(out / "cache" / site["site_id"], config)
+        start = time.perf_counter()
+        hits = 0
+        if report.ok:
+            for record in progress(manifest.records, desc=f"preprocessing {site['site_id']}", unit="patient"):
+                hits += cache.load(record, manifest.root).hit
+        summary = report.summary
+        rate = summary.responder_rate() if summary else None
+        rows.append((
+            site["site_id"], site["suggested_role"], summary.n_patients if summary else 0,
+            f"{100 * rate:.0f} %" if rate is not None else "-", site["image_format"],
+            "ok" if report.ok else f"{len(report.problems)} problems", f"{time.perf_counter() - start:.1f} s ({hits} cached)",
+        ))  # fmt: skip
+        for p in report.problems[:10]:
+            print("  " + p.format())
+    print()
+    print(_columns(("site", "role", "patients", "responders", "format", "check", "preprocess"), rows))
+    print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
+    return all_ok
+
+
 def radiogenomics(run_dir: Path, cohort: Path) -> float:
     """`tace-analysis radiogenomics` on the cohort's radiogenomics part with the run's models; prints the planted
     pathways next to what was found (the generator's truth, which the analysis itself never reads)."""
     from tace.analysis import radiogenomics as rg
     from tace.analysis.cli import print_radiogenomics
-    from tace.client.features import TrainedModels, write_features
+    from tace.client.features import extract_features, write_features
+    from tace.common.artifact import TrainedModels
     from tace.common.genesets import write_gmt
     from tace.simulation.radiogenomics import builtin_gene_sets
 
@@ -217,7 +202,7 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
     if not gmt.exists() and not Path(meta["gene_sets"]).suffix:  # a cohort made before the generator wrote its GMT
         gmt = write_gmt(rg_dir / "gene_sets.gmt", builtin_gene_sets(), "TACE-FL synthetic pathway")
     print(f"\nradiogenomics: applying the run's models to {rg_dir / 'manifest.csv'}")
-    features = TrainedModels.load(run_dir).extract(rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
+    features = extract_features(TrainedModels.load(run_dir), rg_dir / "manifest.csv", cohort / "cache" / "radiogenomics")
     features_path = write_features(features, run_dir / "radiogenomics" / "features.csv")
     inputs = rg.Inputs(features_path, rg_dir / "expression.csv", gmt, cohort=rg_dir / "manifest.csv")
     section, result = rg.run_radiogenomics(run_dir, inputs, rg.Settings())
@@ -233,8 +218,8 @@ def radiogenomics(run_dir: Path, cohort: Path) -> float:
 def predict_at_hospital(run_dir: Path, cohort: Path, site: str, n: int = 5) -> float:
     """What an external hospital does with the finished study: `tace-client predict` with the exported model for a
     few of its patients, with saliency maps and one card each."""
-    from tace.client.features import TrainedModels
     from tace.client.predict import PredictOptions, predict
+    from tace.common.artifact import TrainedModels
     from tace.common.manifest import parse_manifest
 
     start = time.perf_counter()

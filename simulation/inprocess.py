@@ -18,8 +18,9 @@ from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, state_dict_numpy
+from tace.common.protocol import Arrays
 from tace.common.training import TrainResult, train_image_model, train_tabular_model
-from tace.server.workflow import Arrays, Evaluation, Finetune, SiteInfo, TrainReply, TrainRound
+from tace.server.messages import Evaluation, Finetune, SiteInfo, SiteUpdate, TrainRound
 
 
 def train_pooled(
@@ -85,7 +86,7 @@ class InProcessFederation:
         models.load(arrays)
         return models
 
-    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[TrainReply]:
+    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[SiteUpdate]:
         q = request
         evaluation = self.evaluate(arrays, encoder, Evaluation(q.validate, q.backbone)) if q.validate else None
         replies = []
@@ -94,11 +95,11 @@ class InProcessFederation:
             result = train_pooled([self.tasks[s] for s in group], q.stage, models, encoder, q.lr, q.seed + i)
             name = self.group_name or "+".join(group)
             metrics = {"train-loss": result.loss, "samples-per-s": result.samples_per_second, "local-s": result.seconds}
-            replies.append(TrainReply(name, state_dict_numpy(models.module(q.stage)), result.num_examples, metrics, evaluation=evaluation))
+            replies.append(SiteUpdate(name, state_dict_numpy(models.module(q.stage)), result.num_examples, metrics, evaluation=evaluation))
             evaluation = None  # every site's validation rides on the first reply
         return replies
 
-    def aggregate(self, stage: str, server_round: int, replies: list[TrainReply], current: Arrays) -> Arrays:
+    def aggregate(self, stage: str, server_round: int, replies: list[SiteUpdate], current: Arrays) -> Arrays:
         """Sample-weighted mean (FedAvg); with one group this is that group's weights."""
         total = sum(r.num_examples for r in replies)
         return {k: sum(r.arrays[k] * (r.num_examples / total) for r in replies).astype(current[k].dtype) for k in current}  # type: ignore[union-attr]

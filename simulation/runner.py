@@ -210,8 +210,9 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
 def _run_local(tasks: list[Any], run: RunConfig, rundir: Any, initial: Any, on_round: Any) -> dict[str, Any]:
     """Each training site trains alone; its model is evaluated on its own validation split and on every holdout
     site. A holdout site's AUC is the mean over the local models (each model's AUC is listed too)."""
+    from tace.server.reporting import save_models, summarise
     from tace.server.rundir import RunDir
-    from tace.server.workflow import run_study, save_models, summarise
+    from tace.server.workflow import run_study
     from tace.simulation.inprocess import InProcessFederation
 
     train = [t for t in tasks if t.role == "train"]

@@ -4,6 +4,7 @@ node's context, as Flower does, without Ray or network. `FaultyGrid` adds the fa
 from __future__ import annotations
 
 import copy
+import random
 
 import numpy as np
 import pytest
@@ -30,8 +31,9 @@ class InProcessGrid:
     Each node keeps its Context across messages, as a SuperNode does within a run; `node_config` adds a site's own
     settings (by partition)."""
 
-    def __init__(self, run: RunConfig, partitions: list[int], node_config: dict[int, dict] | None = None) -> None:
+    def __init__(self, run: RunConfig, partitions: list[int], node_config: dict[int, dict] | None = None, seed: int = 0) -> None:
         self.run_config = run.to_run_config()
+        self.order = random.Random(seed)  # replies arrive in any order: each batch is shuffled, reproducibly
         self.nodes = {100 + i: pid for i, pid in enumerate(partitions)}
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, **(node_config or {}).get(pid, {})},
@@ -40,6 +42,7 @@ class InProcessGrid:
         }  # fmt: skip
         self.sent: list[Message] = []
         self.replies: list[Message] = []
+        self.arrivals: list[list[int]] = []  # per send_and_receive, the nodes in the order their replies arrived
 
     def get_node_ids(self) -> list[int]:
         return list(self.nodes)
@@ -59,7 +62,9 @@ class InProcessGrid:
             if reply is not None:
                 replies.append(reply)
                 self.replies.append(reply)
-        return replies[::-1]  # replies arrive in any order
+        self.order.shuffle(replies)
+        self.arrivals.append([r.metadata.src_node_id for r in replies])
+        return replies
 
 
 class Crash(BaseException):
@@ -113,7 +118,7 @@ def study(grid: InProcessGrid, run: RunConfig) -> dict:
 
     from tace.common.clinical import FEATURES
     from tace.common.models import StudyModels
-    from tace.server.app import FlowerFederation
+    from tace.server.federation import FlowerFederation
     from tace.server.privacy import PrivacyLedger
     from tace.server.rundir import RunDir
     from tace.server.workflow import run_layouts

@@ -13,8 +13,10 @@ import pytest
 
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
-from tace.server.app import FlowerFederation
-from tace.server.workflow import TrainReply, screen_updates
+from tace.common.protocol import Failure, Reason
+from tace.server.federation import FlowerFederation
+from tace.server.messages import SiteUpdate
+from tace.server.rounds import screen_updates
 from tests.flower_grid import Crash, FaultyGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights, metric_rows
 
@@ -36,15 +38,15 @@ def test_screen_updates_excludes_malformed_and_outlying_updates():
 
     def reply(site, scale=1.0, **change):
         arrays = {"w": np.full((2, 2), 0.1 * scale, np.float32), "b": np.full(2, 0.1 * scale, np.float32), **change}
-        return TrainReply(site, arrays, 10, {})
+        return SiteUpdate(site, arrays, 10, {})
 
     replies = [
         reply("a"), reply("b", 1.2), reply("c", 0.9),
         reply("d", 50.0),  # far outside the others
         reply("e", w=np.full((2, 2), np.nan, np.float32)),
         reply("f", w=np.zeros(4, np.float32)),
-        TrainReply("g", {}, 0, {}, error="no reply within 60 s"),
-        TrainReply("h", {"w": current["w"]}, 10, {}),
+        SiteUpdate("g", {}, 0, {}, failure=Failure(Reason.NO_REPLY, "no reply within 60 s")),
+        SiteUpdate("h", {"w": current["w"]}, 10, {}),
     ]  # fmt: skip
     accepted, excluded = screen_updates(replies, current, max_norm_ratio=10.0)
     assert [r.site_id for r in accepted] == ["a", "b", "c"]
@@ -136,17 +138,17 @@ def test_resume_without_progress_or_with_damaged_progress(tiny_cohort, tmp_path)
 
 
 def test_version_and_model_mismatch_are_refused_before_training(tiny_cohort, tmp_path, monkeypatch):
-    from tace.client import app as client_app
+    from tace.client import service
 
     run = config(tiny_cohort, tmp_path / "r")
-    monkeypatch.setattr(client_app, "_version", lambda: "0.0.9")
+    monkeypatch.setattr(service, "_version", lambda: "0.0.9")
     grid = FaultyGrid(run, SITES)
     with pytest.raises(TaceError) as info:
         FlowerFederation(grid, run, expected_sites=5, wait_s=1)
     assert "this site runs TACE-FL 0.0.9 but the coordinator runs" in str(info.value) and "site-a" in str(info.value)
     assert not [m for m in grid.sent if m.metadata.message_type == "train"]
     monkeypatch.undo()
-    monkeypatch.setattr(client_app, "model_signature", lambda *a: "0123456789abcdef")
+    monkeypatch.setattr(service, "model_signature", lambda *a: "0123456789abcdef")
     with pytest.raises(TaceError, match="builds different models than the coordinator"):
         FlowerFederation(FaultyGrid(run, SITES), run, expected_sites=5, wait_s=1)
 

@@ -107,7 +107,7 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
     from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
     from tace.common.models import StudyModels
     from tace.common.protocol import pack
-    from tace.server.app import _record
+    from tace.server.aggregation import array_record
 
     run = tiny_run(tiny_cohort, tmp_path)
     manifest = parse_manifest(tiny_cohort / "sites/site-a/manifest.csv")
@@ -121,7 +121,7 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
     def send(kind: str, config: dict, stages: tuple[str, ...] = ()) -> Message:
         content = RecordDict({"config": ConfigRecord(config)})
         if stages:
-            content["arrays"] = _record(pack({s: models.arrays()[s] for s in stages}))
+            content["arrays"] = array_record(pack({s: models.arrays()[s] for s in stages}))
         handler = {"query": client_app.query, "train": client_app.train, "evaluate": client_app.evaluate}[kind]
         return handler(Message(content=content, dst_node_id=1, message_type=kind), ctx)
 

@@ -17,9 +17,10 @@ from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels
-from tace.server.app import FlowerFederation
+from tace.server.federation import FlowerFederation
+from tace.server.messages import TrainRound
 from tace.server.rundir import RunDir
-from tace.server.workflow import TrainRound, run_layouts
+from tace.server.workflow import run_layouts
 from tests.flower_grid import InProcessGrid, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import set_cell
 
@@ -59,12 +60,15 @@ def test_fedadam_with_backbone_comparison(tiny_cohort, tmp_path):
 
 
 def test_fedprox_and_replies_in_any_order_are_deterministic(tiny_cohort, tmp_path):
-    weights = []
-    for name in ("a", "b"):
+    weights, arrivals = [], []
+    for seed, name in enumerate(("a", "b")):
         run = run_for(tiny_cohort, tmp_path / name, "strategy='fedprox'")
-        study(InProcessGrid(run, [0, 1, 2, 3, 4]), run, tmp_path / name)
+        grid = InProcessGrid(run, [0, 1, 2, 3, 4], seed=seed)  # the replies of each round arrive in another order
+        study(grid, run, tmp_path / name)
+        arrivals.append(grid.arrivals)
         with np.load(tmp_path / name / "checkpoints/head/best.npz") as z:
             weights.append({k: z[k] for k in z.files})
+    assert arrivals[0] != arrivals[1] and any(len(a) > 1 and a != sorted(a) for a in arrivals[0] + arrivals[1])
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
@@ -128,15 +132,15 @@ def test_site_errors_are_sanitised(tiny_cohort, tmp_path):
 
 
 def test_expected_sites_required_outside_simulation():
-    from tace.server.app import _expected_sites
+    from tace.server.app import expected_sites
 
     with pytest.raises(TaceError, match="expected-sites"):
-        _expected_sites(RunConfig())
-    assert _expected_sites(RunConfig(expected_sites=4)) == 4
+        expected_sites(RunConfig())
+    assert expected_sites(RunConfig(expected_sites=4)) == 4
 
 
 def test_clean_reason_strips_ray_tracebacks():
-    from tace.server.app import clean_reason
+    from tace.server.federation import clean_reason
 
     ray = (
         "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() (pid=1)\n"

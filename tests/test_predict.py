@@ -17,8 +17,7 @@ import pytest
 import torch
 
 from tace.client.cli import main as client_main
-from tace.client.features import TrainedModels
-from tace.common.artifact import read_model
+from tace.common.artifact import TrainedModels, read_model
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 from tests.flower_grid import InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)

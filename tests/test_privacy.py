@@ -19,9 +19,10 @@ from tace.common.errors import ConfigError, TaceError
 from tace.common.models import DLTR, StudyModels
 from tace.common.privacy import ORDERS, DPSettings, calibrate_noise, dp_fit, epsilon
 from tace.common.training import TrainSettings, train_image_model
-from tace.server.app import FlowerFederation
+from tace.server.federation import FlowerFederation
+from tace.server.messages import TrainRound
 from tace.server.privacy import CENTRAL
-from tace.server.workflow import TrainRound, screen_updates
+from tace.server.rounds import screen_updates
 from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights, metric_rows, render_report
 
@@ -310,7 +311,7 @@ def test_a_site_that_requires_secure_aggregation_never_sends_weights_in_the_clea
         run_id=1, node_id=1, node_config={"partition-id": 0, "require-secagg": True}, state=RecordDict(), run_config=run.to_run_config()
     )
     msg = Message(RecordDict({"config": ConfigRecord({"stage": "clinical"})}), dst_node_id=1, message_type="train")
-    with pytest.raises(TaceError, match="only masked"):
+    with pytest.raises(RuntimeError, match=r"^\[tace:requires-secagg\] .*only masked"):
         client_app.secagg_mod(msg, ctx, lambda m, c: m)
 
 

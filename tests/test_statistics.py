@@ -16,13 +16,14 @@ from tace.analysis import calibration, discrimination, survival
 from tace.analysis.data import SiteReturn, score_rows, survival_rows
 from tace.common.errors import TaceError
 from tace.common.summaries import (
-    check_summary,
+    EvaluatedPatients,
+    SharingRules,
+    SiteSummary,
     event_table,
     fix_cutoffs,
     groupings,
     joint_score_table,
     site_summary,
-    table_margins,
     youden_bin,
 )
 
@@ -65,10 +66,10 @@ def _site_returns(df: pd.DataFrame, bins: int, k: int = 0, share: bool = False) 
     out = []
     for site, sub in df.groupby("site"):
         scores = {"dltrmlp": sub["score_a"].to_numpy(), "dltr": sub["score_b"].to_numpy(), "clinical": sub["score_a"].to_numpy() * 0.5}
-        summary = site_summary(site_id=str(site), role="holdout", patient_ids=[f"p{i}" for i in sub.index], labels=sub["label"].to_numpy(),
-                               scores=scores, pfs_days=[None] * len(sub), pfs_event=[None] * len(sub), bins=bins,
-                               min_cell_count=k, share_patient_level=share, pseudonym_key=b"k")  # fmt: skip
-        out.append(SiteReturn(str(site), "holdout", "", check_summary(json.loads(json.dumps(summary)), str(site), ["dltrmlp", "dltr"]), {}))
+        patients = EvaluatedPatients([f"p{i}" for i in sub.index], sub["label"].to_numpy(), scores, [None] * len(sub), [None] * len(sub))
+        summary = site_summary(str(site), "holdout", patients, bins, SharingRules(k, share, b"k")).encode()
+        decoded = SiteSummary.decode(json.loads(json.dumps(summary)), str(site), ["dltrmlp", "dltr"]).encode()
+        out.append(SiteReturn(str(site), "holdout", "", decoded, {}))
     return out
 
 
@@ -125,7 +126,7 @@ def test_youden_cutoff_on_the_grid_matches_scikit_learn():
     df = _scores("scores_generated")
     bins = 10_000
     table = joint_score_table(df["label"].to_numpy(), {"dltrmlp": df["score_a"].to_numpy()}, bins)
-    b = youden_bin(*table_margins(table, "dltrmlp"))
+    b = youden_bin(*table.margins("dltrmlp"))
     fpr, tpr, thr = roc_curve(df["label"], df["score_a"])
     best = (tpr - fpr).max()
     ours = ((df["score_a"] * bins).astype(int) >= b).astype(int)
@@ -209,8 +210,8 @@ def test_survival_matches_R(name):
 def _event_returns(df: pd.DataFrame, k: int = 0) -> list[SiteReturn]:
     out = []
     for site, sub in df.groupby("site"):
-        table = event_table(sub["time"].to_numpy(), sub["event"].to_numpy(), sub["group3"].to_numpy(), 3, k)
-        summary = {"n": len(sub), "n_with_pfs": len(sub), "survival": {"tables": {"g": {"groups": ["a", "b", "c"], **table}}}}
+        table = event_table(sub["time"].to_numpy(), sub["event"].to_numpy(), sub["group3"].to_numpy(), ["a", "b", "c"], k)
+        summary = {"n": len(sub), "n_with_pfs": len(sub), "survival": {"tables": {"g": table.encode()}}}
         out.append(SiteReturn(str(site), "holdout", "", json.loads(json.dumps(summary)), {}))
     return out
 
@@ -230,20 +231,20 @@ def test_event_table_rows_and_merging():
     t = np.array([5, 5, 7, 9, 9, 12, 15, 20, 30, 31])
     e = np.array([1, 0, 1, 1, 1, 0, 1, 0, 1, 1])
     g = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
-    rows = event_table(t, e, g, 3)["rows"]
+    rows = event_table(t, e, g, ["a", "b", "c"]).rows
     assert rows[0] == [5.0, 0, 5, 1, 1]  # time 5, group 0: 5 at risk, 1 event, 1 censored
     assert [r for r in rows if r[1] == 1][0] == [9.0, 1, 5, 1, 0]
-    merged = event_table(t, e, g, 3, min_cell_count=3)
-    assert all(r[3] + r[4] >= 3 for r in merged["rows"]) and merged["suppressed"] == [] and merged["merged"] == 3
-    assert sum(r[3] for r in merged["rows"]) == e.sum()
-    tiny = event_table(t, e, np.r_[np.zeros(8, int), 1, 1], 2, min_cell_count=3)
-    assert tiny["suppressed"] == [1]
+    merged = event_table(t, e, g, ["a", "b", "c"], min_cell_count=3)
+    assert all(r[3] + r[4] >= 3 for r in merged.rows) and merged.suppressed == [] and merged.merged == 3
+    assert sum(r[3] for r in merged.rows) == e.sum()
+    tiny = event_table(t, e, np.r_[np.zeros(8, int), 1, 1], ["a", "b"], min_cell_count=3)
+    assert tiny.suppressed == [1]
 
 
 def test_malformed_summaries_are_refused_with_the_site_named():
-    good = site_summary(site_id="x", role="holdout", patient_ids=["a", "b"], labels=np.array([0, 1]), scores={"dltr": np.array([0.2, 0.8])},
-                        pfs_days=[None, None], pfs_event=[None, None], bins=100)  # fmt: skip
-    check_summary(good, "x", ["dltr"])
+    good = site_summary("x", "holdout", EvaluatedPatients(["a", "b"], np.array([0, 1]), {"dltr": np.array([0.2, 0.8])}, [None, None],
+                                                          [None, None]), 100).encode()  # fmt: skip
+    assert SiteSummary.decode(good, "x", ["dltr"]).encode() == good
     for broken, words in (
         ({**good, "version": 99}, "summary version"),
         ({**good, "n": 5}, "holds 2 patients"),
@@ -252,20 +253,19 @@ def test_malformed_summaries_are_refused_with_the_site_named():
         ("nonsense", "not a mapping"),
     ):
         with pytest.raises(TaceError, match=words) as info:
-            check_summary(broken, "site-q", ["dltr"])
+            SiteSummary.decode(broken, "site-q", ["dltr"])
         assert "site site-q" in str(info.value)
     with pytest.raises(TaceError, match="lacks model"):
-        check_summary(good, "x", ["dltrmlp"])
+        SiteSummary.decode(good, "x", ["dltrmlp"])
 
 
 def test_patient_level_rows_carry_pseudonyms_not_ids():
-    s = site_summary(site_id="x", role="holdout", patient_ids=["site-x-0001", "site-x-0002"], labels=np.array([0, 1]),
-                     scores={"dltr": np.array([0.2, 0.8])}, pfs_days=[100.0, None], pfs_event=[1, None], bins=100,
-                     share_patient_level=True, pseudonym_key=b"secret")  # fmt: skip
+    patients = EvaluatedPatients(["site-x-0001", "site-x-0002"], np.array([0, 1]), {"dltr": np.array([0.2, 0.8])}, [100.0, None], [1, None])
+    s = site_summary("x", "holdout", patients, 100, SharingRules(share_patient_level=True, pseudonym_key=b"secret")).encode()
     text = json.dumps(s)
     assert "site-x-0001" not in text and len(set(s["patients"]["pseudonym"])) == 2
-    assert "patients" not in site_summary(site_id="x", role="holdout", patient_ids=["a"], labels=np.array([1]), scores={"dltr": np.array([0.5])},
-                                          pfs_days=[1.0], pfs_event=[0], bins=100)  # fmt: skip
+    alone = EvaluatedPatients(["a"], np.array([1]), {"dltr": np.array([0.5])}, [1.0], [0])
+    assert "patients" not in site_summary("x", "holdout", alone, 100).encode()
     assert math.isfinite(s["patients"]["pfs_days"][0]) and s["patients"]["pfs_days"][1] is None
 
 
