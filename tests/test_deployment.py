@@ -29,6 +29,40 @@ SHORT = {"holdout-sites": '"site-c"', "rounds": "2", "head-rounds": "2", "clinic
          "round-timeout": "150", "join-timeout": "300"}  # fmt: skip
 
 
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _reads(path: Path, marker: bytes) -> bool:
+    try:
+        return marker in path.read_bytes()
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        try:
+            ppid = int(Path(p, "stat").read_text().rsplit(")", 1)[1].split()[1]) if p.name.isdigit() else None
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid is not None:
+            children.setdefault(ppid, []).append(int(p.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return {p for p in found if alive(p)}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -110,6 +144,12 @@ class Pilot:
                     os.kill(int(p.name), signal.SIGKILL)
             except OSError:
                 continue
+
+    def flower_processes(self) -> set[int]:
+        """Live processes of this study's Flower programs (SuperLink, `flwr run`, SuperExec, ServerApp): every one
+        runs with the study's Flower home folder in its environment (tace.common.launch.flower_env)."""
+        marker = f"FLWR_HOME={self.study.state.resolve()}".encode()
+        return {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _reads(p / "environ", marker) and alive(int(p.name))}
 
     def close(self) -> None:
         for proc in self.procs:
@@ -207,3 +247,44 @@ def test_site_killed_mid_round_is_left_out_and_rejoins(pilot):
     assert ("site-b", "dltr", k) not in trained and ("site-a", "dltr", k) in trained
     order = {"dltr": 0, "head": 1, "clinical": 2}
     assert any(site == "site-b" and (order[stage], r) > (0, k) for site, stage, r in trained)  # rejoined later
+
+
+def test_stop_ends_the_coordinator_and_its_flower_processes(pilot):
+    """`tace-server stop` while the coordinator waits for its sites: the coordinator exits as stopped (130), its
+    SuperLink, `flwr run`, SuperExec and ServerApp are gone, the sites' port is free, and status says stopped."""
+    server = pilot.server()
+    status = [BIN / "tace-server", "status", "--study", pilot.study.path, "--json"]
+
+    def report() -> dict:
+        return json.loads(subprocess.run(status, capture_output=True, text=True, check=True).stdout)
+
+    pilot.wait_for(lambda: "status" in report(), 180, "the ServerApp waiting for the sites")  # its status.json
+    family = descendants(server.pid) | pilot.flower_processes()
+    names = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for p in family}
+    assert len(family) >= 4, names  # the SuperLink, its SuperExec, the ServerApp, `flwr run`
+    with socket.socket() as s:
+        s.settimeout(5)
+        s.connect(("127.0.0.1", pilot.port))  # the SuperLink accepts the sites' connections
+    assert report()["coordinator"] == "running"
+
+    stop = subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and "coordinator stopped" in stop.stdout, stop.stderr
+    assert server.wait(timeout=5) == 130  # the exit status of a coordinator stopped (as after Ctrl-C)
+    link = [p for p, name in names.items() if b"flower-superlink" in name]
+    assert len(link) == 1 and not alive(link[0])  # stopped before the coordinator exits
+    # The SuperExec and the ServerApp run in a session of their own and exit once their SuperLink is gone (measured:
+    # about 5 s after `stop` returns; a `start` in the meantime stops them first).
+    deadline = time.monotonic() + 30
+    while (left := {p for p in family | pilot.flower_processes() if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, {p: names.get(p, "started later") for p in left}
+    assert not (pilot.study.state / "server.pid").exists()
+    with socket.socket() as s:  # nothing listens on the port: connections are refused, and it can be bound again
+        assert s.connect_ex(("127.0.0.1", pilot.port)) != 0
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", pilot.port))
+        s.listen()
+    assert report()["coordinator"] == "stopped"
+    again = subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "was not running" in again.stderr
