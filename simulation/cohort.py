@@ -37,7 +37,7 @@ from tace.simulation.phantom import PHASES, Acquisition, Anatomy, TumourSpec, re
 
 W_IMG = 1.4
 W_CLIN = 1.4
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 _FLIP_XY = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
 _FLIP_Z = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
@@ -374,8 +374,41 @@ def render_patient(plan: PatientPlan, site_dir: str) -> None:
     folder = Path(site_dir) / plan.folder
     fmt = plan.acquisition.fmt
     for phase, image in images.items():
-        write_image(image, folder / (phase if fmt == "dicom" else f"{phase}.{fmt}"))
-    write_image(mask, folder / ("mask.nii.gz" if fmt == "dicom" else f"mask.{fmt}"))
+        _write(image, folder / (phase if fmt == "dicom" else f"{phase}.{fmt}"))
+    _write(mask, folder / ("mask.nii.gz" if fmt == "dicom" else f"mask.{fmt}"))
+
+
+def _write(image: Any, path: Path) -> None:
+    """`write_image` with fast compression: the generator's noisy volumes hardly compress, and zlib's default
+    effort made writing them take as long as rendering. A .nii.gz is the .nii gzipped at level 1 (ISA-L's igzip
+    when installed, else zlib), with no timestamp, so a cohort stays byte-identical for a seed; NRRD and MetaImage
+    use SimpleITK's own compression at level 1."""
+    import SimpleITK as sitk
+
+    if path.name.endswith(".nii.gz"):
+        raw = path.with_name(path.name[: -len(".nii.gz")] + ".tmp.nii")
+        write_image(image, raw)
+        try:
+            from isal.igzip import compress
+        except ImportError:  # pragma: no cover - isal is a dependency; zlib gives the same file, slower
+            from gzip import compress
+        path.write_bytes(compress(raw.read_bytes(), compresslevel=1, mtime=0))
+        raw.unlink()
+    elif path.suffix in (".nrrd", ".mha"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(image, str(path), True, 1)
+    else:
+        write_image(image, path)
+
+
+def write_matrix(table: pd.DataFrame, path: Path) -> None:
+    """A numeric table as CSV with 4 significant digits, as ``table.to_csv(path, float_format="%.4g")`` writes it
+    but a row at a time (pandas formats cell by cell: seconds for the 20,000 x 80 expression matrix)."""
+    row = ",".join(["%.4g"] * table.shape[1])
+    values = table.to_numpy(dtype=float)
+    lines = [",".join([str(table.index.name or ""), *map(str, table.columns)])]
+    lines += [f"{name}," + row % tuple(v) for name, v in zip(table.index, values, strict=True)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def auc_mann_whitney(y_true: Iterable[int], y_score: Iterable[float]) -> float | None:
@@ -469,7 +502,7 @@ def generate_cohort(
         rg_rng, [r["patient_id"] for r in rg_truth], np.array([t["u_img"] for t in rg_truth]),
         n_genes=preset.n_genes, gene_sets=gene_sets, n_image_only=preset.n_unmatched[0], n_expression_only=preset.n_unmatched[1],
     )  # fmt: skip
-    expression.to_csv(rg_dir / "expression.csv", float_format="%.4g")
+    write_matrix(expression, rg_dir / "expression.csv")
     if gene_sets is None:
         # The built-in collection is synthetic (no licence attached), so the cohort carries it for the analysis.
         write_gmt(rg_dir / "gene_sets.gmt", builtin_gene_sets(), "TACE-FL synthetic pathway")
