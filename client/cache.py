@@ -64,7 +64,7 @@ class PreprocessCache:
         require_sequences(record, self.config)
         sources = {seq: source_identity(record.image_path(seq, manifest_root)) for seq in self.config.sequences}
         sources["mask"] = source_identity(record.mask_path(manifest_root))
-        payload = json.dumps({"config": self._fingerprint, "sources": sources}, sort_keys=True)
+        payload = json.dumps({"config": self._fingerprint, "sources": sources, "mask_label": record.mask_label}, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def entry_path(self, key: str) -> Path:
@@ -89,13 +89,17 @@ class PreprocessCache:
             return None
         except Exception:  # noqa: BLE001 - any damaged entry (empty after a power loss, bit rot) is recomputed
             return None
-        if array.shape != self.config.shape:
+        if array.shape != self.config.shape or not np.isfinite(array).all():
             return None
         ex, ey, ez = (float(v) for v in meta["tumour_extent_mm"])
         info = PreprocessInfo((ex, ey, ez), bool(meta["cropped"]), float(meta["scale"]))
         return CacheResult(array, info, hit=True)
 
     def _write(self, path: Path, array: np.ndarray, info: PreprocessInfo) -> None:
+        if array.shape != self.config.shape or array.dtype != np.float32 or not np.isfinite(array).all():
+            # Preprocessing refuses bad input before this point; this guards the cache's promise of valid tensors.
+            raise ImageReadError("non-finite", f"preprocessing produced an invalid tensor ({array.shape}, {array.dtype})",
+                                 "report this as a bug; nothing was written to the cache")  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = json.dumps({"tumour_extent_mm": info.tumour_extent_mm, "cropped": info.cropped, "scale": info.scale})
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)

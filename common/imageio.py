@@ -13,7 +13,7 @@ import os
 import re
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,7 @@ _PIXEL_BYTES = {
     sitk.sitkUInt8: 1, sitk.sitkInt8: 1, sitk.sitkUInt16: 2, sitk.sitkInt16: 2, sitk.sitkUInt32: 4,
     sitk.sitkInt32: 4, sitk.sitkUInt64: 8, sitk.sitkInt64: 8, sitk.sitkFloat32: 4, sitk.sitkFloat64: 8,
 }  # fmt: skip
+_PIXEL_BY_NAME = {sitk.GetPixelIDValueAsString(k): k for k in _PIXEL_BYTES}
 # NIfTI datatype codes -> numpy dtype (only those SimpleITK reads as scalars).
 _NIFTI_DTYPES = {2: "u1", 4: "i2", 8: "i4", 16: "f4", 64: "f8", 256: "i1", 512: "u2", 768: "u4", 1024: "i8", 1280: "u8"}
 
@@ -43,6 +44,12 @@ class ImageInfo:
     components: int
     pixel_type: str
     format: str
+
+
+def image_info(image: sitk.Image, fmt: str = "") -> ImageInfo:
+    """The header facts of an image already in memory."""
+    return ImageInfo(tuple(image.GetSize()), tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()),
+                     image.GetDimension(), image.GetNumberOfComponentsPerPixel(), sitk.GetPixelIDValueAsString(image.GetPixelID()), fmt)  # fmt: skip
 
 
 def image_format(path: Path) -> str:
@@ -189,16 +196,109 @@ def inspect_image(path: Path | str, deep: bool = False, is_mask: bool = False) -
     Raises
     ------
     ImageReadError
-        With ``kind`` one of missing-file, unsupported-format, unreadable, truncated, not-3d, not-scalar,
-        multiple-series, uneven-slices, non-finite, constant-image, empty-mask.
+        The first problem `examine_image` finds, with ``kind`` one of missing-file, unsupported-format, unreadable,
+        truncated, not-3d, not-scalar, multiple-series, uneven-slices, non-finite, constant-image, empty-mask.
     """
+    examined = examine_image(path, deep, is_mask)
+    if examined.problems:
+        raise examined.problems[0]
+    assert examined.info is not None
+    return examined.info
+
+
+@dataclass
+class Examined:
+    """Everything `examine_image` found about one volume: its header (None when unreadable), every problem, and
+    the voxels when they were read (``deep``)."""
+
+    info: ImageInfo | None
+    problems: list[ImageReadError] = field(default_factory=list)
+    image: sitk.Image | None = None
+
+
+def examine_image(path: Path | str, deep: bool = False, is_mask: bool = False) -> Examined:
+    """Like `inspect_image`, but listing every problem of the file instead of stopping at the first.
+
+    The header is read first (without it nothing else can be said); then the voxel payload is checked against it
+    (truncated, corrupt; with `deep`, NaN stored in a float NIfTI); then, with `deep`, every voxel is read
+    (`voxel_problems`). A header that reads is returned even when the voxels have problems, so the caller can still
+    compare the file's geometry with the other images of the patient.
+    """
+    path = Path(path)
     try:
-        return _inspect_image(Path(path), deep, is_mask)
+        info = _header_info(path)
+    except ImageReadError as exc:
+        return Examined(None, [exc])
+    except OSError as exc:
+        return Examined(None, [_os_error(exc)])
+    out = Examined(info)
+    try:
+        _check_payload(path, info, deep)
+    except ImageReadError as exc:
+        out.problems.append(exc)
+    except OSError as exc:
+        out.problems.append(_os_error(exc))
+    if deep and not any(p.kind in ("truncated", "corrupt", "unreadable", "missing-file", "permission-denied") for p in out.problems):
+        try:
+            out.image = read_image(path)
+        except ImageReadError as exc:
+            out.problems.append(exc)
+        else:
+            seen = {p.kind for p in out.problems}
+            out.problems += [p for p in voxel_problems(sitk.GetArrayViewFromImage(out.image), is_mask) if p.kind not in seen]
+    return out
+
+
+def read_checked(path: Path | str, is_mask: bool = False) -> sitk.Image:
+    """Read a volume for preprocessing, refusing what must never reach the cache: a truncated file, NaN or infinite
+    voxels (also those SimpleITK turns into 0 in a float NIfTI), a constant image, an empty or multi-label mask.
+
+    Raises the first problem as `ImageReadError` (see `inspect_image` for the kinds).
+    """
+    path = Path(path)
+    try:
+        info = _header_info(path)
+        _check_payload(path, info, deep=False)
+        if info.format in ("nifti", "nifti-gz"):
+            _check_nifti_finite(path)
     except OSError as exc:
         raise _os_error(exc) from None
+    image = read_image(path)
+    problems = voxel_problems(sitk.GetArrayViewFromImage(image), is_mask)
+    if problems:
+        raise problems[0]
+    return image
 
 
-def _inspect_image(path: Path, deep: bool, is_mask: bool) -> ImageInfo:
+def voxel_problems(array: np.ndarray, is_mask: bool = False) -> list[ImageReadError]:
+    """Every problem of a volume's voxels: non-finite values; for an image, a constant one; for a mask, no voxel
+    inside the tumour or more than one label."""
+    problems = []
+    finite = np.isfinite(array)
+    if not finite.all():
+        problems.append(_nonfinite())
+    values = array[finite] if not finite.all() else array
+    if is_mask:
+        if not np.any(values > 0):
+            problems.append(
+                ImageReadError("empty-mask", "tumour mask has no voxel inside the tumour", "segment the target tumour (non-zero inside it)")
+            )
+        labels = np.unique(values[values != 0])
+        if len(labels) > 1:
+            problems.append(
+                ImageReadError(
+                    "multi-label-mask",
+                    f"mask holds {len(labels)} different labels; only the target tumour may be non-zero",
+                    "export a binary mask of the target tumour (a label map with liver or other lesions would be read as one big tumour)",
+                )
+            )
+    elif values.size == 0 or float(values.min()) == float(values.max()):
+        problems.append(ImageReadError("constant-image", "every voxel has the same value", "the export is blank; re-export the image"))
+    return problems
+
+
+def _header_info(path: Path) -> ImageInfo:
+    """The header of an image file or DICOM folder, checked to be one 3D scalar volume (raises otherwise)."""
     _exists(path)
     for f in data_files(path):
         _exists(f)
@@ -206,55 +306,35 @@ def _inspect_image(path: Path, deep: bool, is_mask: bool) -> ImageInfo:
             raise ImageReadError("unreadable", "a folder stands where a data file is expected", _REEXPORT)
     fmt = image_format(path)
     if fmt == "dicom":
-        info = _inspect_dicom(path)
-    else:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        try:
-            reader.ReadImageInformation()
-        except RuntimeError as exc:
-            raise ImageReadError("unreadable", f"image header cannot be read ({_itk_reason(exc)})", _REEXPORT) from None
-        info = ImageInfo(
-            size=tuple(reader.GetSize()),
-            spacing=tuple(reader.GetSpacing()),
-            origin=tuple(reader.GetOrigin()),
-            direction=tuple(reader.GetDirection()),
-            dimension=reader.GetDimension(),
-            components=reader.GetNumberOfComponents(),
-            pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
-            format=fmt,
-        )
-        _check_scalar_3d(info.dimension, info.components, info.size)
-        if fmt in ("nifti", "nifti-gz"):
-            _check_nifti_payload(path, deep)
-        elif fmt == "nrrd":
-            _check_nrrd_payload(path, _payload_bytes(info.size, reader.GetPixelID()), deep)
-        else:
-            _check_meta_payload(path, _payload_bytes(info.size, reader.GetPixelID()), deep)
-    if deep:
-        image = read_image(path)
-        array = sitk.GetArrayViewFromImage(image)
-        if not np.isfinite(array).all():
-            raise ImageReadError(
-                "non-finite",
-                "image holds NaN or infinite voxels",
-                "re-export the image; NaN usually marks a failed reconstruction or conversion",
-            )
-        if is_mask:
-            if not np.any(array > 0):
-                raise ImageReadError(
-                    "empty-mask", "tumour mask has no voxel inside the tumour", "segment the target tumour (non-zero inside it)"
-                )
-            labels = np.unique(array[array != 0])
-            if len(labels) > 1:
-                raise ImageReadError(
-                    "multi-label-mask",
-                    f"mask holds {len(labels)} different labels; only the target tumour may be non-zero",
-                    "export a binary mask of the target tumour (a label map with liver or other lesions would be read as one big tumour)",
-                )
-        elif array.size and float(array.min()) == float(array.max()):
-            raise ImageReadError("constant-image", "every voxel has the same value", "the export is blank; re-export the image")
+        return _inspect_dicom(path)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        raise ImageReadError("unreadable", f"image header cannot be read ({_itk_reason(exc)})", _REEXPORT) from None
+    info = ImageInfo(
+        size=tuple(reader.GetSize()),
+        spacing=tuple(reader.GetSpacing()),
+        origin=tuple(reader.GetOrigin()),
+        direction=tuple(reader.GetDirection()),
+        dimension=reader.GetDimension(),
+        components=reader.GetNumberOfComponents(),
+        pixel_type=sitk.GetPixelIDValueAsString(reader.GetPixelID()),
+        format=fmt,
+    )
+    _check_scalar_3d(info.dimension, info.components, info.size)
     return info
+
+
+def _check_payload(path: Path, info: ImageInfo, deep: bool) -> None:
+    """The voxel data the header promises is all there (and, with `deep`, decompresses and is finite in NIfTI)."""
+    if info.format in ("nifti", "nifti-gz"):
+        _check_nifti_payload(path, deep)
+    elif info.format == "nrrd":
+        _check_nrrd_payload(path, _payload_bytes(info.size, _PIXEL_BY_NAME.get(info.pixel_type, -1)), deep)
+    elif info.format == "meta":
+        _check_meta_payload(path, _payload_bytes(info.size, _PIXEL_BY_NAME.get(info.pixel_type, -1)), deep)
 
 
 def _payload_bytes(size: tuple[int, ...], pixel_id: int) -> int:
@@ -341,13 +421,30 @@ def _check_nifti_payload(path: Path, deep: bool) -> None:
         _raise_if_nonfinite(raw)
 
 
+def _nonfinite() -> ImageReadError:
+    return ImageReadError(
+        "non-finite", "image holds NaN or infinite voxels", "re-export the image; NaN usually marks a failed reconstruction or conversion"
+    )
+
+
 def _raise_if_nonfinite(raw: np.ndarray) -> None:
     if not np.isfinite(raw).all():
-        raise ImageReadError(
-            "non-finite",
-            "image holds NaN or infinite voxels",
-            "re-export the image; NaN usually marks a failed reconstruction or conversion",
-        )
+        raise _nonfinite()
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """Raise `non-finite` when a float NIfTI stores NaN or infinite voxels (SimpleITK hands them back as 0).
+    Integer NIfTI cannot hold them and is not decompressed."""
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"
+    opener = gzip.open if compressed else open
+    with opener(path, "rb") as fh:
+        head = fh.read(540)
+    end, vox_offset, datatype, dims = _nifti_header(head)
+    if datatype not in (16, 64):
+        return
+    data = _gunzip(path) if compressed else path.read_bytes()
+    _raise_if_nonfinite(np.frombuffer(data, dtype=end + _NIFTI_DTYPES[datatype], count=int(np.prod(dims)), offset=vox_offset))
 
 
 def _text_header(path: Path, terminator: re.Pattern[str]) -> tuple[dict[str, str], int]:

@@ -18,12 +18,14 @@ from typing import Literal
 
 from tace.common.errors import Problem
 
-ColumnKind = Literal["id", "category", "number", "path"]
+ColumnKind = Literal["id", "category", "number", "path", "label"]
 
 #: Cell contents read as "missing" (case-insensitive), in addition to an empty cell.
 MISSING_TOKENS = frozenset({"", "na", "n/a"})
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# A segment or ROI name as DICOM stores them (LO: up to 64 characters, no control characters).
+_LABEL_RE = re.compile(r"^[^\x00-\x1f\x7f\\]{1,64}$")
 # A plain decimal number (Python's float() would also take "6_2", "infinity" or "0x..." forms).
 _NUMBER_RE = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
@@ -60,6 +62,7 @@ SEQUENCE_COLUMNS: dict[str, str] = {
 }
 REQUIRED_SEQUENCES = ("arterial", "portal_venous", "delayed")
 MASK_COLUMN = "mask_path"
+MASK_LABEL_COLUMN = "mask_label"
 
 _PATH_HELP = "path relative to the manifest's folder: a NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr) or MetaImage (.mha/.mhd) file, or a folder holding one DICOM series"
 
@@ -71,7 +74,8 @@ COLUMNS: tuple[ColumnSpec, ...] = (
     ColumnSpec("delayed_path", "path", "contrast-enhanced T1, delayed (equilibrium) phase: " + _PATH_HELP),
     ColumnSpec("t2_path", "path", "T2-weighted image (optional): " + _PATH_HELP, header_required=False, value_required=False),
     ColumnSpec("dwi_path", "path", "diffusion-weighted image (optional): " + _PATH_HELP, header_required=False, value_required=False),
-    ColumnSpec("mask_path", "path", "target-tumour segmentation, non-zero inside the tumour, on the same grid as the arterial phase: " + _PATH_HELP),
+    ColumnSpec("mask_path", "path", "target-tumour segmentation, non-zero inside the tumour, drawn on one of the patient's phases: " + _PATH_HELP + ", or a DICOM SEG or RTSTRUCT file (.dcm)"),
+    ColumnSpec("mask_label", "label", "which segment (DICOM SEG), ROI (RTSTRUCT) or label value (label map) of mask_path is the target tumour, by number or name; needed only when the file holds several", header_required=False, value_required=False),
     ColumnSpec("age", "number", "age at first TACE", unit="years", minimum=18, maximum=110),
     ColumnSpec("sex", "category", "sex", allowed=("M", "F")),
     ColumnSpec("afp_ng_ml", "number", "serum alpha-fetoprotein before TACE", unit="ng/mL", value_required=False, minimum=0, maximum=1e7),
@@ -107,6 +111,7 @@ class PatientRecord:
     response: int | None = None
     pfs_days: float | None = None
     pfs_event: int | None = None
+    mask_label: str | None = None
 
     def image_path(self, sequence: str, root: Path) -> Path:
         return root / self.images[sequence]
@@ -166,6 +171,11 @@ def _parse_cell(spec: ColumnSpec, raw: str, row: int) -> tuple[float | str | Non
                 "use the site's pseudonymous study code, never a name or hospital record number",
                 row, spec.name,
             )  # fmt: skip
+        return value, None
+    if spec.kind == "label":
+        if not _LABEL_RE.match(value):
+            return None, Problem("bad-label", f"{spec.name} must be 1-64 characters without control characters or '\\'",
+                                 "write the segment's or ROI's number or name as the file lists it", row, spec.name)  # fmt: skip
         return value, None
     if spec.kind == "category":
         if value not in spec.allowed:
@@ -404,6 +414,7 @@ def _to_record(row: int, values: Mapping[str, float | str | None]) -> PatientRec
         response=None if response is None else int(str(response)),
         pfs_days=None if pfs_days is None else float(pfs_days),
         pfs_event=None if pfs_event is None else int(str(pfs_event)),
+        mask_label=None if values.get(MASK_LABEL_COLUMN) is None else str(values[MASK_LABEL_COLUMN]),
     )
 
 

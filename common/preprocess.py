@@ -17,12 +17,14 @@ from typing import Any, Literal
 import numpy as np
 import SimpleITK as sitk
 
+from tace.common.dicom import read_mask
 from tace.common.errors import ConfigError, ImageReadError
-from tace.common.imageio import read_image
-from tace.common.manifest import REQUIRED_SEQUENCES, SEQUENCE_COLUMNS, PatientRecord
+from tace.common.imageio import ImageInfo, image_info, inspect_image, read_checked
+from tace.common.manifest import MASK_COLUMN, REQUIRED_SEQUENCES, SEQUENCE_COLUMNS, PatientRecord
 
 #: Bump when the preprocessing code changes what it produces: invalidates every cache entry.
-PIPELINE_VERSION = 1
+#: 2: NaN/infinite/constant images are refused (version 1 cached them as zeros); DICOM SEG/RTSTRUCT masks.
+PIPELINE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -113,8 +115,9 @@ class PreprocessInfo:
     scale: float
 
 
-def tumour_bounds(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
-    """Physical (LPS, mm) lower and upper corners of the largest connected tumour component's bounding box."""
+def tumour_corners(mask: sitk.Image) -> np.ndarray:
+    """The eight physical (LPS, mm) corners ``(8, 3)`` of the largest connected tumour component's bounding box on
+    the mask's own grid (voxel edges, so a one-voxel tumour has the voxel's size)."""
     binary = sitk.Cast(mask > 0, sitk.sitkUInt8)
     components = sitk.RelabelComponent(sitk.ConnectedComponent(binary), sortByObjectSize=True)
     stats = sitk.LabelShapeStatisticsImageFilter()
@@ -123,8 +126,12 @@ def tumour_bounds(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
         raise ImageReadError("empty-mask", "tumour mask has no voxel inside the tumour", "segment the target tumour (non-zero inside it)")
     start = np.array(stats.GetBoundingBox(1)[:3], dtype=float)
     size = np.array(stats.GetBoundingBox(1)[3:], dtype=float)
-    corners = [mask.TransformContinuousIndexToPhysicalPoint(tuple(start - 0.5 + size * np.array(c))) for c in np.ndindex(2, 2, 2)]
-    pts = np.array(corners)
+    return np.array([mask.TransformContinuousIndexToPhysicalPoint(tuple(start - 0.5 + size * np.array(c))) for c in np.ndindex(2, 2, 2)])
+
+
+def tumour_bounds(mask: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
+    """Physical (LPS, mm) lower and upper corners of the largest connected tumour component's bounding box."""
+    pts = tumour_corners(mask)
     return pts.min(axis=0), pts.max(axis=0)
 
 
@@ -203,9 +210,28 @@ def require_sequences(record: PatientRecord, config: PreprocessConfig) -> None:
 
 def _read_located(path: Path, column: str, rel: str) -> sitk.Image:
     try:
-        return read_image(path)
+        return read_checked(path)
     except ImageReadError as exc:
         exc.column, exc.file = column, rel
+        raise
+
+
+def read_record_mask(record: PatientRecord, root: Path, images: Mapping[str, sitk.Image] | None = None) -> sitk.Image:
+    """One row's tumour mask in any format the manifest takes (`tace.common.dicom.read_mask`), with its
+    `mask_label`; an RTSTRUCT is filled onto the row's images (`images` when already read, else their headers)."""
+    grids: list[tuple[str, ImageInfo]] = []
+    for seq, rel in record.images.items():
+        if images is not None and seq in images:
+            grids.append((SEQUENCE_COLUMNS[seq], image_info(images[seq])))
+            continue
+        try:
+            grids.append((SEQUENCE_COLUMNS[seq], inspect_image(root / rel)))
+        except ImageReadError:
+            continue  # an unreadable phase is reported on its own column
+    try:
+        return read_mask(record.mask_path(root), record.mask_label, grids)
+    except ImageReadError as exc:
+        exc.column, exc.file = MASK_COLUMN, record.mask
         raise
 
 
@@ -216,7 +242,7 @@ def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfi
     """
     require_sequences(record, config)
     images = {seq: _read_located(record.image_path(seq, root), SEQUENCE_COLUMNS[seq], record.images[seq]) for seq in config.sequences}
-    mask = _read_located(record.mask_path(root), "mask_path", record.mask)
+    mask = read_record_mask(record, root, images)
     try:
         return preprocess_images(images, mask, config)
     except ImageReadError as exc:
@@ -227,7 +253,7 @@ def preprocess_record(record: PatientRecord, root: Path, config: PreprocessConfi
 def box_mask(record: PatientRecord, root: Path, config: PreprocessConfig) -> tuple[np.ndarray, tuple[float, float, float]]:
     """The tumour mask on the patient's network-input box: uint8 ``(D, H, W)`` (nearest neighbour), and the box's
     voxel spacing (x, y, z) in mm (larger than the configured one when a large tumour was rescaled)."""
-    mask = _read_located(record.mask_path(root), "mask_path", record.mask)
+    mask = read_record_mask(record, root)
     grid, _ = box_grid(*tumour_bounds(mask), config)
     resampled = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     return sitk.GetArrayFromImage(resampled), tuple(float(s) for s in grid.GetSpacing())  # type: ignore[return-value]

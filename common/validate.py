@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from tace.common.dicom import examine_mask, header_facts
 from tace.common.errors import ImageReadError, Problem
-from tace.common.imageio import ImageInfo, inspect_image
+from tace.common.imageio import Examined, ImageInfo, examine_image
 from tace.common.manifest import (
     CLINICAL_COLUMNS,
     MASK_COLUMN,
@@ -20,6 +21,7 @@ from tace.common.manifest import (
     PatientRecord,
     parse_manifest,
 )
+from tace.common.preprocess import tumour_corners
 
 
 @dataclass(frozen=True)
@@ -157,64 +159,126 @@ def check_record_images(
     deep: bool = False,
     tolerance: GeometryTolerance = GeometryTolerance(),
 ) -> tuple[list[Problem], ImageInfo | None]:
-    """Check every image of one patient: readable, intact, 3D, same grid as the arterial phase, non-empty mask.
+    """Check every image of one patient: readable, intact, 3D, one patient and frame of reference, the tumour inside
+    every phase, a usable mask. Every problem of every file is listed (a file with NaN voxels still has its
+    geometry checked).
+
+    Phases and the mask may lie on different grids (preprocessing resamples each onto the tumour box in physical
+    space); they must then share the DICOM frame of reference where DICOM says, and every phase must cover the
+    tumour's bounding box. `tolerance` says which grids count as the arterial phase's own (their coverage is the
+    arterial's).
 
     Returns the problems found and the arterial phase's header (None when it could not be read).
     """
     problems: list[Problem] = []
     infos: dict[str, ImageInfo] = {}
+
+    def located(errors: Iterable[ImageReadError], column: str, rel: str) -> None:
+        problems.extend(Problem(e.kind, e.message, e.hint, record.row, column, rel) for e in errors)
+
+    for seq, rel in record.images.items():
+        column = SEQUENCE_COLUMNS[seq]
+        examined = _examine(lambda: examine_image(root / rel, deep=deep))  # noqa: B023 - called at once
+        located(examined.problems, column, rel)
+        if examined.info is not None:
+            infos[column] = examined.info
+    # The mask is read whole even without --deep: it is small, an empty one must be caught and its tumour located.
+    grids = list(infos.items())
+    mask = _examine(lambda: examine_mask(root / record.mask, record.mask_label, grids))
+    located(mask.problems, MASK_COLUMN, record.mask)
+    problems += _identity_problems(record, root)
+    if mask.image is not None and not mask.problems:
+        problems += _coverage_problems(record, infos, tumour_corners(mask.image), tolerance)
+    return problems, infos.get(SEQUENCE_COLUMNS["arterial"])
+
+
+def _examine(run: Callable[[], Examined]) -> Examined:
+    """`run()`, with anything the readers did not foresee turned into a located problem."""
+    try:
+        return run()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        return Examined(None, [ImageReadError("unreadable", f"file cannot be read ({reason})", "check the file and its permissions")])
+
+
+def _identity_problems(record: PatientRecord, root: Path) -> list[Problem]:
+    """Images whose DICOM headers say they belong to another patient or frame of reference than the arterial phase
+    (or, without a DICOM arterial phase, the row's first DICOM image). Other formats carry no such facts."""
     columns = {SEQUENCE_COLUMNS[seq]: rel for seq, rel in record.images.items()}
     columns[MASK_COLUMN] = record.mask
+    facts = {}
     for column, rel in columns.items():
         try:
-            # The mask is read whole even without --deep: it is small and an empty one must be caught.
-            is_mask = column == MASK_COLUMN
-            infos[column] = inspect_image(root / rel, deep=deep or is_mask, is_mask=is_mask)
-        except ImageReadError as exc:
-            problems.append(Problem(exc.kind, exc.message, exc.hint, record.row, column, rel))
-        except OSError as exc:  # anything the image reader did not foresee still becomes a located problem
-            problems.append(
-                Problem(
-                    "unreadable",
-                    f"file cannot be read ({exc.strerror or type(exc).__name__})",
-                    "check the file and its permissions",
-                    record.row,
-                    column,
-                    rel,
-                )
-            )
-    ref = infos.get(SEQUENCE_COLUMNS["arterial"])
-    if ref is not None:
-        others = {c: i for c, i in infos.items() if c != SEQUENCE_COLUMNS["arterial"]}
-        mismatched = {c: tolerance.compare(ref, i) for c, i in others.items()}
-        mismatched = {c: bad for c, bad in mismatched.items() if bad}
-        first = next(iter(others.values()), None)
-        if (
-            len(others) >= 2
-            and len(mismatched) == len(others)
-            and first is not None
-            and all(not tolerance.compare(first, i) for i in others.values())
-        ):
-            # Every other image agrees with the others but not with the arterial phase: the arterial is the odd one.
-            aspects = sorted({a for bad in mismatched.values() for a in bad})
-            problems.append(
-                Problem("geometry-mismatch", f"the arterial phase's grid disagrees with every other image of this patient ({', '.join(aspects)})",
-                        "the arterial series may be incomplete (a missing first or last slice) or from another series; re-export it",
-                        record.row, SEQUENCE_COLUMNS["arterial"], record.images.get("arterial"))
-            )  # fmt: skip
-            mismatched = {}
-        for column, bad in mismatched.items():
-            if bad:
-                problems.append(
-                    Problem(
-                        "geometry-mismatch",
-                        f"{column} is not on the arterial phase's grid: {', '.join(bad)} differ beyond tolerance",
-                        "co-register the phases and the mask and resample them onto the arterial grid "
-                        "(tolerance: docs/manifest.md#geometry)",
-                        record.row, column, columns[column],
-                    )
-                )  # fmt: skip
-    return problems, ref
+            found = header_facts(root / rel)
+        except OSError:
+            found = None
+        if found is not None:
+            facts[column] = found
+    if len(facts) < 2:
+        return []
+    ref_column = SEQUENCE_COLUMNS["arterial"] if SEQUENCE_COLUMNS["arterial"] in facts else next(iter(facts))
+    ref = facts[ref_column]
+    out = []
+    for column, fact in facts.items():
+        if column == ref_column:
+            continue
+        if ref.patient and fact.patient and ref.patient != fact.patient:
+            out.append(Problem("other-patient", f"{column} belongs to another patient than {ref_column} (their DICOM PatientID differs)",
+                               "put this patient's own series in the row", record.row, column, columns[column]))  # fmt: skip
+        elif ref.frame_of_reference and fact.frame_of_reference and ref.frame_of_reference != fact.frame_of_reference:
+            out.append(Problem(
+                "frame-of-reference", f"{column} has another DICOM frame of reference than {ref_column}: it was not acquired in the same session",
+                "use the series of one examination (one frame of reference) for every phase and the mask, or register them onto one and export as NIfTI",
+                record.row, column, columns[column],
+            ))  # fmt: skip
+    return out
+
+
+def uncovered_mm(info: ImageInfo, corners: np.ndarray) -> np.ndarray:
+    """How far (mm) the box with `corners` (LPS, ``(8, 3)``) reaches beyond the image, along each of the image's
+    axes (x, y, z)."""
+    direction = np.array(info.direction, dtype=float).reshape(3, 3)
+    spacing = np.array(info.spacing, dtype=float)
+    index = (corners - np.array(info.origin)) @ np.linalg.inv(direction * spacing).T
+    below = -0.5 - index.min(axis=0)
+    above = index.max(axis=0) - (np.array(info.size) - 0.5)
+    return np.clip(np.maximum(below, above), 0, None) * spacing
+
+
+_AXES = ("x (columns)", "y (rows)", "z (slices)")
+
+
+def _coverage_problems(
+    record: PatientRecord, infos: dict[str, ImageInfo], corners: np.ndarray, tolerance: GeometryTolerance
+) -> list[Problem]:
+    """Phases that do not hold the whole tumour box (beyond half a voxel); the mask when no phase holds it."""
+    arterial = infos.get(SEQUENCE_COLUMNS["arterial"])
+    outside: dict[str, np.ndarray] = {}
+    for column, info in infos.items():
+        same_as_arterial = arterial is not None and column != SEQUENCE_COLUMNS["arterial"] and not tolerance.compare(arterial, info)
+        excess = outside.get(SEQUENCE_COLUMNS["arterial"]) if same_as_arterial else None
+        if excess is None:
+            excess = uncovered_mm(info, corners)
+            excess = np.where(excess > 0.5 * np.array(info.spacing), excess, 0.0)
+        outside[column] = excess
+    if not outside:
+        return []
+    rel = {SEQUENCE_COLUMNS[seq]: r for seq, r in record.images.items()}
+    if all(e.any() for e in outside.values()):
+        worst = max(float(e.max()) for e in outside.values())
+        return [Problem("not-covered", f"the mask's tumour lies outside every image of this patient (by up to {worst:.1f} mm)",
+                        "the mask belongs to another patient or series, or lost its position on export; export it again from the series it was drawn on",
+                        record.row, MASK_COLUMN, record.mask)]  # fmt: skip
+    out = []
+    for column, excess in outside.items():
+        if excess.any():
+            where = ", ".join(f"{excess[i]:.1f} mm along {_AXES[i]}" for i in range(3) if excess[i] > 0)
+            out.append(Problem(
+                "not-covered", f"{column} does not cover the tumour: the tumour's box reaches beyond this image by {where}",
+                "export the phase with a field of view (slices) that holds the whole tumour, or check that the mask belongs to this patient",
+                record.row, column, rel[column],
+            ))  # fmt: skip
+    return out
 
 
 def check_site(

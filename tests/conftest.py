@@ -59,3 +59,13 @@ def site_copy(tiny_cohort: Path, tmp_path: Path):
         return dest / "manifest.csv"
 
     return copy
+
+
+@pytest.fixture(scope="session")
+def tiny_pacs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory):
+    """site-a of the tiny cohort as a PACS export (`tace.simulation.pacs.export_site`, seed 3): row 5 (index 4) has no
+    delayed phase, row 3's delayed phase is on its own grid, masks alternate SEG / RTSTRUCT. Read-only."""
+    from tace.simulation.pacs import export_site
+
+    return export_site(tiny_cohort / "sites" / "site-a" / "manifest.csv", tmp_path_factory.mktemp("pacs") / "export", seed=3,
+                       missing_phase={4: "delayed"}, delayed_grid=[2])  # fmt: skip

@@ -156,16 +156,25 @@ def test_permission_problems_are_located(site_copy, monkeypatch):
     assert kinds(manifest) == [("permission-denied", 3, "delayed_path")]
 
 
-def test_dicom_arterial_missing_first_slice_blames_the_arterial(site_copy):
+def test_dicom_arterial_missing_slices_is_refused_only_where_the_tumour_is_cut(site_copy):
+    """A series short of a slice at the edge still holds the tumour (accepted); one short of the tumour's slices
+    is refused on its own column with the extent missing."""
     manifest = site_copy()
     record = parse_manifest(manifest).records[0]
     image = sitk.ReadImage(str(manifest.parent / record.images["arterial"]))
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(manifest.parent / record.mask)))
+    slices = np.nonzero(mask.any(axis=(1, 2)))[0]
     folder = manifest.parent / f"images/{record.patient_id}/arterial_dicom"
     write_image(image, folder)
-    sorted(folder.iterdir())[0].unlink()
+    files = sorted(folder.iterdir())
     set_cell(manifest, 0, "arterial_path", f"images/{record.patient_id}/arterial_dicom")
+    edge = 0 if slices.min() > 0 else len(files) - 1
+    files[edge].unlink()
+    assert check_site(manifest).ok
+    for f in files[: slices.max() + 1]:
+        f.unlink(missing_ok=True)
     (p,) = check_site(manifest).problems
-    assert (p.kind, p.column) == ("geometry-mismatch", "arterial_path") and "every other image" in p.message
+    assert (p.kind, p.column) == ("not-covered", "arterial_path") and "along z (slices)" in p.message
 
 
 def _client(*args: str) -> subprocess.CompletedProcess[str]:
