@@ -1,4 +1,5 @@
-"""Calibration and clinical usefulness: calibration curve, Brier score, Hosmer-Lemeshow test, decision curves.
+"""Calibration and clinical usefulness: calibration curves (grouped and flexible), calibration intercept and slope,
+O/E, ICI/E50/E90, Brier score, Hosmer-Lemeshow test, decision curves.
 
 Risk groups for the calibration curve and the Hosmer-Lemeshow test are the deciles of predicted probability;
 patients with the same predicted probability always share a group (so grid-binned and exact scores group alike).
@@ -8,10 +9,13 @@ Net benefit follows Vickers & Elkin (2006): TP/n - FP/n * pt / (1 - pt) for trea
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
 from scipy import stats
 
-from tace.analysis.discrimination import proportion
+from tace.analysis.discrimination import Z95, proportion
 
 
 def risk_groups(p: np.ndarray, groups: int = 10) -> np.ndarray:
@@ -72,3 +76,137 @@ def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None =
         model.append(tp / n - fp / n * w)
         treat_all.append(prev - (1 - prev) * w)
     return {"threshold": pts.tolist(), "model": model, "treat_all": treat_all, "treat_none": [0.0] * len(pts)}
+
+
+# -- calibration a clinician can act on: recalibration, O/E, the flexible curve -----------------------------------
+#: Predictions are clipped to [EPS, 1 - EPS] before the logit (a score of exactly 0 or 1 has no logit). The score
+#: grid's outermost cell centres (5e-6 at the default 100,000 cells) lie inside, so grid-binned scores are unchanged.
+EPS = 1e-6
+#: Knots of the flexible calibration curve: Harrell's default quantiles for a 3-knot restricted cubic spline.
+SPLINE_QUANTILES = (0.10, 0.50, 0.90)
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    """The model's linear predictor log(p / (1 - p)), predictions clipped to [EPS, 1 - EPS]."""
+    q = np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
+    return np.log(q / (1 - q))
+
+
+def _glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Logistic regression of `y` on the columns of `x` (with an intercept column in `x`): coefficients and their
+    covariance, or None when the fit does not exist (one class, perfect separation, no convergence)."""
+    import warnings
+
+    from statsmodels.genmod import families
+    from statsmodels.genmod.generalized_linear_model import GLM
+    from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning, SingularMatrixWarning
+
+    if len(np.unique(y)) < 2 or len(y) <= x.shape[1]:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # overflow or division by zero: no usable fit
+        warnings.simplefilter("error", PerfectSeparationWarning)
+        warnings.simplefilter("error", ConvergenceWarning)
+        warnings.simplefilter("error", SingularMatrixWarning)
+        try:
+            fit = GLM(y, x, family=families.Binomial(), offset=offset).fit(tol=1e-12, maxiter=200)
+        except (RuntimeWarning, PerfectSeparationWarning, ConvergenceWarning, SingularMatrixWarning, np.linalg.LinAlgError, ValueError):
+            return None
+    params, cov = np.asarray(fit.params, dtype=float), np.asarray(fit.cov_params(), dtype=float)
+    if not (np.isfinite(params).all() and np.isfinite(cov).all()):
+        return None
+    return params, cov
+
+
+def _wald(value: float, se: float) -> dict[str, float]:
+    """An estimate with its standard error and 95 % Wald interval (R's ``confint.default``)."""
+    return {"value": value, "se": se, "low": value - Z95 * se, "high": value + Z95 * se}
+
+
+def recalibration(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Calibration-in-the-large, calibration slope and the observed/expected ratio, each with its 95 % CI.
+
+    * **Calibration intercept** (calibration-in-the-large): the intercept of ``logit P(y=1) = a + lp`` (the model's
+      linear predictor lp as an offset); 0 when predictions are right on average (Van Calster et al. 2016, 2019).
+    * **Calibration slope**: b of ``logit P(y=1) = a + b lp`` (Cox 1958); < 1 means predictions too extreme.
+    * **O/E**: observed events / sum of predicted probabilities, 95 % CI exp(log(O/E) ± 1.96 sqrt(1/O - 1/N))
+      (Debray et al. 2017).
+
+    Wald intervals, as R's ``confint.default(glm(...))``; an estimate that does not exist (one class, perfect
+    separation, no event) is None.
+    """
+    y, p = np.asarray(y, dtype=int), np.asarray(p, dtype=float)
+    lp = logit(p)
+    n, observed, expected = len(y), int(y.sum()), float(np.clip(p, EPS, 1 - EPS).sum())
+    out: dict[str, Any] = {"n": n, "observed": observed, "expected": expected, "intercept": None, "slope": None, "oe": None}
+    citl = _glm(y, np.ones((n, 1)), offset=lp)
+    if citl is not None:
+        out["intercept"] = _wald(float(citl[0][0]), math.sqrt(float(citl[1][0, 0])))
+    slope = _glm(y, np.column_stack([np.ones(n), lp]))
+    if slope is not None:
+        out["slope"] = _wald(float(slope[0][1]), math.sqrt(float(slope[1][1, 1])))
+    if 0 < observed < n:
+        ratio, se = observed / expected, math.sqrt(1 / observed - 1 / n)
+        out["oe"] = {"value": ratio, "se_log": se, "low": ratio * math.exp(-Z95 * se), "high": ratio * math.exp(Z95 * se)}
+    return out
+
+
+def rcs_basis(x: np.ndarray, knots: np.ndarray) -> np.ndarray:
+    """Restricted cubic spline basis (Harrell; rms ``rcs``/``rcspline.eval``, norm = 2): x and k - 2 nonlinear terms,
+    linear beyond the outer knots. (n,) -> (n, k - 1)."""
+    x, t = np.asarray(x, dtype=float), np.asarray(knots, dtype=float)
+    k = len(t)
+    scale = (t[-1] - t[0]) ** 2
+
+    def cube(v: np.ndarray) -> np.ndarray:
+        return np.maximum(v, 0.0) ** 3
+
+    columns = [x]
+    for j in range(k - 2):
+        columns.append((cube(x - t[j]) - cube(x - t[-2]) * (t[-1] - t[j]) / (t[-1] - t[-2])
+                        + cube(x - t[-1]) * (t[-2] - t[j]) / (t[-1] - t[-2])) / scale)  # fmt: skip
+    return np.column_stack(columns)
+
+
+def flexible_calibration(y: np.ndarray, p: np.ndarray, at: np.ndarray | None = None) -> dict[str, Any] | None:
+    """The flexible calibration curve: logistic regression of the outcome on a restricted cubic spline of the model's
+    linear predictor (3 knots at its 10th, 50th and 90th percentiles), with a pointwise 95 % band, and the
+    calibration error it implies for the patients (Austin & Steyerberg 2019): ICI (mean |calibrated - predicted|),
+    E50 (median), E90 (90th percentile) and Emax.
+
+    `at` are the predicted probabilities the curve is given at (default: 101 points over the observed range).
+    Falls back to the straight recalibration line when the predictions take too few distinct values for a spline
+    (``kind = "linear"``); None when no curve can be fitted (one class, separation).
+    """
+    y, p = np.asarray(y, dtype=int), np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
+    lp = logit(p)
+    knots = np.quantile(lp, SPLINE_QUANTILES)
+    fit = None
+    for kind in ("spline", "linear"):
+        if kind == "spline" and (len(np.unique(lp)) < 2 * len(knots) or not np.all(np.diff(knots) > 1e-8)):
+            continue
+
+        def design(v: np.ndarray, kind: str = kind) -> np.ndarray:
+            return np.column_stack([np.ones(len(v)), rcs_basis(v, knots) if kind == "spline" else v])
+
+        fit = _glm(y, design(lp))
+        if fit is not None:
+            break
+    if fit is None:
+        return None
+    params, cov = fit
+    fitted = 1 / (1 + np.exp(-(design(lp) @ params)))
+    error = np.abs(fitted - p)
+    grid = np.linspace(p.min(), p.max(), 101) if at is None else np.clip(np.asarray(at, dtype=float), EPS, 1 - EPS)
+    x = design(logit(grid))
+    eta = x @ params
+    se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, cov, x), 0.0))
+
+    def expit(v: np.ndarray) -> list[float]:
+        return (1 / (1 + np.exp(-v))).tolist()
+
+    return {
+        "kind": kind, "knots": knots.tolist() if kind == "spline" else [],
+        "ici": float(error.mean()), "e50": float(np.median(error)), "e90": float(np.quantile(error, 0.9)), "emax": float(error.max()),
+        "curve": {"predicted": grid.tolist(), "observed": expit(eta), "low": expit(eta - Z95 * se), "high": expit(eta + Z95 * se)},
+    }  # fmt: skip

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(v)
     v.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="stratified bootstrap resamples (default 2000)")
     v.add_argument("--seed", type=int, default=0, help="seed of the bootstrap (default 0)")
+    v.add_argument("--hartung-knapp", action="store_true",
+                   help="meta-analysis across centres: Hartung-Knapp CI of the pooled estimate (t with k - 1 df) instead of the normal one")  # fmt: skip
     v.set_defaults(func=cmd_validate)
     s = sub.add_parser("survival", help="progression-free survival by predicted group", description=cmd_survival.__doc__)
     _common(s)
@@ -97,15 +99,19 @@ def _notes(notes: list[str]) -> None:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     """AUC with 95 % CI (DeLong; stratified bootstrap alongside), paired DeLong tests between DLTRMLP, DLTR and the
-    clinical model, threshold metrics at the Youden cut-off fixed on the training sites, calibration (curve, Brier,
-    Hosmer-Lemeshow) and decision curves; per external site and pooled. When sites shared patient-level data the
-    aggregate and patient-level results are compared in an equivalence table."""
+    clinical model, threshold metrics at the Youden cut-off fixed on the training sites, calibration (intercept and
+    slope with CIs, O/E, ICI/E50/E90, flexible and grouped curves, Brier, Hosmer-Lemeshow) and decision curves; per
+    external site and pooled. A random-effects meta-analysis across the external centres (Paule-Mandel; AUC, slope,
+    O/E with τ², I² and the 95 % prediction interval), performance by subgroup from the sites' subgroup tables and
+    each site's sample size against Riley et al. (2021). When sites shared patient-level data the aggregate and
+    patient-level results are compared in an equivalence table."""
     from tace.analysis.data import load_run
     from tace.analysis.study import analyse, format_headline
 
     start = time.perf_counter()
     data = load_run(args.run)
-    analysis, path = analyse(data, ("validation",), args.source, args.bootstrap, args.seed, figures=not args.no_figures)
+    analysis, path = analyse(data, ("validation",), args.source, args.bootstrap, args.seed, figures=not args.no_figures,
+                             hartung_knapp=args.hartung_knapp)  # fmt: skip
     _notes(analysis["validation"]["notes"])
     print(f"external validation ({args.source}) of {args.run}:")
     print(format_headline(analysis["headline"]))

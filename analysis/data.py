@@ -100,20 +100,8 @@ def score_rows(sites: list[SiteReturn], source: str = "aggregate") -> pd.DataFra
     """One row per patient of the sites' evaluation sets: ``site, label`` and one column of scores per model."""
     frames = []
     for s in sites:
-        if source == "aggregate" and "marginals" in s.summary["scores"]:
-            frames.append(_marginal_rows(s))
-        elif source == "aggregate":
-            table = s.summary["scores"]
-            models, bins = list(table["models"]), int(table["bins"])
-            cells = np.asarray(table["cells"], dtype=np.int64).reshape(-1, len(models) + 2)
-            m = len(models)
-            reps = np.concatenate([cells[:, m], cells[:, m + 1]])
-            base = np.concatenate([cells[:, :m], cells[:, :m]])
-            labels = np.concatenate([np.zeros(len(cells), int), np.ones(len(cells), int)])
-            data = {"site": s.site_id, "label": np.repeat(labels, reps), "paired": True}
-            for j, model in enumerate(models):
-                data[model] = np.repeat((base[:, j] + 0.5) / bins, reps)
-            frames.append(pd.DataFrame(data))
+        if source == "aggregate":
+            frames.append(table_rows(s.summary["scores"], s.site_id))
         else:
             if not s.has_patients:
                 raise TaceError(f"site {s.site_id} did not share patient-level data", "use the aggregate source for it")
@@ -122,21 +110,55 @@ def score_rows(sites: list[SiteReturn], source: str = "aggregate") -> pd.DataFra
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["site", "label", "paired", *MODELS])
 
 
-def _marginal_rows(s: SiteReturn) -> pd.DataFrame:
-    """Rows of a site that sent one table per model (a minimum cell count): within each class, the models'
-    scores are paired in rank order, which is right for every one-model statistic but not for the paired test
-    (rows are marked ``paired = False``)."""
-    table = s.summary["scores"]
+def table_rows(table: dict[str, Any], site: str) -> pd.DataFrame:
+    """A score table (joint, or one per model) expanded into one row per patient: ``site, label, paired`` and each
+    model's score at the centre of its grid cell.
+
+    One table per model (a site's minimum cell count) pairs the models' scores in rank order within each class,
+    which is right for every one-model statistic but not for the paired test: such rows are ``paired = False``.
+    """
     bins = int(table["bins"])
-    data: dict[str, Any] = {}
-    labels = None
-    for model in table["models"]:
-        cells = np.asarray(table["marginals"][model], dtype=np.int64).reshape(-1, 3)
-        neg = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 1])
-        pos = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 2])
-        data[model] = np.concatenate([np.sort(neg), np.sort(pos)])
-        labels = np.r_[np.zeros(len(neg), int), np.ones(len(pos), int)]
-    return pd.DataFrame({"site": s.site_id, "label": labels, "paired": False, **data})
+    if "marginals" in table:
+        data: dict[str, Any] = {}
+        labels = np.zeros(0, int)
+        for model in table["models"]:
+            cells = np.asarray(table["marginals"][model], dtype=np.int64).reshape(-1, 3)
+            neg = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 1])
+            pos = np.repeat((cells[:, 0] + 0.5) / bins, cells[:, 2])
+            data[model] = np.concatenate([np.sort(neg), np.sort(pos)])
+            labels = np.r_[np.zeros(len(neg), int), np.ones(len(pos), int)]
+        return pd.DataFrame({"site": site, "label": labels, "paired": False, **data})
+    models = list(table["models"])
+    m = len(models)
+    cells = np.asarray(table["cells"], dtype=np.int64).reshape(-1, m + 2)
+    reps = np.concatenate([cells[:, m], cells[:, m + 1]])
+    base = np.concatenate([cells[:, :m], cells[:, :m]])
+    labels = np.concatenate([np.zeros(len(cells), int), np.ones(len(cells), int)])
+    out = {"site": site, "label": np.repeat(labels, reps), "paired": True}
+    for j, model in enumerate(models):
+        out[model] = np.repeat((base[:, j] + 0.5) / bins, reps)
+    return pd.DataFrame(out)
+
+
+def subgroup_rows(sites: list[SiteReturn], key: str) -> tuple[pd.DataFrame, dict[str, list[str]], list[str]]:
+    """The patients of subgroup variable `key` at the sites that sent its tables: rows as `table_rows` with a
+    ``level`` column; per level the sites that suppressed it; and every level in display order."""
+    from tace.common.subgroups import level_order
+
+    frames: list[pd.DataFrame] = []
+    suppressed: dict[str, list[str]] = {}
+    levels: list[str] = []
+    for s in sites:
+        sub = s.summary.get("subgroups", {}).get(key)
+        if sub is None:
+            continue
+        levels += sub["levels"]
+        for level in sub.get("suppressed", []):
+            suppressed.setdefault(level, []).append(s.site_id)
+        for level, table in sub["tables"].items():
+            frames.append(table_rows(table, s.site_id).assign(level=level))
+    rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["site", "label", "paired", "level", *MODELS])
+    return rows, suppressed, level_order(key, levels)
 
 
 def survival_rows(sites: list[SiteReturn], grouping: str, source: str = "aggregate") -> tuple[pd.DataFrame, list[str], list[str]]:

@@ -1,6 +1,7 @@
 """Figures of the analysis (matplotlib, no display needed), each written as PNG and SVG.
 
-ROC curves with 95 % bootstrap bands per external site and pooled; calibration curves; decision curves;
+ROC curves with 95 % bootstrap bands per external site and pooled; calibration curves (grouped, and flexible with
+their 95 % band); decision curves; forest plots of the meta-analysis across centres and of the subgroups;
 Kaplan-Meier curves with the numbers at risk below, log-rank p and hazard ratio; the radiogenomics volcano and
 enrichment plots; the report's training curves and privacy spent over the rounds.
 """
@@ -81,6 +82,107 @@ def calibration(block: dict[str, Any], title: str) -> Any:
     return fig
 
 
+def _ci(e: dict[str, Any] | None) -> str:
+    if not e:
+        return "n/a"
+    return f"{e['value']:.2f} ({e['low']:.2f} to {e['high']:.2f})"
+
+
+def calibration_flexible(block: dict[str, Any], title: str) -> Any:
+    """The flexible calibration curve of every model with its 95 % band, against the diagonal; the legend gives
+    the calibration slope and intercept (95 % CI) and the ICI."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    for model, e in block["models"].items():
+        curve, c = e.get("calibration_flexible"), e.get("calibration") or {}
+        if not curve:
+            continue
+        ax.fill_between(curve["predicted"], curve["low"], curve["high"], color=COLORS[model], alpha=0.15, linewidth=0)
+        ici = f", ICI {c['ici']:.3f}" if c.get("ici") is not None else ""
+        ax.plot(curve["predicted"], curve["observed"], color=COLORS[model], lw=2,
+                label=f"{NAMES[model]}  slope {_ci(c.get('slope'))}\nintercept {_ci(c.get('intercept'))}{ici}")  # fmt: skip
+    ax.plot([0, 1], [0, 1], ls="--", color="#999", lw=1)
+    ax.set(xlabel="predicted probability of response", ylabel="observed response (flexible calibration)",
+           title=f"Flexible calibration: {title}", xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    ax.legend(loc="upper left", fontsize=7)
+    return fig
+
+
+#: Per meta-analysed measure: axis label, the value of no effect (perfect performance for calibration), log axis.
+FOREST = {"auc": ("AUC (c-statistic)", 0.5, False), "slope": ("calibration slope", 1.0, False), "oe": ("O/E ratio", 1.0, True)}
+
+
+def forest(meta: dict[str, Any], measure: str) -> Any:
+    """Forest plot of one measure across centres, one panel per model: each centre's estimate with its 95 % CI
+    (square sized by its random-effects weight), the pooled estimate (diamond: its 95 % CI) and the 95 % prediction
+    interval (line through the diamond)."""
+    label, ref, log = FOREST[measure]
+    models = [m for m in NAMES if meta["models"].get(m, {}).get(measure)]
+    centres = list(meta["centres"])
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models) + 1.2, 0.42 * len(centres) + 2.0), squeeze=False, sharey=True)
+    for ax, model in zip(axes[0], models, strict=True):
+        e = meta["models"][model][measure]
+        by_centre = {c["centre"]: c for c in e["centres"]}
+        for i, centre in enumerate(centres):
+            y = len(centres) + 1 - i
+            c = by_centre.get(centre)
+            if c is None:
+                ax.text(ref, y, "not estimable here", ha="center", va="center", fontsize=7, color="#777")
+                continue
+            ax.plot([c["low"], c["high"]], [y, y], color=COLORS[model], lw=1.2)
+            ax.plot([c["value"]], [y], "s", color=COLORS[model], ms=4 + 8 * c.get("weight", 1 / max(len(centres), 1)))
+        if "pooled" in e:
+            ax.fill([e["ci_low"], e["pooled"], e["ci_high"], e["pooled"]], [0.5, 0.75, 0.5, 0.25], color=COLORS[model])
+            ax.plot([e["pi_low"], e["pi_high"]], [0.5, 0.5], color=COLORS[model], lw=1, ls=":")
+            ax.set_title(f"{NAMES[model]}: {e['pooled']:.2f} ({e['ci_low']:.2f}-{e['ci_high']:.2f})\n"
+                         f"95% PI {e['pi_low']:.2f}-{e['pi_high']:.2f}; I² {100 * e['i2']:.0f} %", fontsize=8)  # fmt: skip
+        else:
+            ax.set_title(f"{NAMES[model]}: no pooled estimate (k = {e['k']})", fontsize=8)
+        ax.axvline(ref, color="#999", lw=1, ls="--")
+        if log:
+            ax.set_xscale("log")
+        elif measure == "auc":
+            ax.set_xlim(0, 1)
+        ax.set_xlabel(label)
+    axes[0][0].set_yticks([len(centres) + 1 - i for i in range(len(centres))] + [0.5], centres + ["pooled (PI dotted)"], fontsize=8)
+    axes[0][0].set_ylim(0, len(centres) + 1.7)
+    fig.tight_layout()
+    return fig
+
+
+def subgroup_forest(subgroups: dict[str, Any], model: str, overall: float | None = None) -> Any:
+    """Forest plot of one model's AUC (95 % DeLong CI) in every subgroup level, pooled over the external sites;
+    suppressed levels are named as such, levels with one class marked as having no AUC."""
+    rows: list[tuple[str, dict[str, Any] | None, str]] = []
+    for entry in subgroups["variables"].values():
+        rows.append((entry["label"], None, "header"))
+        for level, b in entry["levels"].items():
+            rows.append((f"  {level} (n={b['n']})" if b["n"] else f"  {level}", b, b["status"]))
+    fig, ax = plt.subplots(figsize=(7, 0.3 * len(rows) + 1.2))
+    for i, (_, b, status) in enumerate(rows):
+        y = len(rows) - i
+        if b is None:
+            continue
+        e = b["models"].get(model, {})
+        if status == "suppressed":
+            ax.text(0.5, y, "suppressed (minimum cell count)", ha="center", va="center", fontsize=7, color="#777")
+        elif "auc" not in e:
+            ax.text(0.5, y, "one class: no AUC", ha="center", va="center", fontsize=7, color="#777")
+        else:
+            ax.plot([e["ci_low"], e["ci_high"]], [y, y], color=COLORS[model], lw=1.2)
+            ax.plot([e["auc"]], [y], "s", color=COLORS[model], ms=5, mfc="white" if status == "partly suppressed" else COLORS[model])
+    ax.set_yticks([len(rows) - i for i in range(len(rows))], [r[0] for r in rows], fontsize=7)
+    for label in ax.get_yticklabels():
+        if not label.get_text().startswith("  "):
+            label.set_fontweight("bold")
+    ax.axvline(0.5, color="#999", lw=1, ls="--")
+    if overall is not None:
+        ax.axvline(overall, color=COLORS[model], lw=1, ls=":")
+    ax.set(xlim=(0, 1), ylim=(0.3, len(rows) + 0.7), xlabel=f"{NAMES[model]} AUC (95 % CI), external sites pooled",
+           title=f"{NAMES[model]} by subgroup (open square: some sites suppressed the level)")  # fmt: skip
+    fig.tight_layout()
+    return fig
+
+
 def decision(block: dict[str, Any], title: str) -> Any:
     fig, ax = plt.subplots(figsize=(6, 4.5))
     first = next(iter(block["models"].values()))["decision_curve"]
@@ -143,7 +245,18 @@ def draw(analysis: dict[str, Any], folder: Path) -> dict[str, list[str]]:
             if any("roc" in e for e in block["models"].values()):
                 out[f"roc-{slug(where)}"] = save(roc(block, f"ROC: {where}"), folder, f"roc-{slug(where)}")
             out[f"calibration-{slug(where)}"] = save(calibration(block, where), folder, f"calibration-{slug(where)}")
+            if any(e.get("calibration_flexible") for e in block["models"].values()):
+                name = f"calibration-flexible-{slug(where)}"
+                out[name] = save(calibration_flexible(block, where), folder, name)
             out[f"decision-{slug(where)}"] = save(decision(block, where), folder, f"decision-{slug(where)}")
+        meta = v.get("meta", {})
+        for measure in FOREST:
+            if any(e.get(measure, {}).get("centres") for e in meta.get("models", {}).values()):
+                out[f"forest-{measure}"] = save(forest(meta, measure), folder, f"forest-{measure}")
+        if v.get("subgroups", {}).get("variables"):
+            for model in [m for m in NAMES if m in v["pooled"]["models"]]:
+                name = f"subgroups-{model}"
+                out[name] = save(subgroup_forest(v["subgroups"], model, v["pooled"]["models"][model].get("auc")), folder, name)
     s = analysis.get("survival")
     if s:
         for grouping, entry in s["groupings"].items():

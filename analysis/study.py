@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tace.analysis import calibration, discrimination, survival
+from tace.analysis import calibration, discrimination, meta, samplesize, subgroups, survival
 from tace.analysis.data import RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
 from tace.common.errors import TaceError
 from tace.common.serialize import jsonable
@@ -25,6 +25,9 @@ from tace.common.summaries import bin_index
 MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
 PAIRS = (("dltrmlp", "dltr"), ("dltrmlp", "clinical"), ("dltr", "clinical"))
 POOLED = "pooled external"
+#: The calibration statistics compared in the equivalence table and written to tables/calibration.csv.
+CALIBRATION_STATISTICS = {"intercept": "calibration intercept", "slope": "calibration slope", "oe": "O/E", "ici": "ICI", "e50": "E50",
+                          "e90": "E90", "emax": "Emax"}  # fmt: skip
 
 
 def _finite(x: float | None) -> float | None:
@@ -85,6 +88,7 @@ def _discrimination(
             notes.append(f"{where}: no threshold metrics for {MODEL_NAMES[model]}: no cut-off could be fixed on the training sites")
         else:
             entry["threshold"] = discrimination.threshold_metrics(y, predicted)
+        entry["calibration"] = _calibration(y, p, entry, curves)
         if not curves:
             block["models"][model] = entry
             continue
@@ -110,9 +114,25 @@ def _discrimination(
     return block
 
 
-def validate(run: RunData, source: str = "aggregate", reps: int = 2000, seed: int = 0, curves: bool = True) -> dict[str, Any]:
-    """External validation: discrimination, threshold metrics, calibration and decision curves per external site
-    and pooled; the training sites' pooled internal validation for comparison."""
+def _calibration(y: np.ndarray, p: np.ndarray, entry: dict[str, Any], curves: bool) -> dict[str, Any]:
+    """Calibration intercept and slope, O/E, and ICI/E50/E90/Emax of the flexible curve (kept in `entry` as
+    ``calibration_flexible`` when `curves`)."""
+    out = calibration.recalibration(y, p)
+    flexible = calibration.flexible_calibration(y, p)
+    if flexible is not None:
+        out.update({k: flexible[k] for k in ("ici", "e50", "e90", "emax", "kind", "knots")})
+        if curves:
+            entry["calibration_flexible"] = flexible["curve"]
+    return out
+
+
+def validate(
+    run: RunData, source: str = "aggregate", reps: int = 2000, seed: int = 0, curves: bool = True, hartung_knapp: bool = False
+) -> dict[str, Any]:
+    """External validation: discrimination, threshold metrics, calibration (intercept, slope, O/E, ICI, curves) and
+    decision curves per external site and pooled; the random-effects meta-analysis across the external sites (the
+    held-out centres of a leave-one-centre-out run), performance by subgroup, the sample size each site gave; the
+    training sites' pooled internal validation for comparison."""
     external = run.external
     if not external:
         raise TaceError("this run has no external (holdout) site to validate on", "set holdout-sites, or use layout='loco'")
@@ -142,6 +162,9 @@ def validate(run: RunData, source: str = "aggregate", reps: int = 2000, seed: in
             out["internal"] = {m: {"auc": float(dl.aucs[j]), "ci_low": dl.ci(j)[0], "ci_high": dl.ci(j)[1]} for j, m in enumerate(models)}
             out["internal"]["n"] = len(y)
     out["cutoffs"] = {s.fold or "all": s.cutoffs for s in external}
+    out["meta"] = {**meta.meta_analysis(out["sites"], models, hartung_knapp), "layout": run.layout}
+    out["subgroups"] = subgroups.subgroup_analysis(external, models)
+    out["sample_size"] = samplesize.sample_size(out["sites"], models)
     return out
 
 
@@ -238,8 +261,9 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0, computed: dict[str
         return []
     sub = RunData(run.path, run.layout, run.models, sites, run.run_config)
     reuse = computed if computed is not None and len(sites) == len(run.external) else {}
-    agg = reuse["validation"]["pooled"] if "validation" in reuse else validate(sub, "aggregate", reps, seed, curves=False)["pooled"]
-    pat = validate(sub, "patient-level", reps, seed, curves=False)["pooled"]
+    agg_all = reuse["validation"] if "validation" in reuse else validate(sub, "aggregate", reps, seed, curves=False)
+    pat_all = validate(sub, "patient-level", reps, seed, curves=False, hartung_knapp=agg_all["meta"]["hartung_knapp"])
+    agg, pat = agg_all["pooled"], pat_all["pooled"]
     rows: list[dict[str, Any]] = []
 
     def add(stat: str, a: float | None, p: float | None, ref: float | None, ref_name: str) -> None:
@@ -254,6 +278,20 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0, computed: dict[str
             add(f"DeLong SE {MODEL_NAMES[m]}", agg["models"][m]["delong_se"], pat["models"][m]["delong_se"], None, "")
     for key in agg["paired"]:
         add(f"DeLong p {key}", agg["paired"][key]["p"], pat["paired"][key]["p"], None, "")
+    for m in run.models:
+        ca, cp = agg["models"][m].get("calibration") or {}, pat["models"][m].get("calibration") or {}
+        for key, words in CALIBRATION_STATISTICS.items():
+            a, p = ca.get(key), cp.get(key)
+            if isinstance(a, dict) and isinstance(p, dict):
+                add(f"{words} {MODEL_NAMES[m]}", a["value"], p["value"], None, "")
+            elif isinstance(a, float) and isinstance(p, float):
+                add(f"{words} {MODEL_NAMES[m]}", a, p, None, "")
+    for m in run.models:
+        for measure, entry in agg_all["meta"]["models"][m].items():
+            other = pat_all["meta"]["models"][m][measure]
+            if "pooled" in entry and "pooled" in other:
+                for key, words in (("pooled", "pooled"), ("pi_low", "95% PI low"), ("pi_high", "95% PI high"), ("tau2", "tau2")):
+                    add(f"meta-analysis {entry['measure']} {words} {MODEL_NAMES[m]}", entry[key], other[key], None, "")
     if not any(s.summary.get("n_with_pfs", 0) for s in sites):
         return rows
     sa = reuse["survival"] if "survival" in reuse else survival_analysis(sub, "aggregate")
@@ -286,8 +324,9 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0, computed: dict[str
 
 
 def headline(validation: dict[str, Any], surv: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """One row per model: pooled external AUC with CI, each external site's AUC, DeLong p against DLTRMLP, and
-    the log-rank p / HR of the model's predicted responders vs non-responders (pooled)."""
+    """One row per model: pooled external AUC with CI, each external site's AUC, DeLong p against DLTRMLP, the
+    calibration slope (pooled external) with its CI, the meta-analytic AUC across the external centres with its CI
+    and 95 % prediction interval, and the log-rank p / HR of the model's predicted responders vs non-responders."""
     rows = []
     for model in ("dltrmlp", "dltr", "clinical"):
         pooled = validation["pooled"]["models"].get(model, {})
@@ -301,6 +340,10 @@ def headline(validation: dict[str, Any], surv: dict[str, Any] | None) -> list[di
             row[f"auc {site}"] = block["models"].get(model, {}).get("auc")
         if model != "dltrmlp":
             row["delong_p_vs_dltrmlp"] = validation["pooled"]["paired"].get(f"dltrmlp vs {model}", {}).get("p")
+        slope = (pooled.get("calibration") or {}).get("slope") or {}
+        row.update(calibration_slope=slope.get("value"), slope_ci_low=slope.get("low"), slope_ci_high=slope.get("high"))
+        summary = validation.get("meta", {}).get("models", {}).get(model, {}).get("auc", {})
+        row.update({f"meta_{k}": summary.get(k) for k in ("k", "pooled", "ci_low", "ci_high", "pi_low", "pi_high")})
         if surv:
             g = surv["groupings"].get(f"{model}:response", {}).get("pooled", {})
             row["logrank_p"] = g.get("logrank", {}).get("p")
@@ -325,6 +368,11 @@ def format_headline(rows: list[dict[str, Any]]) -> str:
         parts += [f"{k[4:]} {_fmt(v)}" for k, v in r.items() if k.startswith("auc ")]
         if "delong_p_vs_dltrmlp" in r:
             parts.append(f"DeLong p vs DLTRMLP {_fmt(r['delong_p_vs_dltrmlp'])}")
+        if r.get("calibration_slope") is not None:
+            parts.append(f"calibration slope {_fmt(r['calibration_slope'])} ({_fmt(r.get('slope_ci_low'))}-{_fmt(r.get('slope_ci_high'))})")
+        if r.get("meta_pooled") is not None:
+            parts.append(f"meta-analytic AUC {_fmt(r['meta_pooled'])} (95% PI {_fmt(r['meta_pi_low'])}-{_fmt(r['meta_pi_high'])}, "
+                         f"{r['meta_k']} centres)")  # fmt: skip
         if "logrank_p" in r:
             parts.append(f"PFS log-rank p {_fmt(r['logrank_p'])}, HR {_fmt(r.get('hr'))}")
         lines.append("  " + "; ".join(parts))
@@ -351,6 +399,8 @@ def _tables(analysis: dict[str, Any], folder: Path) -> list[Path]:
         ]
         pd.DataFrame(paired).to_csv(folder / "delong.csv", index=False)
         written += [folder / "validation.csv", folder / "delong.csv"]
+    if v:
+        written += _validation_tables(v, folder)
     s = analysis.get("survival")
     if s:
         rows = []
@@ -368,6 +418,59 @@ def _tables(analysis: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
+def _interval(prefix: str, e: dict[str, Any] | None, value: str = "value", low: str = "low", high: str = "high") -> dict[str, Any]:
+    e = e or {}
+    return {prefix: e.get(value), f"{prefix}_ci_low": e.get(low), f"{prefix}_ci_high": e.get(high)}
+
+
+def _validation_tables(v: dict[str, Any], folder: Path) -> list[Path]:
+    """tables/calibration.csv, meta_analysis.csv (pooled and per centre), subgroups.csv and sample_size.csv."""
+    written = []
+    rows = []
+    for where, block in [*v["sites"].items(), (POOLED, v["pooled"])]:
+        for m, e in block["models"].items():
+            c = e.get("calibration") or {}
+            rows.append({"population": where, "model": MODEL_NAMES[m], "n": block["n"], "observed": c.get("observed"),
+                         "expected": c.get("expected"), **_interval("oe", c.get("oe")), **_interval("intercept", c.get("intercept")),
+                         **_interval("slope", c.get("slope")), **{k: c.get(k) for k in ("ici", "e50", "e90", "emax")},
+                         "flexible_curve": c.get("kind")})  # fmt: skip
+    written.append(_csv(rows, folder / "calibration.csv"))
+    pooled, centres = [], []
+    meta_block = v.get("meta", {})
+    for m, measures in meta_block.get("models", {}).items():
+        for e in measures.values():
+            pooled.append({"model": MODEL_NAMES[m], "measure": e["measure"], "scale": e["scale"], "k": e["k"],
+                           **_interval("pooled", e, "pooled", "ci_low", "ci_high"), "pi_low": e.get("pi_low"), "pi_high": e.get("pi_high"),
+                           "tau2": e.get("tau2"), "i2": e.get("i2"), "q": e.get("q"), "q_p": e.get("q_p"), "method": meta_block["method"],
+                           "hartung_knapp": meta_block["hartung_knapp"], "excluded": ", ".join(e["excluded"])})  # fmt: skip
+            centres += [{"model": MODEL_NAMES[m], "measure": e["measure"], **c} for c in e["centres"]]
+    written += [_csv(pooled, folder / "meta_analysis.csv"), _csv(centres, folder / "meta_analysis_centres.csv")]
+    rows = []
+    for entry in v.get("subgroups", {}).get("variables", {}).values():
+        for level, b in entry["levels"].items():
+            for m in b["models"] or {"": {}}:
+                e = b["models"].get(m, {})
+                rows.append({"variable": entry["label"], "level": level, "status": b["status"], "model": MODEL_NAMES.get(m, ""),
+                             "n": b["n"] if b["n"] else None, "n_pos": b["n_pos"] if b["n"] else None,
+                             **_interval("auc", e, "auc", "ci_low", "ci_high"), **_interval("oe", e.get("oe")),
+                             **_interval("slope", e.get("slope")), "sites": ", ".join(b["sites"]), "suppressed_at": ", ".join(b["suppressed_at"])})  # fmt: skip
+    written.append(_csv(rows, folder / "subgroups.csv"))
+    rows = []
+    for site, per in v.get("sample_size", {}).get("sites", {}).items():
+        for m, a in per.items():
+            rows.append({"site": site, "model": MODEL_NAMES[m], "n": a["n"], "events": a["events"], "non_events": a["non_events"],
+                         "rule_of_thumb_met": a["rule_of_thumb_met"],
+                         **{f"{k}_ci_width": p["width"] for k, p in a["precision"].items()},
+                         **{f"{k}_target_met": p["met"] for k, p in a["precision"].items()}})  # fmt: skip
+    written.append(_csv(rows, folder / "sample_size.csv"))
+    return written
+
+
+def _csv(rows: list[dict[str, Any]], path: Path) -> Path:
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
 def analyse(
     run: RunData,
     parts: tuple[str, ...] = ("validation", "survival"),
@@ -375,12 +478,13 @@ def analyse(
     reps: int = 2000,
     seed: int = 0,
     figures: bool = True,
+    hartung_knapp: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Compute the requested sections (and, with validation from aggregates, the equivalence table when sites
     shared patient-level rows), write them with `write_analysis`; returns the whole analysis.json and its path."""
     sections: dict[str, Any] = {}
     if "validation" in parts:
-        sections["validation"] = validate(run, source, reps, seed)
+        sections["validation"] = validate(run, source, reps, seed, hartung_knapp=hartung_knapp)
     if "survival" in parts:
         sections["survival"] = survival_analysis(run, source)
     if "validation" in parts and source == "aggregate":

@@ -26,6 +26,7 @@ from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.metrics import auc, merge_small_cells, score_histograms
 from tace.common.models import DLTR, StudyModels
 from tace.common.protocol import MODELS, STAGES, SiteCounts
+from tace.common.subgroups import subgroup_levels
 from tace.common.summaries import EvaluatedPatients, SharingRules, site_summary
 from tace.common.training import (
     TrainResult,
@@ -223,7 +224,8 @@ class SiteTask:
 
         With `summary` (the final evaluation) the result also holds the site's analysis summary under
         ``"summary"`` (`tace.common.summaries.site_summary`): the joint score table, PFS event tables grouped with
-        the coordinator's `cutoffs` when given, and patient-level rows only if this site opted in.
+        the coordinator's `cutoffs` when given, subgroup score tables at an external site, and patient-level rows
+        only if this site opted in.
         """
         records = self.eval_records
         y = np.array([r.response for r in records], dtype=float)
@@ -236,7 +238,7 @@ class SiteTask:
             self.write_predictions(records, scores, tag)
         if summary:
             patients = EvaluatedPatients([r.patient_id for r in records], y, scores, [r.pfs_days for r in records],
-                                         [r.pfs_event for r in records])  # fmt: skip
+                                         [r.pfs_event for r in records], subgroup_levels(records))  # fmt: skip
             rules = SharingRules(self.site.min_cell_count, self.site.share_patient_level,
                                  self.pseudonym_key() if self.site.share_patient_level else b"")  # fmt: skip
             result["summary"] = site_summary(self.site.site_id, self.role, patients, self.run.analysis_bins, rules, cutoffs).encode()

@@ -12,6 +12,8 @@ labelled cohort at a holdout site) in a `SiteSummary` (`site_summary`):
   from these are exactly those of the patient-level data.
 * **patient-level rows**, only when the site's own configuration opts in (``share-patient-level``): pseudonymous
   id, label, scores, PFS. The pseudonym is a keyed hash whose key never leaves the site.
+* **subgroup score tables** (external sites only): per subgroup variable (`tace.common.subgroups`: BCLC stage,
+  tumour size, ...) and level, the score table of the level's patients, under the same minimum cell count.
 
 A site may require a minimum cell count ``k`` (``min-cell-count``). Its score table then holds one table per
 model instead of the joint one (joint cells would single patients out): for each model the patients are sorted
@@ -19,7 +21,10 @@ by that model's score, grouped into runs of at least ``k`` and every patient of 
 (microaggregation), so each model's ranking is kept up to ties; the paired test cannot use such a site. Event-table
 rows are merged with the following distinct times until each row holds at least ``k`` events plus censorings (a
 merged row is reported at the latest time it covers); a survival group with fewer than ``k`` patients is
-suppressed and named in the summary. docs/analysis.md quantifies the effect.
+suppressed and named in the summary. A subgroup level with fewer than ``k`` patients is suppressed and named too,
+and so are the next smallest levels of that variable until the suppressed levels hold at least ``k`` patients
+together and are at least two (otherwise the site's totals minus the levels it sent would give the suppressed one
+away). docs/analysis.md quantifies the effect.
 
 This module is numpy-only: the site builds summaries with it, the coordinator fixes cut-offs and decodes (checks)
 incoming summaries with it, and `tace.analysis` reads them.
@@ -37,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from tace.common.errors import TaceError
+from tace.common.subgroups import level_order
 
 SUMMARY_VERSION = 1
 RESPONSE_GROUPS = ("predicted non-responder", "predicted responder")
@@ -185,6 +191,39 @@ class EventTable:
 
 
 @dataclass(frozen=True)
+class SubgroupTable:
+    """One subgroup variable at a site: its `levels` (every level the site has, in display order), a score table per
+    level it sent, and the levels it `suppressed` (named, with no count: see the module docstring)."""
+
+    levels: list[str]
+    tables: dict[str, ScoreTable]
+    suppressed: list[str] = field(default_factory=list)
+
+    def encode(self) -> dict[str, Any]:
+        return {
+            "levels": list(self.levels),
+            "suppressed": list(self.suppressed),
+            "tables": {lv: t.encode() for lv, t in self.tables.items()},
+        }
+
+    @classmethod
+    def decode(cls, name: str, data: Any, check: _Checker, models: Sequence[str], n: int) -> SubgroupTable:
+        if not isinstance(data, dict) or not isinstance(data.get("levels"), list) or not isinstance(data.get("tables", {}), dict):
+            raise check(f"subgroup {name!r} is not a table of levels")
+        levels, suppressed = [str(v) for v in data["levels"]], [str(v) for v in data.get("suppressed", [])]
+        tables = {str(lv): ScoreTable.decode(t, check, models) for lv, t in data.get("tables", {}).items()}
+        if not set(tables) | set(suppressed) <= set(levels) or set(tables) & set(suppressed):
+            raise check(f"subgroup {name!r} names levels it does not list, or both sends and suppresses one")
+        sizes = [{sum(c[m] + c[m + 1] for c in cells) for cells, m in t.parts()} for t in tables.values()]
+        if any(len(size) != 1 for size in sizes):
+            raise check(f"the per-model tables of a level of subgroup {name!r} hold different numbers of patients")
+        total = sum(size.pop() for size in sizes)
+        if total > n or (not suppressed and total != n):
+            raise check(f"the levels of subgroup {name!r} hold {total} patients but the summary says {n}")
+        return cls(levels, tables, suppressed)
+
+
+@dataclass(frozen=True)
 class PatientRows:
     """Patient-level rows a site opted in to share: pseudonym (keyed hash), label, scores per model, PFS."""
 
@@ -230,6 +269,7 @@ class SiteSummary:
     survival_cutoffs: dict[str, Any] | None = None  # with the event tables: the cut-offs that grouped them
     survival: dict[str, EventTable] = field(default_factory=dict)
     patients: PatientRows | None = None
+    subgroups: dict[str, SubgroupTable] = field(default_factory=dict)
     version: int = SUMMARY_VERSION
 
     def encode(self) -> dict[str, Any]:
@@ -240,6 +280,8 @@ class SiteSummary:
             out["survival"] = {"cutoffs": self.survival_cutoffs, "tables": {k: t.encode() for k, t in self.survival.items()}}
         if self.patients is not None:
             out["patients"] = self.patients.encode()
+        if self.subgroups:
+            out["subgroups"] = {k: t.encode() for k, t in self.subgroups.items()}
         return out
 
     @classmethod
@@ -266,8 +308,11 @@ class SiteSummary:
         tables = {str(k): EventTable.decode(str(k), t, check) for k, t in dict(survival.get("tables", {})).items()}
         patients = PatientRows.decode(data["patients"], n, check, models) if data.get("patients") is not None else None
         cutoffs = dict(survival["cutoffs"]) if "cutoffs" in survival else None
+        if not isinstance(data.get("subgroups") or {}, dict):
+            raise check("its subgroup tables are not a mapping")
+        subgroups = {str(k): SubgroupTable.decode(str(k), t, check, models, n) for k, t in (data.get("subgroups") or {}).items()}
         return cls(str(data["site_id"]), str(data["role"]), str(data.get("sharing", "aggregate")), int(data.get("min_cell_count", 0)),
-                   n, n_pos, table, int(data.get("n_with_pfs", 0)), cutoffs, tables, patients)  # fmt: skip
+                   n, n_pos, table, int(data.get("n_with_pfs", 0)), cutoffs, tables, patients, subgroups)  # fmt: skip
 
 
 # -- the joint score table -------------------------------------------------------------------------------------
@@ -437,6 +482,32 @@ def _merge_blocks(counts: np.ndarray, k: int) -> list[tuple[int, int]]:
     return blocks
 
 
+# -- subgroup tables ------------------------------------------------------------------------------------------
+def subgroup_table(
+    key: str, levels: Sequence[str], labels: np.ndarray, scores: Mapping[str, np.ndarray], bins: int, min_cell_count: int = 0
+) -> SubgroupTable:
+    """The score table of each level of subgroup variable `key` (``levels``: each patient's), suppressing levels of
+    fewer than ``min_cell_count`` patients and, beside them, as many of the smallest levels as it takes that the
+    suppressed ones hold at least ``min_cell_count`` patients together and are at least two."""
+    lv = np.asarray(levels, dtype=object)
+    y = np.asarray(labels, dtype=int)
+    names = level_order(key, [str(v) for v in lv])
+    counts = {name: int((lv == name).sum()) for name in names}
+    k = int(min_cell_count)
+    suppressed = [name for name in names if k > 1 and counts[name] < k]
+    while suppressed and (len(suppressed) == 1 or sum(counts[s] for s in suppressed) < k):
+        rest = [name for name in names if name not in suppressed]
+        if not rest:
+            break
+        suppressed.append(min(rest, key=lambda name: (counts[name], names.index(name))))
+    tables = {}
+    for name in names:
+        if name not in suppressed:
+            m = lv == name
+            tables[name] = joint_score_table(y[m], {model: np.asarray(s)[m] for model, s in scores.items()}, bins, k)
+    return SubgroupTable(names, tables, [name for name in names if name in suppressed])
+
+
 # -- the whole summary ----------------------------------------------------------------------------------------
 def pseudonym(patient_id: str, key: bytes) -> str:
     """A keyed hash of the patient id: stable within a site, not reversible without the site's key."""
@@ -447,7 +518,8 @@ def pseudonym(patient_id: str, key: bytes) -> str:
 class EvaluatedPatients:
     """A site's evaluated patients (site-local; a summary carries only what `SharingRules` allow of them).
 
-    labels : (N,) 0/1; scores : {model: (N,) probabilities}; pfs_days, pfs_event : per patient, None when unknown.
+    labels : (N,) 0/1; scores : {model: (N,) probabilities}; pfs_days, pfs_event : per patient, None when unknown;
+    subgroups : {variable: (N,) level of each patient} (`tace.common.subgroups.subgroup_levels`).
     """
 
     patient_ids: Sequence[str]
@@ -455,6 +527,7 @@ class EvaluatedPatients:
     scores: Mapping[str, np.ndarray]
     pfs_days: Sequence[float | None]
     pfs_event: Sequence[int | None]
+    subgroups: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -472,7 +545,7 @@ def site_summary(
     cutoffs: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> SiteSummary:  # fmt: skip
     """Everything the site returns for the final analysis (see the module docstring); event tables only with the
-    coordinator's `cutoffs`."""
+    coordinator's `cutoffs`, subgroup tables only from an external (holdout) site."""
     y = np.asarray(patients.labels, dtype=int)
     k = rules.min_cell_count
     has_pfs = np.array([d is not None and e is not None for d, e in zip(patients.pfs_days, patients.pfs_event, strict=True)], dtype=bool)
@@ -490,6 +563,9 @@ def site_summary(
                            {m: [float(v) for v in s] for m, s in patients.scores.items()},
                            [None if d is None else float(d) for d in patients.pfs_days],
                            [None if e is None else int(e) for e in patients.pfs_event])  # fmt: skip
+    subgroups = {}
+    if role == "holdout":
+        subgroups = {key: subgroup_table(key, levels, y, patients.scores, bins, k) for key, levels in patients.subgroups.items()}
     return SiteSummary(site_id, role, "patient-level" if rules.share_patient_level else "aggregate", int(k), len(y), int(y.sum()),
                        joint_score_table(y, patients.scores, bins, k), int(has_pfs.sum()),
-                       {m: dict(c) for m, c in cutoffs.items()} if cutoffs else None, tables, rows)  # fmt: skip
+                       {m: dict(c) for m, c in cutoffs.items()} if cutoffs else None, tables, rows, subgroups)  # fmt: skip

@@ -53,6 +53,9 @@ def data_sharing(summaries: dict[str, SiteSummary], rounds: dict[str, int], run:
         sent.append(f"final evaluation: {kind} of {table.n_cells} non-empty cells ({summary.n} patients, {summary.n_pos} responders)")
         for name, events in summary.survival.items():
             sent.append(f"PFS event table {name}: {len(events.rows)} rows")
+        for name, sub in summary.subgroups.items():
+            sent.append(f"subgroup score tables by {name}: {len(sub.tables)} level(s)"
+                        + (f"; suppressed (fewer than the minimum cell count): {', '.join(sub.suppressed)}" if sub.suppressed else ""))  # fmt: skip
         if summary.patients is not None:
             sent.append(f"patient-level rows (pseudonymous id, label, scores, PFS): {len(summary.patients.label)}")
         out[site] = {"role": summary.role, "sharing": summary.sharing, "min_cell_count": summary.min_cell_count, "sent": sent}

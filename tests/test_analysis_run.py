@@ -64,8 +64,14 @@ def test_aggregate_and_patient_level_give_the_same_answers(finished_run):
     data = load_run(finished_run)
     rows = equivalence(data, reps=50)
     assert rows and any(r["statistic"].startswith("log-rank") for r in rows)
+    names = {r["statistic"] for r in rows}
+    for stat in ("calibration intercept", "calibration slope", "O/E", "ICI", "E50", "E90", "Emax"):
+        assert f"{stat} DLTRMLP" in names, stat
+    assert any(n.startswith("meta-analysis") and "PI" in n for n in names)
     for r in rows:
-        tol = 1e-12 if r["statistic"].startswith(("log-rank", "Cox")) else 0.001
+        # Scores move by at most half a grid cell: statistics agree to 1e-3, relative to their size when larger (a
+        # barely trained model's calibration slope is large, and its prediction interval over two centres wide).
+        tol = 1e-12 if r["statistic"].startswith(("log-rank", "Cox")) else max(0.001, 1e-3 * abs(r["patient_level"]))
         assert r["abs_difference"] <= tol, r
         if r["reference"] is not None:
             assert abs(r["patient_level"] - r["reference"]) <= 1e-6, r

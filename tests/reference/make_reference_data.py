@@ -4,8 +4,9 @@ Usage (from the repository root)::
 
     .venv/bin/python tests/reference/make_reference_data.py
     Rscript tests/reference/golden.R
+    Rscript tests/reference/golden_validation.R
 
-The CSVs and `r_golden.json` are committed, so the tests need neither R nor this script. Scores and times are
+The CSVs, `r_golden.json` and `r_golden_validation.json` are committed, so the tests need neither R nor this script. Scores and times are
 stored rather than refitted, so a newer scikit-learn or lifelines cannot change the inputs of the golden values.
 """
 
@@ -51,6 +52,22 @@ def breast_cancer_scores() -> pd.DataFrame:
         scores[name] = model.predict_proba(xk)[:, 1].round(6)
     site = SITES3[np.arange(len(y)) % 3]
     return pd.DataFrame({"site": site, "label": y.astype(int), **scores})
+
+
+def validation_generated(seed: int = SEED + 2) -> pd.DataFrame:
+    """Eight centres of different size and case mix whose outcomes follow the model with centre-specific
+    calibration intercepts and slopes (so τ² > 0), two scores rounded to 4 decimals: the calibration and
+    meta-analysis golden values (golden_validation.R)."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for c, n in enumerate((60, 90, 120, 150, 80, 200, 110, 70)):
+        lp = rng.normal(-0.8 + 0.15 * c, 1.2, size=n)  # the model's linear predictor
+        truth = 0.35 * (c % 3 - 1) + (0.6 + 0.1 * c) * lp  # the centre's own calibration
+        label = (rng.random(n) < _sigmoid(truth)).astype(int)
+        label[:2] = (0, 1)  # both classes at every centre
+        score_b = _sigmoid(0.6 * lp + 0.9 * rng.normal(size=n))
+        frames.append(pd.DataFrame({"site": f"c{c + 1}", "label": label, "score_a": _sigmoid(lp).round(4), "score_b": score_b.round(4)}))
+    return pd.concat(frames, ignore_index=True)
 
 
 def survival_generated(seed: int = SEED, n: int = 240) -> pd.DataFrame:
@@ -108,6 +125,7 @@ def main() -> None:
     tables = {
         "scores_generated": scores_generated(),
         "breast_cancer_scores": breast_cancer_scores(),
+        "validation_generated": validation_generated(),
         "survival_generated": survival_generated(),
         "rossi": rossi(),
         "waltons": waltons(),
