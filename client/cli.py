@@ -47,6 +47,28 @@ def _data_commands(sub: Any) -> None:
     )  # fmt: skip
     pre.add_argument("--cache", type=Path, required=True, help="cache folder on the site's disk")
     add_preprocess_options(pre)
+    imp = command(
+        sub, "import", cmd_import, "turn a PACS export (a tree of DICOM files) into a site folder: NIfTI, a draft manifest, a report",
+        "Read the headers of every file under DICOM_ROOT once, group them into series, give each series its phase by the "
+        "rules (default: common vendor names of the arterial, portal-venous and delayed phases, dynamic series split into "
+        "their temporal phases; --rules to override), and write SITE_DIR: the phases as compressed NIfTI (or links to the "
+        "DICOM files with --no-convert), SEG/RTSTRUCT masks, a draft manifest.csv with site pseudonyms (the key in "
+        "SITE_DIR/pseudonyms.csv stays at the site), import-report.html/json (every series, the phase it got and why; every "
+        "patient with a missing or ambiguous phase: those cells are left empty, never guessed). Then runs `tace-client check` "
+        "on the draft (exit status 1 while cells remain to fill). The export is never modified.",
+    )  # fmt: skip
+    imp.add_argument("dicom_root", type=Path, metavar="DICOM_ROOT", help="the PACS export's folder")
+    imp.add_argument("--out", type=Path, required=True, metavar="SITE_DIR", help="the site folder to write (manifest.csv, images/, masks/)")
+    imp.add_argument("--rules", type=Path, metavar="TOML", help="phase rules replacing the defaults' tables and keys (docs/manifest.md)")
+    imp.add_argument("--clinical", type=Path, metavar="CSV", help="clinical table joined on patient_id (pseudonym) or PatientID")
+    imp.add_argument("--no-convert", action="store_true", help="link the DICOM files instead of writing NIfTI")
+    imp.add_argument("--pseudonyms", type=Path, metavar="CSV",
+                     help="pseudonym key to use (columns PatientID, patient_id; default: SITE_DIR/pseudonyms.csv when present)")  # fmt: skip
+    imp.add_argument("--prefix", help="prefix of new pseudonyms (default: SITE_DIR's name and '-', as in site-a-0001)")
+    imp.add_argument(
+        "--keep-patient-id", action="store_true", help="use the DICOM PatientID as patient_id (identifying: only if your study allows it)"
+    )
+    imp.add_argument("--force", action="store_true", help="replace an earlier import in SITE_DIR (its pseudonym key is kept)")
 
 
 def _model_commands(sub: Any) -> None:
@@ -200,6 +222,48 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
             print("  " + p.format().replace("\n", "\n  "), file=sys.stderr)
         return EXIT_PROBLEMS
     return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    import re
+
+    from tace.client.pacsimport import check_images, import_export, report, write_report
+    from tace.client.phaserules import load_rules
+
+    rules = load_rules(args.rules)
+    prefix = args.prefix if args.prefix is not None else (re.sub(r"[^A-Za-z0-9._-]", "", args.out.resolve().name) or "P") + "-"
+    result = import_export(args.dicom_root, args.out, rules, convert=not args.no_convert, clinical=args.clinical,
+                           pseudonyms=args.pseudonyms, prefix=prefix, keep_patient_id=args.keep_patient_id, force=args.force,
+                           progress=progress)  # fmt: skip
+    data = report(result, args.rules, args.dicom_root)
+    _, html = write_report(data, args.out)
+    print(f"read {data['files']} files ({data['skipped_files']} not DICOM): {data['n_series']} series of {data['n_patients']} patients "
+          f"in {sum(data['seconds'].values()):.1f} s ({data['series_per_s']} series/s, {data['patients_per_s']} patients/s)")  # fmt: skip
+    found = ", ".join(
+        f"{c} {n}" for c, n in data["phases_found"].items() if n or c in ("arterial_path", "portal_venous_path", "delayed_path")
+    )
+    print(f"phases found per column (of {data['n_patients']}): {found}; masks {data['masks_found']}")
+    for p in data["incomplete"]:
+        print(f"  row {p['row']}: " + "; ".join(f"{c} {why.split(':')[0]}" for c, why in p["problems"].items()))
+    print(
+        f"wrote {result.manifest} (draft), {html} (every series and why), pseudonym key {args.out / 'pseudonyms.csv'} (keep it at the site)"
+    )
+    parsed = parse_manifest(result.manifest)
+    check = check_site(parsed, progress=lambda rs: progress(rs, desc="checking", unit="patient"))
+    check.problems += check_images(result, {r.row for r in parsed.records})  # rows whose clinical cells are still empty
+    check.problems.sort(key=lambda p: p.row or 0)
+    (args.out / "check-report.json").write_text(json.dumps(check.to_dict(), indent=2))
+    if check.ok:
+        print("tace-client check: OK")
+        return EXIT_OK
+    counts: dict[tuple[str, str], int] = {}
+    for p in check.problems:
+        counts[(p.kind, p.column or "")] = counts.get((p.kind, p.column or ""), 0) + 1
+    print(f"tace-client check: {len(check.problems)} cell(s) or file(s) to see to before the manifest is complete:", file=sys.stderr)
+    for (kind, column), n in sorted(counts.items()):
+        print(f"  {n} x {kind}" + (f" in {column}" if column else ""), file=sys.stderr)
+    print(f"  the full list: tace-client check --manifest {result.manifest} (also in {args.out / 'check-report.json'})", file=sys.stderr)
+    return EXIT_PROBLEMS
 
 
 def cmd_features(args: argparse.Namespace) -> int:

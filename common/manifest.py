@@ -139,6 +139,11 @@ class Manifest:
         return "response" in self.columns
 
 
+def is_patient_id(value: str) -> bool:
+    """Whether `value` is a valid `patient_id` (1-64 letters, digits, '.', '_', '-')."""
+    return bool(_ID_RE.match(value))
+
+
 def is_missing(value: str) -> bool:
     return value.strip().lower() in MISSING_TOKENS
 

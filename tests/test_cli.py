@@ -52,7 +52,7 @@ def test_the_docs_name_only_commands_that_exist():
 
 #: Every console script and exactly its subcommands (`tace-server sites` has its own: add, list).
 COMMANDS = {
-    "tace-client": {"check", "preprocess", "features", "predict", "finetune", "keygen", "start"},
+    "tace-client": {"check", "preprocess", "import", "features", "predict", "finetune", "keygen", "start"},
     "tace-sim": {"cohort", "run", "demo"},
     "tace-server": {"init", "sites", "start", "status", "stop"},
     "tace-analysis": {"validate", "survival", "radiogenomics", "report"},
