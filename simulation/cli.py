@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,10 +93,13 @@ def cmd_cohort(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    demo_start = time.perf_counter()
+    clock = StageClock()
     out: Path = args.out
-    meta = demo_cohort(out, args.preset, args.seed, args.workers)
-    if not check_and_preprocess(out, meta):
+    with clock("cohort"):
+        meta = demo_cohort(out, args.preset, args.seed, args.workers)
+    with clock("check and preprocess"):
+        ok = check_and_preprocess(out, meta)
+    if not ok:
         print("Some sites failed validation (listed above); the study was not run.")
         return EXIT_PROBLEMS
 
@@ -106,26 +110,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run = study_config(out.resolve(), "share-patient-level='all' " + (args.run_config or ""))
     run_dir = out / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-federated"
     print(f"\nfederated study ({len(meta['sites'])} sites, holdout {', '.join(run.holdout)}, backbone {run.backbone}) -> {run_dir}")
-    study = add_oracle(run_federated(out.resolve(), run_dir, run, on_line=_round_printer()), out)
-    (run_dir / "summary.json").write_text(json.dumps(study, indent=2))
+    with clock("federated training"):
+        study = add_oracle(run_federated(out.resolve(), run_dir, run, on_line=_round_printer()), out)
     print()
     print(results_table(study))
     if finetune_table(study):
         print(finetune_table(study))
-    analysis_s = analyse(run_dir)
-    analysis_s += radiogenomics(run_dir, out)
+    with clock("analysis"):
+        analyse(run_dir)
+    with clock("radiogenomics"):
+        radiogenomics(run_dir, out)
     from tace.analysis.report import write_report
 
-    report_path, _ = write_report(run_dir)
+    with clock("report"):
+        report_path, _ = write_report(run_dir)
     hospital = [s["site_id"] for s in meta["sites"] if s["site_id"] in run.holdout][:1]
     if hospital:
-        analysis_s += predict_at_hospital(run_dir, out, hospital[0])
-    print(
-        f"\nrun folder: {run_dir}; federated run {study['timings'].get('wall_s', 0):.0f} s; analysis {analysis_s:.0f} s; "
-        f"demo total {time.perf_counter() - demo_start:.0f} s"
-    )
+        with clock("predictions"):
+            predict_at_hospital(run_dir, out, hospital[0])
+    study["timings"]["demo"] = clock.table(study["timings"])
+    (run_dir / "summary.json").write_text(json.dumps(study, indent=2))
+    print(f"\nwhere the time went (summary.json timings.demo):\n{clock.text(study['timings']['demo'])}")
+    print(f"\nrun folder: {run_dir}")
     print(f"study report: {report_path} (self-contained HTML: open it in a browser)")
     return EXIT_OK
+
+
+class StageClock:
+    """Wall time of the demo's stages, in order; `table` splits federated training into Flower's start-up and
+    shutdown and the workflow's own stages (from the run's timings)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.stages: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stages[name] = round(time.perf_counter() - start, 1)
+
+    def table(self, run_timings: dict[str, Any]) -> dict[str, Any]:
+        """{stage: seconds} with ``total_s``; federated training's part in ``federated training (of which)``."""
+        inner = {k[: -len("_s")]: round(float(v), 1) for k, v in run_timings.items() if k.endswith("_s") and k not in ("total_s", "wall_s")}
+        if "federated training" in self.stages and "total_s" in run_timings:
+            inner["flower start-up and shutdown"] = round(self.stages["federated training"] - float(run_timings["total_s"]), 1)
+        return {"stages_s": dict(self.stages), "federated_training_s": inner, "total_s": round(time.perf_counter() - self.start, 1)}
+
+    @staticmethod
+    def text(table: dict[str, Any]) -> str:
+        total = float(table["total_s"])
+        lines = []
+        for name, seconds in table["stages_s"].items():
+            lines.append(f"  {name:<34} {seconds:7.1f} s  {100 * seconds / total:3.0f} %")
+            if name == "federated training":
+                lines += [f"    {part:<32} {s:7.1f} s" for part, s in table["federated_training_s"].items()]
+        lines.append(f"  {'demo total':<34} {total:7.1f} s")
+        return "\n".join(lines)
 
 
 def demo_cohort(out: Path, preset: str, seed: int, workers: int) -> dict[str, Any]:

@@ -200,7 +200,8 @@ def _background(anatomy: Anatomy, grid: Grid, pts: np.ndarray) -> list[np.ndarra
     bx, by = anatomy.body_centre
     ra, rb = anatomy.body_radii
     body = _soft(1 - np.sqrt(((pts[0] - bx) / ra) ** 2 + ((pts[1] - by) / rb) ** 2), 0.01)
-    lrel = (pts - np.array(anatomy.liver_centre, dtype=np.float32)[:, None, None, None]) / np.array(anatomy.liver_radii, dtype=np.float32)[:, None, None, None]
+    centre, radii = (np.array(v, dtype=np.float32)[:, None, None, None] for v in (anatomy.liver_centre, anatomy.liver_radii))
+    lrel = (pts - centre) / radii
     lr = np.sqrt((lrel**2).sum(axis=0)) * (1 + 0.07 * waves(grid, grid.full(), anatomy.liver_shape_seed, 4, (80.0, 160.0)))
     liver = _soft(1 - lr, 0.02) * body
     signal = [np.full(pts.shape[1:], TISSUE["air"][p], dtype=np.float32) for p in range(3)]

@@ -23,7 +23,9 @@ from tests.conftest import HALLMARK_GMT
 
 
 def file_bytes(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file the generator wrote (runs on a cohort add cache/ and runs/ folders beside them)."""
+    written = (p for p in sorted(root.rglob("*")) if p.is_file() and p.relative_to(root).parts[0] not in ("cache", "runs"))
+    return {str(p.relative_to(root)): p.read_bytes() for p in written}
 
 
 def test_tiny_shape(tiny_cohort):
