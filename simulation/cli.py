@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -53,7 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
         "each training site alone (lower reference). Writes the run folder and summary.json.",
         [shared_options("run-config", run_config="override run-config keys as Flower does, e.g. \"lr=0.0005 backbone='resnet10'\"")],
     )  # fmt: skip
-    run.add_argument("--cohort", type=Path, required=True, help="cohort folder (cohort.json + sites/), e.g. from `tace-sim cohort`")
+    run.add_argument("--cohort", type=Path, help="cohort folder (cohort.json + sites/), e.g. from `tace-sim cohort`")
+    run.add_argument("--site", action="append", metavar="SITE=MANIFEST",
+                     help="instead of --cohort: one of your own sites, by its manifest (repeat for every site)")  # fmt: skip
+    run.add_argument("--study", type=Path, metavar="TOML", help="instead of --cohort: a study file naming your sites (docs/training.md)")
+    run.add_argument("--holdout", metavar="A,B", help="with --site or --study: the external (held-out) sites")
     run.add_argument("--out", type=Path, required=True, help="run folder to create")
     run.add_argument("--mode", choices=("federated", "centralized", "local"), default="federated", help="default %(default)s")
     run.add_argument("--rounds", type=int, help="DLTR rounds (run-config key rounds)")
@@ -354,6 +359,7 @@ def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -
     if pre:
         base["spacing-mm"] = ",".join(f"{v:g}" for v in pre["spacing_mm"])
         base["box-voxels"] = ",".join(str(v) for v in pre["box_voxels"])
+    base.update(meta.get("run_config", {}))  # a researcher's study file (tace.simulation.sites)
     if rounds is not None:
         base["rounds"] = rounds
     base.update(parse_overrides(overrides))
@@ -416,6 +422,22 @@ def _print_reference_round(stage: str, r: int, n: int, auc: float | None, sites:
 def cmd_run(args: argparse.Namespace) -> int:
     from tace.simulation.runner import add_oracle, run_federated, run_reference
 
+    if sum(x is not None for x in (args.cohort, args.site, args.study)) != 1:
+        raise TaceError("give the sites with exactly one of --cohort, --site (repeated) or --study",
+                        "--cohort DIR for a generated cohort; --site site-a=PATH/manifest.csv ... --holdout site-d for your own sites")  # fmt: skip
+    if args.cohort is None:
+        from tace.simulation.sites import SitesError, parse_site_options, prepare, read_study_file
+
+        if args.out.exists() and any(args.out.iterdir()) and not args.resume:
+            raise TaceError(f"{args.out} is not empty (an earlier run?)", "choose a new --out folder")
+        spec = read_study_file(args.study, args.holdout or "") if args.study else parse_site_options(args.site, args.holdout or "")
+        try:
+            args.cohort = prepare(spec, args.out / "study", progress)
+        except SitesError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_PROBLEMS
+    elif args.holdout is not None:
+        args.run_config = f"holdout-sites='{args.holdout}' {args.run_config or ''}"
     cohort = args.cohort.resolve()
     if not (cohort / "cohort.json").exists():
         raise TaceError(f"{cohort} is not a cohort folder (no cohort.json)", "generate one with `tace-sim cohort --out DIR`")
@@ -424,7 +446,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         args.mode = json.loads((args.out / "run_config.json").read_text(encoding="utf-8"))["mode"]
     else:
         run = study_config(cohort, args.run_config, args.rounds)
-        if args.out.exists() and any(args.out.iterdir()):
+        if args.out.exists() and any(p.name != "study" for p in args.out.iterdir()):
             raise TaceError(
                 f"{args.out} is not empty (an earlier run?)", "choose a new --out folder, or continue an interrupted run with --resume"
             )

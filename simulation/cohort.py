@@ -382,8 +382,7 @@ def _write(image: Any, path: Path) -> None:
     """`write_image` with fast compression: the generator's noisy volumes hardly compress, and zlib's default
     effort made writing them take as long as rendering. A .nii.gz is the .nii gzipped at level 1 by ISA-L's igzip (a
     standard gzip stream, several times faster than zlib), with no timestamp, so a cohort stays byte-identical for a
-    seed; NRRD and MetaImage
-    use SimpleITK's own compression at level 1."""
+    seed; NRRD and MetaImage use SimpleITK's own compression at level 1."""
     import SimpleITK as sitk
 
     if path.name.endswith(".nii.gz"):
