@@ -310,8 +310,8 @@ def _name_dynamic(volumes: list[Volume], rules: Rules, what: str) -> None:
     for v, name, reason in zip(volumes, names, why, strict=True):
         if name is None:
             v.status, v.reason = "ambiguous", reason + ": no delay window of the rules fits"
-        elif name == "pre":
-            v.status, v.reason = "ignored", reason + " (pre-contrast)"
+        elif name in ("pre", "skip"):
+            v.status, v.reason = "ignored", reason + (" (pre-contrast)" if name == "pre" else " (left out by the rules)")
         elif names.count(name) > 1:
             v.status, v.reason, v.phase = "ambiguous", reason + f": {names.count(name)} temporal phases fit {name}", name
         else:

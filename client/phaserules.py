@@ -42,7 +42,7 @@ choose = 'only'
 """
 
 PHASE_NAMES = ("arterial", "portal_venous", "delayed", "t2", "dwi")
-_DYNAMIC_NAMES = ("pre", "arterial", "portal_venous", "delayed")
+_DYNAMIC_NAMES = ("pre", "skip", "arterial", "portal_venous", "delayed")  # skip: a temporal phase the site leaves out
 
 
 def normalise(description: str) -> str:

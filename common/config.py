@@ -299,7 +299,7 @@ class SiteConfig:
             return cls(
                 site["site_id"],
                 cohort / site["manifest"],
-                cohort / "cache" / site["site_id"],
+                Path(site["cache"]) if site.get("cache") else cohort / "cache" / site["site_id"],
                 run_dir / "sites" / site["site_id"],
                 *_privacy(node),
                 share,

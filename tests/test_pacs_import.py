@@ -188,3 +188,19 @@ def test_refusals_name_what_to_do(tiny_pacs, tmp_path, capsys):
     first = _key(tmp_path / "s1")
     assert client(["import", str(root), "--out", str(tmp_path / "s1"), "--force"]) == 1
     assert _key(tmp_path / "s1") == first
+
+
+def test_documented_default_rules_are_the_defaults(tmp_path):
+    import tomllib
+
+    from tace.client.phaserules import DEFAULT_RULES, load_rules
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "manifest.md").read_text(encoding="utf-8")
+    block = doc.split("The defaults:", 1)[1].split("```toml", 1)[1].split("```", 1)[0]
+    assert tomllib.loads(block) == tomllib.loads(DEFAULT_RULES)
+    example = tmp_path / "rules.toml"
+    example.write_text(doc.split("the later kept) writes:", 1)[1].split("```toml", 1)[1].split("```", 1)[0])
+    rules = load_rules(example)
+    assert rules.by_count[5] == ("pre", "skip", "arterial", "portal_venous", "delayed") and rules.first_match(
+        rules.phases["delayed"], "t1_late_hbp"
+    )
