@@ -237,7 +237,7 @@ def cmd_import(args: argparse.Namespace) -> int:
                            progress=progress)  # fmt: skip
     data = report(result, args.rules, args.dicom_root)
     _, html = write_report(data, args.out)
-    print(f"read {data['files']} files ({data['skipped_files']} not DICOM): {data['n_series']} series of {data['n_patients']} patients "
+    print(f"read {data['files']} files ({data['skipped_files']} skipped: not DICOM, a DICOMDIR or without a series): {data['n_series']} series of {data['n_patients']} patients "
           f"in {sum(data['seconds'].values()):.1f} s ({data['series_per_s']} series/s, {data['patients_per_s']} patients/s)")  # fmt: skip
     found = ", ".join(
         f"{c} {n}" for c, n in data["phases_found"].items() if n or c in ("arterial_path", "portal_venous_path", "delayed_path")

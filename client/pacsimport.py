@@ -62,7 +62,7 @@ class Volume:
     series: Series
     index: int
     slices: list[Slice]
-    status: str = ""  # phase, ignored, ambiguous, mask
+    status: str = ""  # phase, ignored, ambiguous, refused (a phase, but broken), mask
     phase: str = ""
     reason: str = ""
 
@@ -227,6 +227,11 @@ def classify(series: list[Series], rules: Rules) -> None:
             volumes[0].status, volumes[0].reason = "ignored", "the only series of its name in the study; no rule names its phase"
             continue
         _name_dynamic(sorted(volumes, key=lambda v: v.time_s or 0.0), rules, "series of one name (a dynamic acquisition)")
+    for s in series:
+        for v in s.volumes:
+            if v.status == "phase" and _uneven(v):
+                v.status = "refused"
+                v.reason += "; but its slice positions are unevenly spaced (a slice is missing from the export): export the series again"
 
 
 def _classify_volume(s: Series, v: Volume, rules: Rules, dynamic: dict[tuple[str, str], list[Volume]]) -> None:
@@ -285,6 +290,17 @@ def _classify_volume(s: Series, v: Volume, rules: Rules, dynamic: dict[tuple[str
     return say("ignored", "no rule names its phase")
 
 
+def _uneven(v: Volume) -> bool:
+    """Slice positions with a gap or a repeat (SimpleITK would read them as one evenly spaced volume, distorted)."""
+    orientation = v.slices[0].orientation
+    if orientation is None or any(sl.position is None for sl in v.slices):
+        return False
+    depth = np.array([float(np.dot(_normal(orientation), sl.position)) for sl in v.slices])  # type: ignore[arg-type]
+    steps = np.diff(depth)
+    step = float(np.median(steps)) if len(steps) else 0.0
+    return step <= 0 or bool(np.max(np.abs(steps - step)) > max(0.01 * step, 0.01))
+
+
 def _name_dynamic(volumes: list[Volume], rules: Rules, what: str) -> None:
     """Name the temporal phases of one dynamic acquisition: by delay after the injection when every volume's headers
     give it, else by their number (`by_count`); a phase two volumes would take, or no rule, makes them ambiguous."""
@@ -340,10 +356,14 @@ def assign(series: list[Series], rules: Rules, pseudonyms: dict[str, str]) -> li
             result.study = with_phases[-1] if rules.studies == "latest" else with_phases[0]
         chosen = studies.get(result.study, [])
         for phase in PHASE_NAMES:
-            fits = [v for s in chosen for v in s.volumes if v.phase == phase and v.status in ("phase", "ambiguous")]
+            fits = [v for s in chosen for v in s.volumes if v.phase == phase and v.status in ("phase", "ambiguous", "refused")]
             column = SEQUENCE_COLUMNS[phase]
             if len(fits) == 1 and fits[0].status == "phase":
                 result.phases[phase] = fits[0]
+            elif len(fits) == 1 and fits[0].status == "refused":
+                result.problems[column] = (
+                    f"refused: series {fits[0].series.number} '{fits[0].series.description}' fits, {fits[0].reason.split('; but ')[-1]}"
+                )
             elif fits:
                 names = "; ".join(f"series {v.series.number} '{v.series.description}'" for v in fits)
                 result.problems[column] = f"ambiguous: {len(fits)} volumes fit ({names})"
@@ -445,7 +465,12 @@ def write_site(result: ImportResult, convert: bool, clinical: dict[str, dict[str
             column = SEQUENCE_COLUMNS[phase]
             if convert:
                 rel = f"images/{p.pseudonym}/{phase}.nii.gz"
-                _convert(volume, site / rel)
+                try:
+                    _convert(volume, site / rel)
+                except TaceError as exc:  # one broken series leaves its cell empty; the other patients go on
+                    volume.status, volume.reason = "refused", f"{volume.reason}; but {exc.message}"
+                    p.problems[column] = f"refused: {exc.message}"
+                    continue
             else:
                 rel = f"dicom/{p.pseudonym}/{phase}"
                 _link(volume.slices, site / rel)

@@ -204,3 +204,40 @@ def test_documented_default_rules_are_the_defaults(tmp_path):
     assert rules.by_count[5] == ("pre", "skip", "arterial", "portal_venous", "delayed") and rules.first_match(
         rules.phases["delayed"], "t1_late_hbp"
     )
+
+
+def test_dicom_phases_from_another_patient_or_examination_are_refused(imported, tmp_path):
+    """The linked (--no-convert) site keeps DICOM headers: a phase of another patient, or of another frame of
+    reference, is refused even where the grids would do."""
+    from tace.common.validate import check_site
+    from tests.helpers import set_cell
+
+    base, _ = imported
+    site = tmp_path / "site"
+    shutil.copytree(base / "linked", site, symlinks=False)  # real copies of the linked files, to alter
+    manifest = site / "manifest.csv"
+    parsed = parse_manifest(manifest)
+    first, second = parsed.records[0], parsed.records[1]
+    set_cell(manifest, 0, "delayed_path", second.images["delayed"])
+    problems = [(p.kind, p.row, p.column) for p in check_site(manifest).problems]
+    assert ("other-patient", 2, "delayed_path") in problems
+    set_cell(manifest, 0, "delayed_path", first.images["delayed"])
+    for f in (site / first.images["delayed"]).iterdir():
+        ds = pydicom.dcmread(f)
+        ds.FrameOfReferenceUID = uid("another examination")
+        ds.save_as(f)
+    (p,) = [p for p in check_site(manifest).problems if p.row == 2]
+    assert (p.kind, p.column) == ("frame-of-reference", "delayed_path") and "same session" in p.message
+
+
+def test_a_series_missing_a_slice_is_refused_not_converted(tiny_pacs, tmp_path, capsys):
+    root = _tree(tiny_pacs, tmp_path, 2)
+    patient = next(p for p in tiny_pacs.patients[:2] if not p.dynamic)
+    files = sorted(f for f in (root / patient.dicom_patient_id).rglob("*") if f.is_file())
+    pv = [f for f in files if pydicom.dcmread(f, stop_before_pixels=True).SeriesInstanceUID == patient.phases["portal_venous"]]
+    pv[len(pv) // 2].unlink()
+    assert client(["import", str(root), "--out", str(tmp_path / "site")]) == 1
+    report = json.loads((tmp_path / "site" / "import-report.json").read_text())
+    (p,) = [p for p in report["incomplete"] if "portal_venous_path" in p["problems"]]
+    assert "unevenly spaced" in p["problems"]["portal_venous_path"] and "portal_venous_path" not in p["paths"]
+    assert "portal_venous_path refused" in capsys.readouterr().out
