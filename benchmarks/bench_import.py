@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tace.client.pacsimport import import_export, report
+from tace.client.pacsimport import check_images, import_export, report
 from tace.client.phaserules import load_rules
 from tace.common.validate import check_site
 from tace.simulation.cohort import generate_cohort, make_preset
@@ -51,13 +51,14 @@ def main() -> None:
         t1 = time.perf_counter()
         data = report(result, None, out / "export")
         check = check_site(result.manifest)
+        images = check_images(result, set())  # every image of the draft, as the command checks them
         t2 = time.perf_counter()
         figures[mode] = {
             "import_s": round(t1 - t0, 2), "header_scan_s": round(result.seconds["scan_s"], 2), "write_s": round(result.seconds["write_s"], 2),
             "series_per_s": round(len(result.series) / (t1 - t0), 1), "patients_per_s": round(len(result.patients) / (t1 - t0), 2),
             "files_per_s_headers": round(result.n_files / result.seconds["scan_s"], 0), "check_s": round(t2 - t1, 2),
             "incomplete_patients": data["n_incomplete"], "phases_found": data["phases_found"], "masks_found": data["masks_found"],
-            "check_problems": len(check.problems),
+            "check_problems": len(check.problems), "image_problems": len(images),
         }  # fmt: skip
     print(json.dumps(figures, indent=2))
     (out / "bench_import.json").write_text(json.dumps(figures, indent=2))

@@ -18,7 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from tace.common.errors import ImageReadError
-from tace.common.imageio import Examined, ImageInfo, examine_image, voxel_problems
+from tace.common.imageio import Examined, ImageInfo, continuous_index, examine_image, voxel_problems
 
 SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -248,21 +248,17 @@ def fill_contours(contours: Sequence[np.ndarray], grid: ImageInfo) -> sitk.Image
     """Fill closed planar contours (LPS mm, each ``(n, 3)``) onto `grid`: a voxel is inside when its centre is inside
     an odd number of the contours of its slice (so a contour inside another makes a hole). None when a contour does not
     lie on one of the grid's slices (within `SLICE_TOLERANCE`)."""
-    direction = np.array(grid.direction, dtype=float).reshape(3, 3)
-    spacing = np.array(grid.spacing, dtype=float)
-    origin = np.array(grid.origin, dtype=float)
-    to_index = np.linalg.inv(direction * spacing)  # physical offset -> continuous index (x, y, z)
     nx, ny, nz = (int(s) for s in grid.size)
     out = np.zeros((nz, ny, nx), dtype=bool)
     for points in contours:
-        index = (points - origin) @ to_index.T
+        index = continuous_index(grid, points)
         k = float(np.round(np.median(index[:, 2])))
         if np.max(np.abs(index[:, 2] - k)) > SLICE_TOLERANCE or not 0 <= k < nz:
             return None
         out[int(k)] ^= fill_polygon(index[:, :2], (ny, nx))
     image = sitk.GetImageFromArray(out.astype(np.uint8))
-    image.SetSpacing(tuple(float(s) for s in spacing))
-    image.SetOrigin(tuple(float(o) for o in origin))
+    image.SetSpacing(tuple(float(s) for s in grid.spacing))
+    image.SetOrigin(tuple(float(o) for o in grid.origin))
     image.SetDirection(tuple(float(d) for d in grid.direction))
     return image
 

@@ -52,6 +52,12 @@ def image_info(image: sitk.Image, fmt: str = "") -> ImageInfo:
                      image.GetDimension(), image.GetNumberOfComponentsPerPixel(), sitk.GetPixelIDValueAsString(image.GetPixelID()), fmt)  # fmt: skip
 
 
+def continuous_index(info: ImageInfo, points: np.ndarray) -> np.ndarray:
+    """Physical points (LPS mm, ``(n, 3)``) as continuous (x, y, z) voxel indices of the grid `info`."""
+    direction = np.array(info.direction, dtype=float).reshape(3, 3)
+    return (np.asarray(points, dtype=float) - np.array(info.origin)) @ np.linalg.inv(direction * np.array(info.spacing)).T
+
+
 def image_format(path: Path) -> str:
     """Name the storage format of `path` ("nifti", "nifti-gz", "nrrd", "meta", "dicom"), or raise."""
     if path.is_dir():

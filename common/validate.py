@@ -12,7 +12,7 @@ import numpy as np
 
 from tace.common.dicom import examine_mask, header_facts
 from tace.common.errors import ImageReadError, Problem
-from tace.common.imageio import Examined, ImageInfo, examine_image
+from tace.common.imageio import Examined, ImageInfo, continuous_index, examine_image
 from tace.common.manifest import (
     CLINICAL_COLUMNS,
     MASK_COLUMN,
@@ -237,9 +237,8 @@ def _identity_problems(record: PatientRecord, root: Path) -> list[Problem]:
 def uncovered_mm(info: ImageInfo, corners: np.ndarray) -> np.ndarray:
     """How far (mm) the box with `corners` (LPS, ``(8, 3)``) reaches beyond the image, along each of the image's
     axes (x, y, z)."""
-    direction = np.array(info.direction, dtype=float).reshape(3, 3)
     spacing = np.array(info.spacing, dtype=float)
-    index = (corners - np.array(info.origin)) @ np.linalg.inv(direction * spacing).T
+    index = continuous_index(info, corners)
     below = -0.5 - index.min(axis=0)
     above = index.max(axis=0) - (np.array(info.size) - 0.5)
     return np.clip(np.maximum(below, above), 0, None) * spacing

@@ -241,3 +241,20 @@ def test_a_series_missing_a_slice_is_refused_not_converted(tiny_pacs, tmp_path, 
     (p,) = [p for p in report["incomplete"] if "portal_venous_path" in p["problems"]]
     assert "unevenly spaced" in p["problems"]["portal_venous_path"] and "portal_venous_path" not in p["paths"]
     assert "portal_venous_path refused" in capsys.readouterr().out
+
+
+def test_dynamic_series_without_temporal_positions_is_split_by_acquisition_time(tiny_pacs, tmp_path):
+    """Some scanners give each temporal phase only its own AcquisitionTime, repeating the slice positions."""
+    assert tiny_pacs.patients[0].dynamic
+    root = _tree(tiny_pacs, tmp_path, 1)
+    patient = tiny_pacs.patients[0]
+    for f in (f for f in (root / patient.dicom_patient_id).rglob("*") if f.is_file()):
+        ds = pydicom.dcmread(f)
+        if "TemporalPositionIdentifier" in ds:
+            del ds.TemporalPositionIdentifier, ds.NumberOfTemporalPositions
+            ds.save_as(f)
+    assert client(["import", str(root), "--out", str(tmp_path / "site")]) == 1
+    series = json.loads((tmp_path / "site" / "import-report.json").read_text())["series"]
+    dynamic = [s for s in series if s["volumes"] == 4]
+    assert [s["phase"] for s in dynamic] == ["", "arterial", "portal_venous", "delayed"]
+    assert all("35 s" in s["reason"] for s in dynamic if s["phase"] == "arterial")
