@@ -23,6 +23,9 @@ from tace.common.errors import TaceError
 from tace.common.protocol import MODELS
 from tace.common.summaries import SiteSummary, groupings
 
+#: The models' names in tables, figures and text.
+MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
+
 
 @dataclass
 class SiteReturn:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from tace.analysis.data import MODEL_NAMES
 from tace.analysis.discrimination import Z95
 
 #: Each measure: its name in words, the scale it is pooled on, and the back-transformation to the reported scale.
@@ -119,7 +120,8 @@ def meta_analysis(blocks: dict[str, dict[str, Any]], models: Sequence[str], hart
                               "pooled_scale": fit["pooled"], "se_scale": fit["se"]})  # fmt: skip
             else:
                 entry["k"] = len(used)
-                out["notes"].append(f"{model}: no meta-analysis of the {words}: {len(used)} centre(s) give it (at least 2 are needed)")
+                out["notes"].append(f"{MODEL_NAMES.get(model, model)}: no meta-analysis of the {words}: {len(used)} centre(s) give it "
+                                    "(at least 2 are needed; a centre with one class or an AUC of 0 or 1 gives none)")  # fmt: skip
             per[measure] = entry
         out["models"][model] = per
     return out

@@ -1,15 +1,18 @@
 """The study report: one self-contained HTML file (figures embedded) a clinician or reviewer reads top to bottom.
 
 Built from the run folder only: run_config.json, metrics.csv, site_returns/ (counts), data_sharing.json,
-analysis.json with its figures, and privacy_ledger.json when differential privacy was on. Aggregates only: no
-patient value appears in it. The page is rendered from the Jinja2 templates in analysis/templates/ with
-autoescaping, so a site id, a file name or any other value is shown as text and can never inject markup.
+analysis.json with its figures, model_card.json, and privacy_ledger.json when differential privacy was on.
+Aggregates only: no patient value appears in it. The page is rendered from the Jinja2 templates in
+analysis/templates/ with autoescaping, so a site id, a file name or any other value is shown as text and can never
+inject markup. Every table carries its CSV and every figure its SVG as an embedded download (data: URIs), so the
+file stays self-contained; the print style sheet keeps figures and table rows whole on A4 pages.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -19,7 +22,7 @@ from typing import Any
 
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from tace.analysis import plots
+from tace.analysis import checklists, plots
 from tace.analysis.plots import NAMES, slug
 from tace.common.cli import software_versions
 from tace.common.errors import TaceError
@@ -68,11 +71,36 @@ class Interval:
 
 @dataclass(frozen=True)
 class Figure:
-    """A figure of the run folder to embed: its name, caption and PNG (base64), or no PNG when it was not drawn."""
+    """A figure of the run folder to embed: its name, caption, PNG and SVG (base64), or no PNG when it was not drawn."""
 
     name: str
     caption: str
     png: str | None
+    svg: str | None = None
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return ""
+    return repr(value) if isinstance(value, float) else value
+
+
+def csv_uri(header: list[Any], rows: list[list[Any]]) -> str:
+    """A table as an embedded CSV file (a data: URI): numbers at full precision, an interval column as three (the
+    value, its 95 % CI low and high)."""
+    intervals = {j for row in rows for j, c in enumerate(row) if isinstance(c, Interval)}
+    buffer = io.StringIO()
+    out = csv.writer(buffer, lineterminator="\n")
+    out.writerow([x for j, h in enumerate(header) for x in ([h, f"{h} 95% CI low", f"{h} 95% CI high"] if j in intervals else [h])])
+    for row in rows:
+        cells: list[Any] = []
+        for j, c in enumerate(row):
+            if isinstance(c, Interval):
+                cells += [_csv_value(c.value), _csv_value(c.low), _csv_value(c.high)]
+            else:
+                cells += [_csv_value(c), "", ""] if j in intervals else [_csv_value(c)]
+        out.writerow(cells)
+    return "data:text/csv;charset=utf-8;base64," + base64.b64encode(buffer.getvalue().encode("utf-8")).decode("ascii")
 
 
 def environment() -> Environment:
@@ -81,6 +109,7 @@ def environment() -> Environment:
         loader=PackageLoader("tace.analysis", "templates"), autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True
     )
     env.filters.update(num=num, p_value=p_value)
+    env.globals["csv_uri"] = csv_uri
     env.tests["interval"] = lambda value: isinstance(value, Interval)
     return env
 
@@ -97,6 +126,7 @@ class Report:
         self.sharing = self._json("data_sharing.json")
         self.ledger = self._json("privacy_ledger.json")
         self.returns = {p.stem: json.loads(p.read_text(encoding="utf-8")) for p in sorted((self.run / "site_returns").glob("*.json"))}
+        self.card = self._json("model_card.json")
         self.metrics = self._metrics()
         self.missing_figures: list[str] = []
 
@@ -123,7 +153,9 @@ class Report:
         if not path.exists():
             self.missing_figures.append(name)
             return Figure(name, caption, None)
-        return Figure(name, caption, base64.b64encode(path.read_bytes()).decode("ascii"))
+        svg = path.with_suffix(".svg")
+        return Figure(name, caption, base64.b64encode(path.read_bytes()).decode("ascii"),
+                      base64.b64encode(svg.read_bytes()).decode("ascii") if svg.exists() else None)  # fmt: skip
 
     # -- sections: what each template of analysis/templates/ shows -----------------------------------------------
     def question(self) -> dict[str, Any]:
@@ -180,9 +212,13 @@ class Report:
                      for k in ("accuracy", "sensitivity", "specificity", "ppv", "npv")]  # fmt: skip
             thresholds.append([NAMES[model], *cells, e.get("brier"), p_value(e.get("hosmer_lemeshow", {}).get("p"))])
         drawn = self.analysis.get("figures", {})
+        internal = v.get("internal", {})
+        internal_rows = [[NAMES[m], Interval(internal[m]["auc"], internal[m]["ci_low"], internal[m]["ci_high"])]
+                         for m in ("dltrmlp", "dltr", "clinical") if m in internal]  # fmt: skip
         return {
             "sites": sites,
             "auc": auc,
+            "internal": {"n": internal.get("n"), "rows": internal_rows} if internal_rows else None,
             "thresholds": thresholds,
             "notes": v.get("notes", []),
             "roc": [
@@ -196,6 +232,128 @@ class Report:
             "decision": self.figure("decision-pooled-external", "Decision curves: net benefit against treat-all and treat-none"),
             "finetuning": self.finetuning(),
         }
+
+    def _populations(self, v: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+        return [*v["sites"].items(), *([("pooled external", v["pooled"])] if len(v["sites"]) > 1 else [])]
+
+    def calibration(self) -> dict[str, Any] | None:
+        """Calibration intercept and slope, O/E and ICI/E50/E90/Emax per population and model; flexible curves."""
+        v = self.analysis.get("validation")
+        if not v:
+            return None
+        rows = []
+        for where, block in self._populations(v):
+            for model in ("dltrmlp", "dltr", "clinical"):
+                c = (block["models"].get(model) or {}).get("calibration") or {}
+                if not c:
+                    continue
+                rows.append([where, NAMES[model], block["n"], c.get("observed"), c.get("expected"), *(
+                    Interval(e["value"], e["low"], e["high"], 2) if e else "n/a" for e in (c.get("oe"), c.get("intercept"), c.get("slope"))),
+                    *(c.get(k) for k in ("ici", "e50", "e90", "emax"))])  # fmt: skip
+        drawn = self.analysis.get("figures", {})
+        figures = [self.figure(f"calibration-flexible-{slug(w)}", f"Flexible calibration curves with 95 % bands: {w}")
+                   for w, _ in reversed(self._populations(v)) if f"calibration-flexible-{slug(w)}" in drawn]  # fmt: skip
+        return {"rows": rows, "figures": figures}
+
+    def heterogeneity(self) -> dict[str, Any] | None:
+        """The random-effects meta-analysis across the external centres (internal-external cross-validation in a
+        leave-one-centre-out run), with its forest plots."""
+        meta = (self.analysis.get("validation") or {}).get("meta")
+        if not meta:
+            return None
+        rows = []
+        for model in ("dltrmlp", "dltr", "clinical"):
+            for e in meta["models"].get(model, {}).values():
+                if "pooled" not in e:
+                    rows.append([NAMES[model], e["measure"], e["k"], "n/a", "n/a", None, None, None])
+                    continue
+                rows.append([NAMES[model], e["measure"], e["k"], Interval(e["pooled"], e["ci_low"], e["ci_high"]),
+                             Interval(e["pooled"], e["pi_low"], e["pi_high"]), e["tau2"], 100 * e["i2"], p_value(e["q_p"])])  # fmt: skip
+        drawn = self.analysis.get("figures", {})
+        figures = [self.figure(f"forest-{m}", f"Forest plot: {words} per centre, pooled (diamond) and 95 % prediction interval (dotted)")
+                   for m, words in (("auc", "AUC"), ("slope", "calibration slope"), ("oe", "O/E")) if f"forest-{m}" in drawn]  # fmt: skip
+        return {"loco": meta.get("layout") == "loco", "method": meta["method"], "hartung_knapp": meta["hartung_knapp"],
+                "centres": meta["centres"], "rows": rows, "notes": meta.get("notes", []), "figures": figures}  # fmt: skip
+
+    def subgroups(self) -> dict[str, Any] | None:
+        """Per subgroup level (external sites pooled): counts, each model's AUC, DLTRMLP's O/E, and what was suppressed."""
+        sub = (self.analysis.get("validation") or {}).get("subgroups")
+        if not sub or not sub.get("variables"):
+            return None
+        rows = []
+        for entry in sub["variables"].values():
+            for level, b in entry["levels"].items():
+                aucs = [Interval(e["auc"], e["ci_low"], e["ci_high"]) if "auc" in e else "n/a"
+                        for e in (b["models"].get(m, {}) for m in ("dltrmlp", "dltr", "clinical"))]  # fmt: skip
+                oe = (b["models"].get("dltrmlp") or {}).get("oe")
+                status = "suppressed at every site" if b["status"] == "suppressed" else (
+                    f"suppressed at {', '.join(b['suppressed_at'])}" if b["suppressed_at"] else "")  # fmt: skip
+                rows.append([entry["label"], level, b["n"] if b["n"] else "suppressed", b["n_pos"] if b["n"] else "",
+                             *aucs, Interval(oe["value"], oe["low"], oe["high"], 2) if oe else "n/a", status])  # fmt: skip
+        figure = self.figure("subgroups-dltrmlp", "DLTRMLP AUC (95 % CI) by subgroup, external sites pooled; dotted: overall AUC")
+        return {"rows": rows, "notes": sub.get("notes", []), "figure": figure}
+
+    def sample_size(self) -> dict[str, Any] | None:
+        """Each external site's events against the rule of thumb, and the precision its data gave DLTRMLP's estimates."""
+        size = (self.analysis.get("validation") or {}).get("sample_size")
+        if not size:
+            return None
+        rows = []
+        for site, per in size["sites"].items():
+            a = per.get("dltrmlp")
+            if not a:
+                continue
+            cells = [f"{num(p['width'], 2)} ({'meets' if p['met'] else 'wider than'} {p['target']})" if p["width"] is not None else "n/a"
+                     for p in (a["precision"][k] for k in ("auc", "slope", "oe"))]  # fmt: skip
+            rows.append([site, a["n"], a["events"], a["non_events"], "yes" if a["rule_of_thumb_met"] else "no", *cells])
+        return {"rows": rows, "rule": size["rule_of_thumb"], "targets": size["targets"]}
+
+    def model_card(self) -> dict[str, Any] | None:
+        """The run's model card (model_card.json, written by the analysis and packed into the model file)."""
+        c = self.card
+        if not c:
+            return None
+        rows = []
+        for model in ("dltrmlp", "dltr", "clinical"):
+            e = c.get("performance", {}).get("external_pooled", {}).get(model)
+            meta = c.get("performance", {}).get("meta_analysis", {}).get(model, {})
+            cal = c.get("calibration", {}).get(model, {})
+
+            def iv(x: dict[str, Any] | None) -> Any:
+                return Interval(x["value"], x["low"], x["high"]) if x and x.get("value") is not None else "n/a"
+
+            pi = Interval(meta.get("value"), meta["pi_low"], meta["pi_high"]) if meta.get("pi_low") is not None else "n/a"
+            rows.append([NAMES[model], iv(e), pi, iv(cal.get("slope")), iv(cal.get("oe")), cal.get("ici")])
+        m, data, privacy = c.get("model", {}), c.get("data", {}), c.get("privacy", {})
+        facts = [
+            ["model", f"{m.get('name')} (TACE-FL {m.get('tace_fl_version')}, backbone {m.get('backbone')}, {m.get('layout')} layout, "
+                      f"{m.get('training')} training)"],
+            ["intended use", c.get("intended_use")], ["not intended for", c.get("not_intended_use")], ["inputs", c.get("inputs")],
+            ["data", "training sites: " + ", ".join(str(t["site"]) for t in data.get("training_sites", [])) + "; external sites: "
+                     + ", ".join(f"{e['site']} ({e['patients']} patients, {e['responders']} responders)" for e in data.get("external_sites", []))
+                     + f"; outcome: {data.get('outcome')}"],
+            *(["limit", x] for x in c.get("limits", [])),
+            ["privacy", f"differential privacy {privacy.get('differential_privacy')}; secure aggregation {privacy.get('secure_aggregation')}; "
+                        f"{privacy.get('what_left_the_sites')}"],
+        ]  # fmt: skip
+        return {"written": c.get("written"), "facts": facts, "rows": rows}
+
+    def checklists(self) -> dict[str, Any]:
+        """TRIPOD+AI and CLAIM 2024, item by item: where the report or the run folder answers it, or that it is the
+        authors'."""
+
+        def items(table: tuple[checklists.Item, ...]) -> list[dict[str, Any]]:
+            return [{"item": i.item, "topic": i.topic, "status": i.status, "status_words": checklists.STATUS_WORDS[i.status],
+                     "where": i.where, "section": checklists.SECTIONS.get(i.where, i.where), "note": i.note} for i in table]  # fmt: skip
+
+        header = ["item", "topic", "status", "where", "note"]
+
+        def csv_rows(table: list[dict[str, Any]]) -> list[list[Any]]:
+            return [[i["item"], i["topic"], i["status_words"], i["section"], i["note"]] for i in table]
+
+        tripod, claim = items(checklists.TRIPOD_AI), items(checklists.CLAIM_2024)
+        return {"header": header, "tripod": tripod, "claim": claim, "tripod_csv": csv_rows(tripod), "claim_csv": csv_rows(claim),
+                "authors": sum(i["status"] == checklists.AUTHORS for i in tripod + claim)}  # fmt: skip
 
     def finetuning(self) -> dict[str, Any] | None:
         """Global vs locally fine-tuned DLTRMLP per training site (run-config finetune), when the run did it."""
@@ -306,7 +464,8 @@ class Report:
         if headline:
             best = headline[0]
             lead = {"sites": len(self.analysis.get("validation", {}).get("sites", {})), "model": best["model"],
-                    "auc": best.get("pooled_auc"), "low": best.get("ci_low"), "high": best.get("ci_high")}  # fmt: skip
+                    "auc": best.get("pooled_auc"), "low": best.get("ci_low"), "high": best.get("ci_high"),
+                    "slope": best.get("calibration_slope"), "pi_low": best.get("meta_pi_low"), "pi_high": best.get("meta_pi_high")}  # fmt: skip
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return {"run": self.run.name, "stamp": stamp, "version": software_versions()["tace-fl"], "lead": lead}
 
@@ -316,9 +475,15 @@ class Report:
             "question": self.question(),
             "training": self.training(),
             "comparison": self.comparison(),
+            "calibration": self.calibration(),
+            "heterogeneity": self.heterogeneity(),
+            "subgroups": self.subgroups(),
+            "samplesize": self.sample_size(),
             "survival": self.survival(),
             "radiogenomics": self.radiogenomics(),
             "privacy": self.privacy(),
+            "modelcard": self.model_card(),
+            "checklists": self.checklists(),
             "software": self.software(),
         }
         return environment().get_template("report.html.j2").render(page=self.page(), **sections)

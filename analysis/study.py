@@ -17,12 +17,11 @@ import numpy as np
 import pandas as pd
 
 from tace.analysis import calibration, discrimination, meta, samplesize, subgroups, survival
-from tace.analysis.data import RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
+from tace.analysis.data import MODEL_NAMES, RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
 from tace.common.errors import TaceError
 from tace.common.serialize import jsonable
 from tace.common.summaries import bin_index
 
-MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
 PAIRS = (("dltrmlp", "dltr"), ("dltrmlp", "clinical"), ("dltr", "clinical"))
 POOLED = "pooled external"
 #: The calibration statistics compared in the equivalence table and written to tables/calibration.csv.
@@ -369,7 +368,9 @@ def format_headline(rows: list[dict[str, Any]]) -> str:
         if "delong_p_vs_dltrmlp" in r:
             parts.append(f"DeLong p vs DLTRMLP {_fmt(r['delong_p_vs_dltrmlp'])}")
         if r.get("calibration_slope") is not None:
-            parts.append(f"calibration slope {_fmt(r['calibration_slope'])} ({_fmt(r.get('slope_ci_low'))}-{_fmt(r.get('slope_ci_high'))})")
+            parts.append(
+                f"calibration slope {_fmt(r['calibration_slope'])} ({_fmt(r.get('slope_ci_low'))} to {_fmt(r.get('slope_ci_high'))})"
+            )
         if r.get("meta_pooled") is not None:
             parts.append(f"meta-analytic AUC {_fmt(r['meta_pooled'])} (95% PI {_fmt(r['meta_pi_low'])}-{_fmt(r['meta_pi_high'])}, "
                          f"{r['meta_k']} centres)")  # fmt: skip
@@ -496,7 +497,8 @@ def analyse(
 
 
 def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True) -> Path:
-    """Merge `sections` into RUN/analysis.json (other sections kept), and write tables and figures."""
+    """Merge `sections` into RUN/analysis.json (other sections kept), and write tables and figures; with a validation
+    section, the model card (RUN/model_card.json and .md, packed into the run's model files)."""
     analysis = dict(sections)
     analysis["sharing"] = {
         s.site_id: {"role": s.role, "sharing": s.sharing, "min_cell_count": s.summary.get("min_cell_count", 0)} for s in run.sites
@@ -504,7 +506,10 @@ def write_analysis(run: RunData, sections: dict[str, Any], figures: bool = True)
     merged = read_analysis(run.path)
     merged.update(analysis)
     if "validation" in merged:
+        from tace.analysis.modelcard import write_model_card
+
         merged["headline"] = headline(merged["validation"], merged.get("survival"))
+        merged["model_card"] = write_model_card(run.path, merged["validation"]).name
     _tables(merged, run.path / "tables")
     if figures:
         from tace.analysis import plots

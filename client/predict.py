@@ -236,10 +236,41 @@ def _templates() -> jinja2.Environment:
     return env
 
 
-def _model_facts(trained: TrainedModels) -> dict[str, str]:
-    """What the pages say about the model they come from."""
+def _model_facts(trained: TrainedModels) -> dict[str, Any]:
+    """What the pages say about the model they come from, with its model card in words (None before the run's
+    analysis packed one into the model file)."""
     return {"file": trained.path.name, "source": trained.source or "n/a", "version": trained.version, "backbone": trained.backbone,
-            "privacy": _privacy_text(trained.privacy)}  # fmt: skip
+            "privacy": _privacy_text(trained.privacy), "card": model_card_text(trained.model_card)}  # fmt: skip
+
+
+def model_card_text(card: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The model card (`tace.analysis.modelcard`) as the sentences the patient cards and index.html show."""
+    if not card:
+        return None
+
+    def ci(e: Mapping[str, Any] | None) -> str:
+        if not e or e.get("value") is None:
+            return "n/a"
+        return f"{e['value']:.2f} (95 % CI {e['low']:.2f} to {e['high']:.2f})"
+
+    external = card.get("data", {}).get("external_sites", [])
+    auc = card.get("performance", {}).get("external_pooled", {}).get("dltrmlp")
+    meta = card.get("performance", {}).get("meta_analysis", {}).get("dltrmlp", {})
+    performance = f"DLTRMLP AUC at {len(external)} external site(s), {sum(e.get('patients', 0) for e in external)} patients: {ci(auc)}"
+    if meta.get("pi_low") is not None:
+        performance += f"; in a new centre between {meta['pi_low']:.2f} and {meta['pi_high']:.2f} (95 % prediction interval)"
+    cal = card.get("calibration", {}).get("dltrmlp", {})
+    calibration = f"calibration slope {ci(cal.get('slope'))}; observed/expected {ci(cal.get('oe'))}"
+    subgroups = [
+        f"{g['variable']} {g['level']}: {g['auc']:.2f}" if g.get("auc") is not None else f"{g['variable']} {g['level']}: {g['status']}"
+        for g in card.get("performance", {}).get("subgroups", [])
+    ]
+    privacy = card.get("privacy", {})
+    return {"intended_use": card.get("intended_use", ""), "not_intended_use": card.get("not_intended_use", ""),
+            "inputs": card.get("inputs", ""), "performance": performance, "calibration": calibration, "subgroups": subgroups,
+            "limits": list(card.get("limits", [])), "written": card.get("written", ""),
+            "privacy": f"differential privacy {privacy.get('differential_privacy', 'n/a')}; secure aggregation "
+                       f"{privacy.get('secure_aggregation', 'n/a')}; {privacy.get('what_left_the_sites', '')}"}  # fmt: skip
 
 
 def render_card(explanation: Explanation, row: Mapping[str, Any], trained: TrainedModels, method: str = "gradient") -> str:

@@ -4,7 +4,9 @@ run folder's ``models/``. Everything a hospital needs to predict, nothing about 
 One zip file holding ``model.json`` (format, TACE-FL version, backbone, model signature, preprocessing parameters,
 clinical standardisation, the cut-offs and where they were fixed, the score grid, the privacy the models were
 trained under, a SHA-256 digest of all of it and of the weights) and ``weights.npz`` (the three models' weights as
-plain arrays: no pickled code runs when a hospital loads it). `read_model` refuses a file another TACE-FL version
+plain arrays: no pickled code runs when a hospital loads it); after the run's analysis also ``model_card.json``
+(`attach_model_card`: intended use, performance, calibration, limits), whose hash model.json records so that the
+digest covers it too. `read_model` refuses a file another TACE-FL version
 cannot reproduce predictions from, and says which version to use; it refuses a damaged or edited file too. The
 digest shows integrity, not authorship: a file is as trustworthy as the channel it came through.
 
@@ -35,6 +37,7 @@ if TYPE_CHECKING:
 
 FORMAT = "tace-model/1"
 FILENAME = "tace-model.zip"
+CARD_MEMBER = "model_card.json"
 #: Run-config keys a model file carries for local fine-tuning at a hospital (nothing about any patient).
 TRAINING_KEYS = ("lr", "head-lr", "weight-decay", "batch-size", "augment", "amp", "seed")
 #: Run-config keys a model file carries about the privacy its models were trained under.
@@ -65,6 +68,7 @@ class ModelArtefact:
     cutoffs_note: str = CUTOFFS_NOTE
     version: str = ""  # the TACE-FL version that wrote it (set by `read_model`)
     signature: str = ""  # its model signature (set by `read_model`)
+    model_card: dict[str, Any] = field(default_factory=dict)  # the run's model card, once its analysis packed it (`read_model`)
 
     @classmethod
     def of_run(
@@ -148,6 +152,7 @@ def read_model(path: Path | str) -> ModelArtefact:
             card = json.loads(z.read("model.json").decode("utf-8"))
             with np.load(io.BytesIO(z.read("weights.npz")), allow_pickle=False) as npz:
                 flat = {k: npz[k] for k in npz.files}
+            model_card = z.read(CARD_MEMBER) if CARD_MEMBER in z.namelist() else None
     except (zipfile.BadZipFile, KeyError, OSError, ValueError, UnicodeDecodeError):
         raise TaceError(f"{path} is not a TACE-FL model file, or it is damaged",
                         "copy the tace-model.zip of the run again (compare its size with the coordinator's)") from None  # fmt: skip
@@ -161,7 +166,11 @@ def read_model(path: Path | str) -> ModelArtefact:
         if stage not in arrays:
             raise TaceError(f"{path} holds an unexpected weight {key!r}", "the file was modified; copy the run's model file again")
         arrays[stage][name] = value
-    if _card_digest(card, arrays) != card.get("sha256"):
+    if (
+        _card_digest(card, arrays) != card.get("sha256")
+        or (model_card is not None) != ("model_card_sha256" in card)
+        or (model_card is not None and hashlib.sha256(model_card).hexdigest() != card["model_card_sha256"])
+    ):
         raise TaceError(f"{path}: its content does not match the digest recorded with it",
                         "the file was damaged or edited; copy the run's model file again")  # fmt: skip
     try:
@@ -178,10 +187,40 @@ def read_model(path: Path | str) -> ModelArtefact:
                             f"({version_string()}; signature {card['model_signature']} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
         return ModelArtefact(arrays, backbone, preprocess, dict(card["clinical_encoder"]), dict(card["cutoffs"]), int(card["score_bins"]),
                              str(card["source_run"]), dict(card["training"]), dict(card["privacy"]), str(card["cutoffs_note"]),
-                             str(made_by), ours)  # fmt: skip
+                             str(made_by), ours, dict(json.loads(model_card)) if model_card is not None else {})  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise TaceError(f"{path}: model.json lacks or garbles a field ({type(exc).__name__}: {exc})",
                         "the file is not one TACE-FL wrote; copy the run's model file again") from None  # fmt: skip
+
+
+def attach_model_card(path: Path, model_card: dict[str, Any]) -> Path:
+    """Pack `model_card` (the run's model card, written by its analysis) into the model file at `path`, replacing one
+    packed before; model.json records the card's SHA-256 and its digest is renewed, so the card is covered as the
+    weights are. Neither the weights nor any setting change. Atomic; needs numpy only (the analysis never loads torch)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            card = json.loads(z.read("model.json").decode("utf-8"))
+            weights = z.read("weights.npz")
+            with np.load(io.BytesIO(weights), allow_pickle=False) as npz:
+                flat = {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, UnicodeDecodeError):
+        raise TaceError(f"{path} is not a TACE-FL model file, or it is damaged", "rerun the study to write it again") from None
+    arrays: dict[str, Arrays] = {s: {} for s in STAGES}
+    for key, value in flat.items():
+        stage, _, name = key.partition(".")
+        arrays.setdefault(stage, {})[name] = value
+    if _card_digest(card, arrays) != card.get("sha256"):
+        raise TaceError(f"{path}: its content does not match the digest recorded with it", "rerun the study to write it again")
+    body = json.dumps(model_card, indent=2, sort_keys=True).encode("utf-8")
+    card["model_card_sha256"] = hashlib.sha256(body).hexdigest()
+    card["sha256"] = _card_digest(card, arrays)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as z:
+        z.writestr("model.json", json.dumps(card, indent=2))
+        z.writestr("weights.npz", weights)
+        z.writestr(CARD_MEMBER, body)
+    tmp.replace(path)
+    return path
 
 
 @dataclass
@@ -201,6 +240,7 @@ class TrainedModels:
     source: str = ""
     privacy: dict[str, Any] = field(default_factory=dict)
     cutoffs_note: str = ""
+    model_card: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def load(cls, path: Path | str) -> TrainedModels:
@@ -212,7 +252,7 @@ class TrainedModels:
         models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
         models.load(art.arrays)
         return cls(models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
-                   art.version, art.training, art.source, art.privacy, art.cutoffs_note)  # fmt: skip
+                   art.version, art.training, art.source, art.privacy, art.cutoffs_note, art.model_card)  # fmt: skip
 
     def artefact(self) -> ModelArtefact:
         """What a model file of these models holds (for a derived file, e.g. fine-tuned at a site)."""

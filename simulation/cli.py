@@ -298,12 +298,15 @@ def analyse(run_dir: Path) -> float:
         print(f"note: no survival analysis: {exc}")
         analysis, path = analyse_run(data, ("validation",))
     validation, eq = analysis["validation"], analysis.get("equivalence")
-    print("\nexternal validation (aggregates only; AUC with 95 % DeLong CI) and PFS by predicted response:")
+    print("\nexternal validation (aggregates only; AUC with 95 % DeLong CI), calibration, heterogeneity across centres and PFS by "
+          "predicted response:")  # fmt: skip
     header = (
         "model",
         "pooled AUC (95% CI)",
         *[f"AUC {s}" for s in validation["sites"]],
         "DeLong p vs DLTRMLP",
+        "calibration slope (95% CI)",
+        "meta-analytic AUC (95% PI)",
         "PFS log-rank p",
         "HR",
         "study AUCs",
@@ -311,10 +314,24 @@ def analyse(run_dir: Path) -> float:
     rows = []
     f = _fmt3
     for r in analysis["headline"]:
+        slope = (
+            f"{f(r.get('calibration_slope'))} ({f(r.get('slope_ci_low'))} to {f(r.get('slope_ci_high'))})"
+            if r.get("calibration_slope") is not None
+            else "n/a"
+        )
+        meta = (
+            f"{f(r.get('meta_pooled'))} ({f(r.get('meta_pi_low'))}-{f(r.get('meta_pi_high'))})"
+            if r.get("meta_pooled") is not None
+            else "n/a"
+        )
         rows.append((r["model"], f"{f(r['pooled_auc'])} ({f(r['ci_low'])}-{f(r['ci_high'])})", *[f(r[f"auc {s}"]) for s in validation["sites"]],
-                     f(r.get("delong_p_vs_dltrmlp")) if r["model"] != "DLTRMLP" else "-", f(r.get("logrank_p")), f(r.get("hr")),
+                     f(r.get("delong_p_vs_dltrmlp")) if r["model"] != "DLTRMLP" else "-", slope, meta, f(r.get("logrank_p")), f(r.get("hr")),
                      STUDY[r["model"]]))  # fmt: skip
     print(_columns(header, rows, indent="  "))
+    k = next((r.get("meta_k") for r in analysis["headline"] if r.get("meta_k")), None)
+    if k:
+        print(f"  (meta-analysis: Paule-Mandel random effects over {k} external centres; the 95% prediction interval, for a new centre, "
+              "uses t with k - 2 df (at least 1): with few centres it is wide)")  # fmt: skip
     print(f"  (study: DLTRMLP PFS log-rank P = {STUDY['log-rank P']})")
     if eq:
         worst = max((row["abs_difference"] or 0.0) for row in eq)

@@ -65,3 +65,29 @@ def render_report(run_dir: Path, tmp_path: Path) -> str:
     shutil.copytree(run_dir, run)
     assert analysis_main(["report", str(run)]) == 0
     return (run / "report.html").read_text(encoding="utf-8")
+
+
+def pdf_page_images(data: bytes) -> list[set[int]]:
+    """Per page of a PDF that Chromium printed (no object streams), the image objects the page draws, found through
+    its resources and those of the form objects it uses. An image cut by a page break is drawn on both pages."""
+    import re
+
+    objs = {int(m.group(1)): m.group(2) for m in re.finditer(rb"(\d+) 0 obj\s*(.*?)endobj", data, re.S)}
+
+    def images(body: bytes, seen: set[int]) -> set[int]:
+        out: set[int] = set()
+        found = re.search(rb"/XObject\s*<<(.*?)>>", body, re.S)
+        for n in (int(x) for x in re.findall(rb"(\d+) 0 R", found.group(1))) if found else ():
+            if n not in seen:
+                seen.add(n)
+                out |= {n} if re.search(rb"/Subtype\s*/Image", objs[n]) else images(objs[n], seen)
+        return out
+
+    def pages(n: int) -> list[int]:
+        if not re.search(rb"/Type\s*/Pages\b", objs[n]):
+            return [n]
+        kids = re.search(rb"/Kids\s*\[([^\]]*)\]", objs[n])
+        return [p for k in re.findall(rb"(\d+) 0 R", kids.group(1) if kids else b"") for p in pages(int(k))]
+
+    root = next(k for k, v in objs.items() if re.search(rb"/Type\s*/Pages\b", v) and b"/Parent" not in v)
+    return [images(objs[p], set()) for p in pages(root)]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import csv
+import io
 import json
 import re
 import shutil
@@ -17,6 +19,7 @@ from tace.analysis.study import equivalence, survival_analysis, validate
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
 from tace.simulation.runner import run_reference
+from tests.helpers import pdf_page_images
 
 TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
 
@@ -203,8 +206,10 @@ def test_radiogenomics_and_the_report_render_in_headless_chromium(finished_run, 
     assert "computing validation and survival first" in out
     report = run / "report.html"
     text = report.read_text(encoding="utf-8")
-    for heading in ("The question and the cohort", "How the models were trained", "Model comparison", "Progression-free survival",
-                    "Radiogenomics", "what left each site", "Software and settings"):  # fmt: skip
+    for heading in ("The question and the cohort", "How the models were trained", "Model comparison", "Calibration", "Heterogeneity across centres",
+                    "Where the models work and where they do not: subgroups", "Sample size of the external sites", "Progression-free survival",
+                    "Radiogenomics", "what left each site", "Model card", "Reporting checklists", "TRIPOD+AI", "CLAIM 2024",
+                    "Software and settings"):  # fmt: skip
         assert heading in text, heading
     assert "http://" not in text and "https://" not in text and 'src="file' not in text  # opens offline, nothing fetched
     assert "site-d-0001" not in text and "rg-0001" not in text  # aggregates only
@@ -219,3 +224,34 @@ def test_radiogenomics_and_the_report_render_in_headless_chromium(finished_run, 
     shot = tmp_path / "report.png"
     _headless(report, tmp_path / "profile2", "--hide-scrollbars", "--window-size=1200,3000", f"--screenshot={shot}")
     assert shot.stat().st_size > 50_000
+
+    # Every table downloads as CSV and every figure as SVG, embedded; the CSV holds the table's numbers.
+    assert text.count('download="') == text.count("<table") + n_images
+    assert text.count('.svg" href="data:image/svg+xml;base64,') == n_images
+    uri = re.search(r'download="calibration.csv" href="data:text/csv;charset=utf-8;base64,([^"]+)"', text)
+    rows = list(csv.reader(io.StringIO(base64.b64decode(uri.group(1)).decode("utf-8"))))
+    assert rows[0][:6] == ["population", "model", "patients", "observed responders", "expected", "O/E"] and len(rows) == 1 + 3 * 3
+
+    # Printed to PDF (A4): every figure whole on one page (a figure cut by a page break is drawn on two pages).
+    pdf = tmp_path / "report.pdf"
+    _headless(report, tmp_path / "profile3", "--no-pdf-header-footer", f"--print-to-pdf={pdf}")
+    pages = pdf_page_images(pdf.read_bytes())
+    drawn = [n for page in pages for n in page]
+    assert len(drawn) == len(set(drawn)) == n_images, pages
+    assert 8 <= len(pages) <= 40
+
+
+def test_a_leave_one_centre_out_run_is_summarised_as_internal_external_cross_validation(finished_run, tmp_path):
+    """In the leave-one-centre-out layout the held-out centres' meta-analysis is the internal-external
+    cross-validation, and the report says so."""
+    from tace.analysis.report import write_report
+    from tace.analysis.study import analyse
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    data = load_run(run)
+    data.layout = "loco"
+    analysis, _ = analyse(data, ("validation",), reps=20, figures=False)
+    assert analysis["validation"]["meta"]["layout"] == "loco"
+    text = write_report(run)[0].read_text(encoding="utf-8")
+    assert '<h2 id="heterogeneity">5. Internal-external cross-validation (leave-one-centre-out)</h2>' in text

@@ -331,3 +331,42 @@ def test_saliency_concentrates_on_the_tumour_of_generated_patients(tmp_path):
     chance = np.array([float(r["saliency_chance"]) for r in table.values()])
     # Measured with seed 3: median share 0.49 against a median region share of 0.15; 33 of 36 patients above chance.
     assert np.median(inside) > 2 * np.median(chance) and np.mean(inside > chance) > 0.8, (np.median(inside), np.median(chance))
+
+
+def test_the_model_card_travels_in_the_model_file_and_shows_on_every_page(finished, tiny_cohort, tmp_path):
+    """The analysis packs the run's model card into the model file (covered by its digest, the weights untouched);
+    `tace-client predict` shows it in every patient card's footer and in index.html, as text."""
+    from tace.analysis.cli import main as analysis_main
+    from tace.common.artifact import attach_model_card
+
+    run = tmp_path / "run"
+    shutil.copytree(finished[0], run)
+    path = run / "models" / "tace-model.zip"
+    before = read_model(path)
+    assert before.model_card == {}
+    assert analysis_main(["validate", str(run), "--bootstrap", "20", "--no-figures"]) == 0
+    card = json.loads((run / "model_card.json").read_text(encoding="utf-8"))
+    assert card["format"] == "tace-model-card/1" and card["limits"] and "intended_use" in card
+    assert "| DLTRMLP |" in (run / "model_card.md").read_text(encoding="utf-8")
+    after = read_model(path)
+    assert after.model_card == card
+    assert all(np.array_equal(after.arrays[s][k], v) for s in before.arrays for k, v in before.arrays[s].items())
+    assert after.cutoffs == before.cutoffs and after.signature == before.signature
+
+    edited = tmp_path / "edited.zip"  # a card changed after packing is refused like changed weights
+    with zipfile.ZipFile(path) as z, zipfile.ZipFile(edited, "w") as out:
+        for name in z.namelist():
+            data = z.read(name)
+            out.writestr(name, data.replace(b"Research use", b"Clinical use") if name == "model_card.json" else data)
+    with pytest.raises(TaceError, match="does not match the digest"):
+        read_model(edited)
+
+    attach_model_card(path, {**card, "limits": ["<script>alert(1)</script> small sites"]})  # replaces the card packed before
+    assert read_model(path).model_card["limits"] == ["<script>alert(1)</script> small sites"]
+    manifest = tiny_cohort / "sites/site-d/manifest.csv"
+    out = tmp_path / "pred"
+    pid = read_rows(manifest)[1][0]["patient_id"]
+    assert client_main(["predict", "--model", str(path), "--manifest", str(manifest), "--out", str(out), "--patient", pid]) == 0
+    for page in ((out / "cards" / f"{pid}.html").read_text(encoding="utf-8"), (out / "index.html").read_text(encoding="utf-8")):
+        assert "Model card" in page and "Research use in a study setting" in page and "DLTRMLP AUC at 2 external site(s)" in page
+        assert "&lt;script&gt;alert(1)&lt;/script&gt; small sites" in page and "<script>" not in page
