@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tace.common.errors import TaceError
-from tace.common.launch import flower_env, flower_executable, processes, stop_group, write_app
+from tace.common.launch import flower_env, flower_executable, free_port, processes, stop_group, write_app
 from tace.server.study import Study
 
 
@@ -84,12 +84,6 @@ def _wait_for_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Pat
             return
         time.sleep(0.3)
     raise TaceError(f"the SuperLink did not open port {port} within {timeout_s:.0f} s", f"see {log}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _superlink(study: Study, env: dict[str, str], host: str, port: int, insecure: bool) -> subprocess.Popen[bytes]:
@@ -170,7 +164,7 @@ def start(study: Study, resume: bool = False, insecure: bool = False, run_config
         if not insecure:
             # Register the keys on a private port first, so that no site reaches the SuperLink before its key is
             # known (it would be refused). Registrations persist in the SuperLink's database.
-            port = _free_port()
+            port = free_port()
             env = flower_env(_connection(study, port, insecure))
             link = _superlink(study, env, "127.0.0.1", port, insecure)
             sites = _register_sites(study, env)

@@ -23,7 +23,7 @@ from typing import Any
 
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import TaceError
-from tace.common.launch import flower_env, flower_executable, processes, write_app
+from tace.common.launch import flower_env, flower_executable, free_port, processes, write_app
 
 
 def _stop_superlink(flwr_home: Path) -> None:
@@ -91,7 +91,10 @@ def run_federated(
     run = _with_paths(run, cohort, out)
     app = write_app(out / ".flwr-app", run)
     flwr_home = out / ".flwr"
-    env = flower_env(flwr_home)
+    # Flower's local SuperLink listens on a fixed port by default: two simulations on one machine would share it (the
+    # second run lands in the first's SuperLink and dies with it). Each run gets its own ports.
+    ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
+    env = flower_env(flwr_home, ports)
     flwr = flower_executable("flwr", env)
     cpus = max(1, run.threads)
     cmd = [str(flwr), "run", str(app), "--stream",
