@@ -109,7 +109,8 @@ def test_report_lists_every_series_with_its_phase_and_reason(imported, tiny_pacs
     (incomplete,) = report["incomplete"]
     assert incomplete["problems"] == {"delayed_path": "missing: no series of the study fits this phase"}
     html = (base / "nifti" / "import-report.html").read_text()
-    assert "t1_vibe_fs_tra_art" in html or "Late Arterial" in html or "eTHRIVE" in html or "Quick3D" in html
+    assert all(s["description"] in html for s in report["series"]) and incomplete["patient_id"] in html
+    assert html.count("<tr class=") == len(report["series"])
 
 
 def test_no_patient_id_leaves_the_key_file(imported, tiny_pacs):
