@@ -140,7 +140,13 @@ def forest(meta: dict[str, Any], measure: str) -> Any:
             ax.set_title(f"{NAMES[model]}: no pooled estimate (k = {e['k']})", fontsize=8)
         ax.axvline(ref, color="#999", lw=1, ls="--")
         if log:
+            from matplotlib.ticker import FixedLocator, NullFormatter, StrMethodFormatter
+
             ax.set_xscale("log")
+            lo, hi = ax.get_xlim()
+            ax.xaxis.set_major_locator(FixedLocator([t for t in (0.01, 0.1, 0.25, 0.5, 1, 2, 4, 10, 100) if lo <= t <= hi]))
+            ax.xaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         elif measure == "auc":
             ax.set_xlim(0, 1)
         ax.set_xlabel(label)
