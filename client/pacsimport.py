@@ -265,8 +265,9 @@ def _classify_volume(s: Series, v: Volume, rules: Rules, dynamic: dict[tuple[str
     pre = rules.first_match(rules.precontrast, s.description)
     if len(s.volumes) > 1:
         if set(matches) & {"t2", "dwi"} or len(matches) == 1 and not rules.first_match(rules.dynamic, s.description):
+            named = next(iter(matches)) if len(matches) == 1 else ""  # so the patient's row lists it under that column
             return say(
-                "ambiguous", f"{len(s.volumes)} volumes in one series named as {', '.join(matches)}: which one is meant is not known"
+                "ambiguous", f"{len(s.volumes)} volumes in one series named as {', '.join(matches)}: which one is meant is not known", named
             )
         if v.index == 1:
             _name_dynamic(s.volumes, rules, "dynamic series")

@@ -259,3 +259,21 @@ def test_dynamic_series_without_temporal_positions_is_split_by_acquisition_time(
     dynamic = [s for s in series if s["volumes"] == 4]
     assert [s["phase"] for s in dynamic] == ["", "arterial", "portal_venous", "delayed"]
     assert all("35 s" in s["reason"] for s in dynamic if s["phase"] == "arterial")
+
+
+def test_a_dwi_series_with_several_b_values_is_listed_not_picked(tiny_pacs, tmp_path):
+    """Several volumes in one DWI series (b-values): which one is meant is not known, so dwi_path stays empty."""
+    root = _tree(tiny_pacs, tmp_path, 2)
+    patient = tiny_pacs.patients[1]
+    files = sorted(f for f in (root / patient.dicom_patient_id).rglob("*") if f.is_file())
+    dwi = [f for f in files if "DIFFUSION" in pydicom.dcmread(f, stop_before_pixels=True).get("ImageType", [])]
+    for f in dwi:  # a second b-value: the same positions acquired again a minute later
+        ds = pydicom.dcmread(f)
+        ds.SOPInstanceUID = uid(ds.SOPInstanceUID, "b800")
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AcquisitionTime = "1300" + str(ds.AcquisitionTime)[4:]
+        ds.save_as(f.with_name(f.name + "b"))
+    assert client(["import", str(root), "--out", str(tmp_path / "site")]) == 1
+    report = json.loads((tmp_path / "site" / "import-report.json").read_text())
+    (p,) = [p for p in report["incomplete"] if "dwi_path" in p["problems"]]
+    assert p["problems"]["dwi_path"].startswith("ambiguous: 2 volumes fit") and "dwi_path" not in p["paths"]
