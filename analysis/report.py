@@ -251,6 +251,8 @@ class Report:
                     Interval(e["value"], e["low"], e["high"], 2) if e else "n/a" for e in (c.get("oe"), c.get("intercept"), c.get("slope"))),
                     *(c.get(k) for k in ("ici", "e50", "e90", "emax"))])  # fmt: skip
         drawn = self.analysis.get("figures", {})
+        if not rows:
+            return None  # an analysis.json from before these statistics
         figures = [self.figure(f"calibration-flexible-{slug(w)}", f"Flexible calibration curves with 95 % bands: {w}")
                    for w, _ in reversed(self._populations(v)) if f"calibration-flexible-{slug(w)}" in drawn]  # fmt: skip
         return {"rows": rows, "figures": figures}

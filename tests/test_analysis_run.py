@@ -255,3 +255,23 @@ def test_a_leave_one_centre_out_run_is_summarised_as_internal_external_cross_val
     assert analysis["validation"]["meta"]["layout"] == "loco"
     text = write_report(run)[0].read_text(encoding="utf-8")
     assert '<h2 id="heterogeneity">5. Internal-external cross-validation (leave-one-centre-out)</h2>' in text
+
+
+def test_the_report_of_an_analysis_from_before_these_statistics_says_to_rerun(finished_run, tmp_path):
+    from tace.analysis.report import write_report
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert analysis_main(["validate", str(run), "--bootstrap", "20", "--no-figures"]) == 0
+    analysis = json.loads((run / "analysis.json").read_text())
+    v = analysis["validation"]
+    for key in ("meta", "subgroups", "sample_size"):
+        del v[key]
+    for block in [*v["sites"].values(), v["pooled"]]:
+        for e in block["models"].values():
+            e.pop("calibration", None)
+    (run / "analysis.json").write_text(json.dumps(analysis))
+    text = write_report(run)[0].read_text(encoding="utf-8")
+    for note in ("No calibration statistics in analysis.json", "No meta-analysis in analysis.json", "No subgroup tables",
+                 "No sample-size section in analysis.json"):  # fmt: skip
+        assert note in text, note
