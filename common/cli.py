@@ -27,7 +27,7 @@ def version_string() -> str:
 
 #: Packages whose versions a run and a report record (read from installed metadata; nothing is imported).
 RECORDED_PACKAGES = ("tace-fl", "torch", "monai", "flwr", "opacus", "SimpleITK", "numpy", "scipy", "pandas", "scikit-learn",
-                     "lifelines", "statsmodels", "gseapy", "matplotlib")  # fmt: skip
+                     "lifelines", "statsmodels", "gseapy", "matplotlib", "pydicom", "highdicom", "jinja2", "isal")  # fmt: skip
 
 
 def software_versions() -> dict[str, str]:

@@ -467,7 +467,7 @@ def generate_cohort(
     out.mkdir(parents=True, exist_ok=True)
     root_seq = np.random.SeedSequence([seed, GENERATOR_VERSION])
     centre_seeds = root_seq.spawn(len(preset.centres) + 1)
-    columns = [c.name for c in COLUMNS if c.name not in ("t2_path", "dwi_path")]
+    columns = [c.name for c in COLUMNS if c.name not in ("t2_path", "dwi_path", "mask_label")]
     truth: list[dict[str, Any]] = []
     jobs: list[tuple[PatientPlan, str]] = []
     result = CohortResult(out=out, preset=preset, seed=seed)

@@ -113,6 +113,8 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
     manifest = parse_manifest(tiny_cohort / "sites/site-a/manifest.csv")
     ids = {r.patient_id for r in manifest.records}
     n = len(ids)
+    n_train = sum(r.split == "train" and r.response is not None for r in manifest.records)
+    n_val = sum(r.split == "val" and r.response is not None for r in manifest.records)
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config=run.to_run_config())
     models = StudyModels.build("small", 3, len(FEATURES))
     encoder = ClinicalEncoder.from_stats(ClinicalStats.from_records(manifest.records))
@@ -132,12 +134,12 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
         shapes = {k: tuple(v.shape) for k, v in models.arrays()[stage].items()}
         _audit(reply, ids, n, run.hist_bins, shapes)
         assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
-        assert int(reply.content.metric_records["metrics"]["num-examples"]) == 6  # samples, not batches
+        assert int(reply.content.metric_records["metrics"]["num-examples"]) == n_train > 1  # samples, not batches
     reply = send("evaluate", {**base, "models": "clinical,dltr,dltrmlp", "final": True}, ("dltr", "head", "clinical"))
     _audit(reply, ids, n, run.hist_bins, None)
     # per-patient predictions stay at the site
     predictions = tmp_path / "sites/site-a/predictions.csv"
-    assert predictions.exists() and len(predictions.read_text().splitlines()) == 1 + 2
+    assert predictions.exists() and len(predictions.read_text().splitlines()) == 1 + n_val
 
 
 def test_audit_catches_a_per_patient_array(task_identity):
@@ -254,6 +256,11 @@ def _flower_processes(run_dir: Path) -> list[str]:
     return found
 
 
+def _labelled(cohort: Path, site: str, split: str | None = None) -> int:
+    records = parse_manifest(cohort / "sites" / site / "manifest.csv").records
+    return sum(r.response is not None and (split is None or r.split == split) for r in records)
+
+
 def test_two_round_federated_run_through_flower(tiny_cohort, tmp_path):
     out = tmp_path / "fed"
     result = _sim("run", "--cohort", str(tiny_cohort), "--out", str(out), "--run-config", TINY_RUN)
@@ -265,7 +272,9 @@ def test_two_round_federated_run_through_flower(tiny_cohort, tmp_path):
         sites = summary["models"][model]["sites"]
         assert set(sites) == {"site-a", "site-b", "site-c", "site-d", "site-e"}
         assert all(set(e) >= {"role", "auc", "n"} for e in sites.values())
-        assert sites["site-d"]["role"] == "holdout" and sites["site-d"]["n"] == 6 and sites["site-a"]["n"] == 2
+        # n: a training site's internal-validation split, a holdout site's whole labelled cohort
+        assert sites["site-d"]["role"] == "holdout" and sites["site-d"]["n"] == _labelled(tiny_cohort, "site-d")
+        assert sites["site-a"]["n"] == _labelled(tiny_cohort, "site-a", "val")
     assert set(summary["oracle"]["sites"]) == {"site-a", "site-b", "site-c", "site-d", "site-e"}
     assert "total_s" in summary["timings"] and "wall_s" in summary["timings"]
     rows = (out / "metrics.csv").read_text().splitlines()
