@@ -86,10 +86,11 @@ def report(runs: list[dict[str, Any]], seeds: list[int], reference: dict[str, An
     ours = stage_means(runs)
     ref_stages: dict[str, float] = reference.get("stages_s", {})
     print(f"\nstage (mean of {len(runs)} seed(s))       this release   {reference.get('release', 'reference'):>14}   ratio")
-    for name, seconds in ours.items():
-        ref = ref_stages.get(name)
+    for name in [*ours, *(n for n in ref_stages if n not in ours)]:
+        seconds, ref = ours.get(name), ref_stages.get(name)
         ratio = f"{ref / seconds:6.2f}x" if ref and seconds else "      "
-        print(f"  {name:<34} {seconds:8.1f} s   {'' if ref is None else f'{ref:8.1f} s':>12}   {ratio}")
+        mine = "" if seconds is None else f"{seconds:8.1f} s"
+        print(f"  {name:<38} {mine:>10}   {'' if ref is None else f'{ref:8.1f} s':>12}   {ratio}")
     print(f"  (reference: {reference.get('measured', 'none recorded')})")
     aucs = {seed: external_aucs(r["summary"]) for seed, r in zip(seeds, runs, strict=True)}
     ref_aucs = reference.get("external_aucs", {})
@@ -101,7 +102,10 @@ def report(runs: list[dict[str, Any]], seeds: list[int], reference: dict[str, An
             print(f"  seed {seed} {site}: " + "; ".join(cells))
     means = {m: mean(v[m] for s in aucs.values() for v in s.values() if v[m] is not None) for m in MODELS}
     ref_means = {m: [v[m] for s in ref_aucs.values() for v in s.values() if v.get(m) is not None] for m in MODELS}
-    print("  mean over seeds and sites: " + "; ".join(f"{m} {means[m]:.3f} / {_f(mean(ref_means[m]) if ref_means[m] else None)}" for m in MODELS))
+    print(
+        "  mean over seeds and sites: "
+        + "; ".join(f"{m} {means[m]:.3f} / {_f(mean(ref_means[m]) if ref_means[m] else None)}" for m in MODELS)
+    )
     return {"seeds": seeds, "stages_s": ours, "reference_stages_s": ref_stages, "external_aucs": aucs, "mean_external_auc": means}
 
 
