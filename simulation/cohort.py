@@ -67,6 +67,36 @@ class CentreProfile:
 
 
 @dataclass(frozen=True)
+class PhenotypeModel:
+    """How the imaging latent u shows in the target tumour: per sign, ``clip(base + slope * u + noise * N(0, 1))``.
+
+    Signs: arterial-phase hyperenhancement (aphe) and washout (relative to the liver), necrosis (radius fraction of
+    the non-enhancing core), capsule (delayed rim) and heterogeneity (texture amplitude). Higher u: hypervascular,
+    encapsulated, solid. Panel variants of the generator change which signs carry u.
+    """
+
+    aphe: tuple[float, float, float] = (0.75, 0.35, 0.12)
+    washout: tuple[float, float, float] = (0.35, 0.08, 0.12)
+    necrosis: tuple[float, float, float] = (0.32, -0.15, 0.08)
+    capsule: tuple[float, float, float] = (0.45, 0.3, 0.15)
+    heterogeneity: tuple[float, float, float] = (0.22, -0.08, 0.06)
+
+    def draw(self, rng: np.random.Generator, u: np.ndarray) -> dict[str, np.ndarray]:
+        """The signs of the target tumours of patients with latents `u` (in the order the fields are declared)."""
+        n = len(u)
+        out = {}
+        for name, (low, high) in SIGN_RANGES.items():
+            base, slope, noise = getattr(self, name)
+            out[name] = np.clip(base + slope * u + noise * rng.normal(size=n), low, high)
+        return out
+
+
+#: The range each sign is clipped to (what the renderer accepts).
+SIGN_RANGES = {"aphe": (0.05, 1.8), "washout": (0.0, 0.8), "necrosis": (0.0, 0.75), "capsule": (0.0, 1.2), "heterogeneity": (0.03, 0.5)}
+PHENOTYPE = PhenotypeModel()
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     centres: tuple[CentreProfile, ...]
@@ -75,6 +105,7 @@ class Preset:
     preprocess: PreprocessConfig = PreprocessConfig()
     val_fraction: float = 0.3
     n_unmatched: tuple[int, int] = (0, 0)  # (image-only patients, expression-only samples) in radiogenomics
+    phenotype: PhenotypeModel = PHENOTYPE
 
 
 def _acq(spacing: tuple[float, float, float], size: tuple[int, int, int], **kw: Any) -> Acquisition:
@@ -103,7 +134,58 @@ def _tiny() -> Preset:
     return Preset("tiny", centres, n_radiogenomics=24, n_genes=1500, preprocess=tiny_box, n_unmatched=(1, 1))
 
 
-PRESETS: dict[str, Callable[[], Preset]] = {"demo": _demo, "tiny": _tiny}
+def _small_centres() -> Preset:
+    """The demo with small training centres: 60 training patients each (86 patients, 30 % of them validation)."""
+    demo = _demo()
+    return replace(demo, name="small-centres", centres=tuple(replace(c, n_patients=86) if c.role == "train" else c for c in demo.centres))
+
+
+def _coarse() -> Preset:
+    """The demo acquired coarsely and anisotropically: about 4 x 4 x 7 mm voxels over the same fields of view."""
+    demo = _demo()
+    centres = []
+    for i, c in enumerate(demo.centres):
+        a = c.acquisition
+        spacing = (3.8 + 0.2 * i, 3.8 + 0.2 * i, 6.5 + 0.25 * i)
+        size = tuple(max(8, round(n * sp / new)) for n, sp, new in zip(a.size, a.spacing, spacing, strict=True))
+        centres.append(replace(c, acquisition=replace(a, spacing=spacing, size=size)))  # type: ignore[arg-type]
+    return replace(demo, name="coarse", centres=tuple(centres))
+
+
+def _enhancement_signs() -> Preset:
+    """Response shows in the enhancement ratios (arterial hyperenhancement, washout); necrosis, capsule and texture
+    hardly carry it."""
+    model = PhenotypeModel(aphe=(0.75, 0.45, 0.10), washout=(0.35, 0.16, 0.08), necrosis=(0.32, -0.03, 0.08),
+                           capsule=(0.45, 0.05, 0.15), heterogeneity=(0.22, -0.01, 0.06))  # fmt: skip
+    return replace(_demo(), name="enhancement-signs", phenotype=model)
+
+
+def _texture_signs() -> Preset:
+    """Response shows in texture and necrosis; enhancement, washout and capsule hardly carry it."""
+    model = PhenotypeModel(aphe=(0.75, 0.06, 0.12), washout=(0.35, 0.02, 0.12), necrosis=(0.32, -0.2, 0.05),
+                           capsule=(0.45, 0.05, 0.15), heterogeneity=(0.22, -0.11, 0.035))  # fmt: skip
+    return replace(_demo(), name="texture-signs", phenotype=model)
+
+
+def _scanners() -> Preset:
+    """Centres whose scanners differ more: field strength (noise, bias field), orientation and intensity scale."""
+    protocols = (
+        dict(direction=_OBLIQUE, intensity_scale=180.0, noise_sd=0.07, bias_strength=0.35),  # 1.5 T, old coil
+        dict(direction=_FLIP_XY, intensity_scale=5200.0, noise_sd=0.025, bias_strength=0.1),  # 3 T
+        dict(direction=_FLIP_Z, intensity_scale=650.0, noise_sd=0.06, bias_strength=0.4),
+        dict(direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), intensity_scale=9000.0, noise_sd=0.03, bias_strength=0.2),
+        dict(direction=_OBLIQUE, intensity_scale=300.0, noise_sd=0.08, bias_strength=0.3),
+    )
+    demo = _demo()
+    centres = tuple(replace(c, acquisition=replace(c.acquisition, **kw)) for c, kw in zip(demo.centres, protocols, strict=True))  # type: ignore[arg-type]
+    return replace(demo, name="scanners", centres=centres)
+
+
+PRESETS: dict[str, Callable[[], Preset]] = {"demo": _demo, "tiny": _tiny, "small-centres": _small_centres, "coarse": _coarse,
+                                            "enhancement-signs": _enhancement_signs, "texture-signs": _texture_signs, "scanners": _scanners}  # fmt: skip
+#: The cohort variants model changes are judged on (benchmarks/bench_quality.py): each differs from the demo in what a
+#: real consortium's data may differ in.
+PANEL = ("demo", "small-centres", "coarse", "enhancement-signs", "texture-signs", "scanners")
 
 
 def make_preset(name: str, n_sites: int | None = None, patients_per_site: int | None = None, fmt: str | None = None) -> Preset:
@@ -205,16 +287,42 @@ def _clinical_score_moments() -> tuple[float, float]:
     return float(raw.mean()), float(raw.std())
 
 
-def _phenotype(rng: np.random.Generator, u: np.ndarray) -> dict[str, np.ndarray]:
-    """Target-tumour appearance driven by the imaging latent u (higher u: hypervascular, encapsulated, solid)."""
-    n = len(u)
-    return {
-        "aphe": np.clip(0.75 + 0.35 * u + 0.12 * rng.normal(size=n), 0.05, 1.8),
-        "washout": np.clip(0.35 + 0.08 * u + 0.12 * rng.normal(size=n), 0.0, 0.8),
-        "necrosis": np.clip(0.32 - 0.15 * u + 0.08 * rng.normal(size=n), 0.0, 0.75),
-        "capsule": np.clip(0.45 + 0.3 * u + 0.15 * rng.normal(size=n), 0.0, 1.2),
-        "heterogeneity": np.clip(0.22 - 0.08 * u + 0.06 * rng.normal(size=n), 0.03, 0.5),
-    }
+def _phenotype(rng: np.random.Generator, u: np.ndarray, model: PhenotypeModel = PHENOTYPE) -> dict[str, np.ndarray]:
+    """Target-tumour appearance driven by the imaging latent u (see `PhenotypeModel`)."""
+    return model.draw(rng, u)
+
+
+def _image_features(pheno: dict[str, np.ndarray], diameter: np.ndarray, number: np.ndarray) -> np.ndarray:
+    """What a patient's images show of the response model: the target tumour's signs, its size, the number of
+    tumours (``(N, 8)``)."""
+    return np.column_stack([*(pheno[k] for k in SIGN_RANGES), np.log(diameter), number == "2-3", number == ">3"]).astype(float)
+
+
+@lru_cache(maxsize=8)
+def image_oracle(phenotype: PhenotypeModel) -> tuple[tuple[float, ...], float]:
+    """The best response probability from what the images show, as a logistic model of `_image_features` fitted
+    on a large reference population (fixed seed: deterministic). Its AUC is the image-only oracle: what no image
+    model can beat on average (rendering, noise and partial volume only lose information)."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(20251129)
+    n = 200_000
+    ref = CentreProfile("reference", "train", 0, _acq((1, 1, 1), (2, 2, 2)))
+    clin = _clinical(rng, n, ref)
+    mean, sd = _clinical_score_moments()
+    u = rng.normal(size=n)
+    pheno = phenotype.draw(rng, u)
+    response = _outcomes(rng, u, (clinical_score_raw(clin) - mean) / sd, ref.intercept)["response"]
+    fit = LogisticRegression(C=1e4, max_iter=2000).fit(_image_features(pheno, clin["diameter"], clin["number"]), response)
+    return tuple(float(c) for c in fit.coef_[0]), float(fit.intercept_[0])
+
+
+def image_oracle_probability(
+    phenotype: PhenotypeModel, pheno: dict[str, np.ndarray], diameter: np.ndarray, number: np.ndarray
+) -> np.ndarray:
+    """`image_oracle`'s probability for patients with these signs, diameters (mm) and tumour counts."""
+    coef, intercept = image_oracle(phenotype)
+    return 1 / (1 + np.exp(-(_image_features(pheno, diameter, number) @ np.array(coef) + intercept)))
 
 
 def _anatomy(rng: np.random.Generator, diameter: float, number: str, pheno: dict[str, float]) -> tuple[Anatomy, np.ndarray]:
@@ -301,7 +409,7 @@ class PatientPlan:
 
 
 def _plan_centre(
-    centre: CentreProfile, rng: np.random.Generator, val_fraction: float, prefix: str = "sites"
+    centre: CentreProfile, rng: np.random.Generator, val_fraction: float, phenotype: PhenotypeModel = PHENOTYPE
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[PatientPlan]]:
     """Manifest rows, ground-truth rows and render plans for one centre."""
     n = centre.n_patients
@@ -309,8 +417,9 @@ def _plan_centre(
     mean, sd = _clinical_score_moments()
     c_std = (clinical_score_raw(clin) - mean) / sd
     u = rng.normal(size=n)
-    pheno = _phenotype(rng, u)
+    pheno = _phenotype(rng, u, phenotype)
     out = _outcomes(rng, u, c_std, centre.intercept)
+    p_image = image_oracle_probability(phenotype, pheno, clin["diameter"], clin["number"])
     splits = _stratified_split(rng, out["response"], val_fraction) if centre.role == "train" else np.array(["test"] * n)
     manifest_rows, truth_rows, plans = [], [], []
     for i in range(n):
@@ -348,7 +457,8 @@ def _plan_centre(
         manifest_rows.append(row)
         truth_rows.append({
             "site_id": centre.site_id, "patient_id": pid, "split": splits[i], "role": centre.role, "u_img": u[i],
-            "clinical_score": c_std[i], **{k: out[k][i] for k in ("logit", "p_true", "response", "pfs_true_days", "censor_days")},
+            "clinical_score": c_std[i], "p_image": p_image[i],
+            **{k: out[k][i] for k in ("logit", "p_true", "response", "pfs_true_days", "censor_days")},
             **{k: pheno[k][i] for k in pheno}, "diameter_true_mm": clin["diameter"][i],
             "n_tumours": len(anatomy.tumours),
         })  # fmt: skip
@@ -474,7 +584,7 @@ def generate_cohort(
     cohort_sites = []
     for centre, ss in zip(preset.centres, centre_seeds[:-1], strict=True):
         rng = np.random.default_rng(ss)
-        rows, truth_rows, plans = _plan_centre(centre, rng, preset.val_fraction)
+        rows, truth_rows, plans = _plan_centre(centre, rng, preset.val_fraction, phenotype=preset.phenotype)
         site_dir = out / "sites" / centre.site_id
         site_dir.mkdir(parents=True)
         write_manifest(site_dir / "manifest.csv", rows, columns)
@@ -489,7 +599,7 @@ def generate_cohort(
     # Radiogenomics cohort: images from a mix of protocols, no TACE outcome, plus an expression matrix.
     rg_rng = np.random.default_rng(centre_seeds[-1])
     rg_centre = replace(preset.centres[0], site_id="rg", role="holdout", n_patients=preset.n_radiogenomics + preset.n_unmatched[0])
-    rows, rg_truth, plans = _plan_centre(rg_centre, rg_rng, 0.0)
+    rows, rg_truth, plans = _plan_centre(rg_centre, rg_rng, 0.0, phenotype=preset.phenotype)
     for r in rows:
         r["response"] = r["pfs_days"] = r["pfs_event"] = None
     rg_dir = out / "radiogenomics"
@@ -529,13 +639,17 @@ def generate_cohort(
         result.oracle_auc[str(site_id)] = auc
         oracle[str(site_id)] = {
             "role": str(df["role"].iloc[0]), "auc": auc, "auc_all_patients": auc_mann_whitney(df["response"], df["p_true"]),
+            "auc_image": auc_mann_whitney(eval_df["response"], eval_df["p_image"]),
+            "auc_clinical": auc_mann_whitney(eval_df["response"], eval_df["clinical_score"]),
             "n_eval": len(eval_df), "responder_rate": float(df["response"].mean()),
         }  # fmt: skip
     truth_summary = {
         "generator_version": GENERATOR_VERSION, "preset": preset.name, "seed": seed,
         "response_model": {"w_img": W_IMG, "w_clin": W_CLIN, "clinical_score_moments": _clinical_score_moments(),
                            "intercepts": {c.site_id: c.intercept for c in preset.centres}},
-        "oracle": {"note": "AUC of the true response probability: on the val split of training sites, on all patients of holdout sites",
+        "oracle": {"note": "AUC of the true response probability (auc), of the best probability from what the images show "
+                           "(auc_image: the target tumour's signs, size and the number of tumours) and of the clinical part of "
+                           "the response model (auc_clinical): on the val split of training sites, on all patients of holdout sites",
                    "sites": oracle},
         "radiogenomics": rg_meta,
     }  # fmt: skip

@@ -255,5 +255,6 @@ def add_oracle(summary: dict[str, Any], cohort: Path) -> dict[str, Any]:
     truth = cohort / "ground_truth" / "truth.json"
     if truth.exists():
         sites = json.loads(truth.read_text())["oracle"]["sites"]
-        summary["oracle"] = {"sites": {s: {"auc": v["auc"]} for s, v in sites.items()}}
+        keys = ("auc", "auc_image", "auc_clinical")
+        summary["oracle"] = {"sites": {s: {k: v[k] for k in keys if k in v} for s, v in sites.items()}}
     return summary
