@@ -467,7 +467,8 @@ class Report:
             best = headline[0]
             lead = {"sites": len(self.analysis.get("validation", {}).get("sites", {})), "model": best["model"],
                     "auc": best.get("pooled_auc"), "low": best.get("ci_low"), "high": best.get("ci_high"),
-                    "slope": best.get("calibration_slope"), "pi_low": best.get("meta_pi_low"), "pi_high": best.get("meta_pi_high")}  # fmt: skip
+                    "slope": best.get("calibration_slope"), "pi_low": best.get("meta_pi_low"), "pi_high": best.get("meta_pi_high"),
+                    "k": best.get("meta_k")}  # fmt: skip
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         return {"run": self.run.name, "stamp": stamp, "version": software_versions()["tace-fl"], "lead": lead}
 
