@@ -1,10 +1,15 @@
 """`tace-client start --config site.toml`: a hospital's connection to the study.
 
 It reads the site's configuration (deploy/site.toml is the template), refuses to start when the manifest fails
-validation or a certificate or key is unusable, then runs Flower's SuperNode with TLS and the site's key. The
-SuperNode reconnects by itself after network interruptions; when it exits for another reason this supervisor
-starts it again, except for errors no retry can fix (an unregistered key, a certificate that does not verify, a
-plaintext connection), which end with a message saying what to do.
+validation or a certificate or key is unusable, then runs Flower's SuperNode with TLS and the site's key.
+
+The site never hangs. The SuperNode retries a lost connection for ``[coordinator] reconnect-budget`` seconds; Flower
+1.42 then gives up but leaves its process alive, doing nothing. This supervisor reads the SuperNode's output and
+restarts it, with a growing pause, when it gave up, lost its registration, stopped making progress (failing to
+connect for longer than its budget) or exited. Before a restart it checks the coordinator's TLS itself: what no
+restart can fix (a certificate the site's CA did not sign, a name it was not issued for, a key the coordinator does
+not accept or revoked, another TACE-FL version) ends `tace-client start` with exit status 2 and a message saying what
+to do, so that a service manager sees it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import tomllib
 from tace.common import pki
 from tace.common.config import check_site_id
 from tace.common.errors import ConfigError, TaceError
-from tace.common.launch import flower_env, flower_executable, stop_group
+from tace.common.launch import die_with_parent, flower_env, flower_executable, stop_group
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class SiteSettings:
     require_dp: bool = False
     require_secagg: bool = False
     insecure: bool = False
+    reconnect_budget: int = 300
 
     @classmethod
     def read(cls, path: Path) -> SiteSettings:
@@ -103,6 +109,7 @@ class SiteSettings:
             require_dp=get("privacy", "require-dp", False, bool),
             require_secagg=get("privacy", "require-secagg", False, bool),
             insecure=insecure,
+            reconnect_budget=get("coordinator", "reconnect-budget", 300, int),
         )
 
     def node_config(self) -> str:
@@ -123,7 +130,8 @@ def _quote(text: str) -> str:
     return f"'{text}'"
 
 
-#: Lines in the SuperNode's output that no retry can fix, and what the site's IT team should do about them.
+#: Lines in the SuperNode's output (or the site's ClientApp's, whose errors carry their reason code) and what the
+#: site's IT team should do about them. All but `RETRYABLE` are beyond what a restart can fix.
 FATAL = (
     ("Failed to activate SuperNode", "the coordinator does not accept this site's key: send {pub} to the coordinator "
      "(`tace-server sites add {site} {pub}`) and check [auth] private-key in {config}; the coordinator restarts to take it up"),
@@ -137,7 +145,20 @@ FATAL = (
     ("WRONG_VERSION_NUMBER", "the coordinator at {address} does not speak TLS (or something else answers on that port): "
      "check the address and port, and ask the coordinator whether it started with --insecure"),
     ("authentication requires a secure TLS connection", "site authentication needs TLS: remove insecure = true from {config}"),
+    ("[tace:version-mismatch]", "this site runs another TACE-FL version than the coordinator: install the coordinator's version "
+     "(they read it from `tace-server --version`) and start the client again"),
+    ("[tace:signature-mismatch]", "this site's TACE-FL installation builds other models than the coordinator's although the "
+     "versions agree (a modified installation): reinstall TACE-FL and start the client again"),
 )  # fmt: skip
+#: Of `FATAL`, what can pass: a coordinator that answers without TLS may be back with TLS later (a test in --insecure
+#: mode, another service on the port for a while). The supervisor says so and keeps trying.
+RETRYABLE = ("WRONG_VERSION_NUMBER",)
+#: The SuperNode stopped trying although its process lives on (Flower gives up after its reconnection budget, and
+#: at once on a TLS error), or it lost its registration: the supervisor restarts it.
+GAVE_UP = ("Giving up reconnection", "SSL/TLS handshake error detected", "does not recognize this SuperNode")
+#: The SuperNode made progress (connected, or exchanged a message): it is not stuck.
+PROGRESS = ("Connection successful", "Received successfully", "Sent successfully", "SuperNode ID:")
+FAILING = "Connection attempt failed"
 
 
 def preflight(settings: SiteSettings, validate: bool = True) -> list[str]:
@@ -203,15 +224,21 @@ def probe(settings: SiteSettings, timeout_s: float = 10.0) -> str:
                 tls.getpeercert()
         except ssl.SSLCertVerificationError as exc:
             pattern = "Hostname mismatch" if "mismatch" in str(exc.verify_message).lower() else "CERTIFICATE_VERIFY_FAILED"
-            raise TaceError(f"site {settings.site_id} could not verify the coordinator: {_fatal(pattern, settings)}",
+            raise TaceError(f"site {settings.site_id} could not verify the coordinator: {_advice(pattern, settings)}",
                             f"({exc.verify_message})") from None  # fmt: skip
         except ssl.SSLError as exc:
-            raise TaceError(f"site {settings.site_id} could not verify the coordinator: {_fatal('WRONG_VERSION_NUMBER', settings)}",
+            raise Plaintext(f"site {settings.site_id} could not verify the coordinator: {_advice('WRONG_VERSION_NUMBER', settings)}",
                             f"({exc.reason})") from None  # fmt: skip
     return f"the coordinator at {settings.address} presented a certificate signed by the study CA"
 
 
-def _fatal(line: str, settings: SiteSettings) -> str | None:
+class Plaintext(TaceError):
+    """The coordinator answers without TLS: fatal at start (the operator is there to check the address), retried
+    while the site runs (the coordinator may be back with TLS)."""
+
+
+def _advice(line: str, settings: SiteSettings) -> str | None:
+    """What to do about `line` of the SuperNode's output, if it is one of `FATAL`'s."""
     for pattern, advice in FATAL:
         if pattern in line:
             fingerprint = pki.certificate_fingerprint(settings.ca_certificate) if settings.ca_certificate else "-"
@@ -221,9 +248,15 @@ def _fatal(line: str, settings: SiteSettings) -> str | None:
     return None
 
 
+def _fatal(line: str, settings: SiteSettings) -> str | None:
+    """What to do about `line`, if no restart can fix it (None otherwise)."""
+    return None if any(p in line for p in RETRYABLE) else _advice(line, settings)
+
+
 def _pump(stream: Any, lines: queue.Queue[str | None]) -> None:
-    for line in stream:
-        lines.put(line)
+    with stream:
+        for line in stream:
+            lines.put(line)
     lines.put(None)
 
 
@@ -235,67 +268,144 @@ def _raise_stop(signum: int, frame: Any) -> None:
     raise _Stop()
 
 
-def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool = True) -> int:
-    """Run the SuperNode until stopped; restart it when it exits for a reason a retry can fix."""
-    log_dir = settings.output / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    threads = str(settings.threads) if settings.threads else None
-    extra = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
-    extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"  # start the ClientApp process sooner (Flower's default: 1 s)
-    env = flower_env((settings.cache / "flwr").resolve(), extra)
-    cmd = [str(flower_executable("flower-supernode", env)), "--superlink", settings.address, "--node-config", settings.node_config(),
-           "--port", str(settings.runtime_port)]  # fmt: skip
-    if settings.insecure:
-        cmd.append("--insecure")
-    else:
-        cmd += ["--root-certificates", str(settings.ca_certificate), "--auth-supernode-private-key", str(settings.private_key)]
-    previous = signal.signal(signal.SIGTERM, _raise_stop)
-    restarts, delay = 0, 2.0
-    proc: subprocess.Popen[str] | None = None
-    try:
-        while True:
-            started = time.monotonic()
-            with open(log_dir / "client.log", "a", encoding="utf-8") as log:
-                proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+@dataclass(frozen=True)
+class Outcome:
+    """How one SuperNode run ended: `kind` is "fatal" (no restart can help; `detail` says what to do), "gave-up",
+    "stalled" or "exited" (a restart can help; `detail` says why it is needed)."""
+
+    kind: str
+    detail: str
+
+
+class Supervisor:
+    """Runs the site's SuperNode, restarts it when it gave up, stalled or exited, and ends on what no restart fixes.
+
+    `command` replaces Flower's SuperNode (tests run a stand-in that prints what Flower prints); `first_delay_s` and
+    `max_delay_s` bound the pause before a restart, which doubles after every restart and starts over once a
+    SuperNode ran healthy for `healthy_s`; `stall_s` (default: the reconnection budget and a minute) is how long a
+    SuperNode may fail to connect without giving up before it counts as stuck.
+    """
+
+    def __init__(self, settings: SiteSettings, echo: bool = True, command: list[str] | None = None, max_restarts: int | None = None,
+                 first_delay_s: float = 2.0, max_delay_s: float = 60.0, healthy_s: float = 300.0, stall_s: float | None = None) -> None:  # fmt: skip
+        self.settings, self.echo, self.max_restarts = settings, echo, max_restarts
+        self.first_delay_s, self.max_delay_s, self.healthy_s = first_delay_s, max_delay_s, healthy_s
+        threads = str(settings.threads) if settings.threads else None
+        extra = {k: threads for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")} if threads else {}
+        extra["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "0.1"  # start the ClientApp process sooner (Flower's default: 1 s)
+        self.env = flower_env((settings.cache / "flwr").resolve(), extra)
+        self.command = command or self._supernode()
+        budget = settings.reconnect_budget
+        # Failing to connect for longer than Flower's own budget (and a margin) means the SuperNode is stuck.
+        self.stall_s = stall_s if stall_s is not None else ((budget + 60.0) if budget > 0 else 900.0)
+        self.log_path = settings.output / "logs" / "client.log"
+
+    def _supernode(self) -> list[str]:
+        settings = self.settings
+        cmd = [str(flower_executable("flower-supernode", self.env)), "--superlink", settings.address, "--node-config",
+               settings.node_config(), "--port", str(settings.runtime_port)]  # fmt: skip
+        if settings.reconnect_budget > 0:
+            cmd += ["--max-wait-time", str(settings.reconnect_budget)]
+        if settings.insecure:
+            cmd.append("--insecure")
+        else:
+            cmd += ["--root-certificates", str(settings.ca_certificate), "--auth-supernode-private-key", str(settings.private_key)]
+        return cmd
+
+    def say(self, text: str) -> None:
+        """A line of the supervisor's own: on its output and in the site's log."""
+        line = f"tace-client: {text}"
+        print(line, flush=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(line + "\n")
+
+    def run(self) -> int:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        restarts, delay = 0, self.first_delay_s
+        proc: subprocess.Popen[str] | None = None
+        try:
+            while True:
+                started = time.monotonic()
+                proc = subprocess.Popen(self.command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        start_new_session=True, preexec_fn=die_with_parent())  # fmt: skip
                 assert proc.stdout is not None
-                fatal = None
                 lines: queue.Queue[str | None] = queue.Queue()
-                threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
-                exiting_since: float | None = None
-                while True:
-                    try:
-                        line = lines.get(timeout=1.0)
-                    except queue.Empty:
-                        # The SuperNode announced its exit: its SuperExec child would keep the pipe open retrying a
-                        # connection to it, so end the whole group once the reason has been read.
-                        if exiting_since is not None and (time.monotonic() - exiting_since > 3 or proc.poll() is not None):
-                            break
-                        continue
-                    if line is None:
-                        break
-                    log.write(line)
-                    log.flush()
-                    if echo:
-                        sys.stdout.write(line)
-                        sys.stdout.flush()
-                    fatal = fatal or _fatal(line, settings)
-                    if "Exit Code:" in line and exiting_since is None:
-                        exiting_since = time.monotonic()
+                pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
+                pump.start()
+                outcome = self._watch(proc, lines)
                 stop_group(proc)
-            if fatal:
-                raise TaceError(f"site {settings.site_id} could not join the study: {fatal}", f"the full log is {log_dir / 'client.log'}")
-            restarts += 1
-            if max_restarts is not None and restarts > max_restarts:
-                raise TaceError(
-                    f"the SuperNode stopped {restarts} times (last exit status {proc.returncode})", f"see {log_dir / 'client.log'}"
-                )
-            delay = 2.0 if time.monotonic() - started > 300 else min(delay * 2, 60.0)
-            print(f"the connection to the coordinator ended (exit status {proc.returncode}); reconnecting in {delay:.0f} s", flush=True)
-            time.sleep(delay)
-    except (_Stop, KeyboardInterrupt):
-        print("site client stopped", flush=True)
-        return 0
-    finally:
-        if proc is not None:
-            stop_group(proc, grace_s=15.0)
-        signal.signal(signal.SIGTERM, previous)
+                pump.join(timeout=10)  # the pipe ends with the SuperNode's process group
+                if outcome.kind == "fatal":
+                    raise TaceError(f"site {self.settings.site_id} could not take part in the study: {outcome.detail}",
+                                    f"the full log is {self.log_path}")  # fmt: skip
+                restarts += 1
+                if self.max_restarts is not None and restarts > self.max_restarts:
+                    raise TaceError(f"the SuperNode stopped {restarts} times (last: {outcome.detail})", f"see {self.log_path}")
+                delay = self.first_delay_s if time.monotonic() - started > self.healthy_s else min(delay * 2, self.max_delay_s)
+                self.say(f"the SuperNode {outcome.detail}; restarting it in {delay:.0f} s")
+                time.sleep(delay)
+                self._check_coordinator()
+        except (_Stop, KeyboardInterrupt):
+            print("site client stopped", flush=True)
+            return 0
+        finally:
+            if proc is not None:
+                stop_group(proc, grace_s=15.0)
+            signal.signal(signal.SIGTERM, previous)
+
+    def _check_coordinator(self) -> None:
+        """Before a restart: what no restart can fix (the coordinator's certificate) ends the client here."""
+        try:
+            self.say(probe(self.settings))
+        except Plaintext as exc:
+            self.say(f"{exc.message}; trying again")
+        except TaceError as exc:
+            raise TaceError(
+                f"{exc.message} (checked before restarting the SuperNode)", f"{exc.hint}; the full log is {self.log_path}"
+            ) from None
+
+    def _watch(self, proc: subprocess.Popen[str], lines: queue.Queue[str | None]) -> Outcome:
+        """Read the SuperNode's output (into the site's log) until it ended, gave up, stalled or said something fatal."""
+        exiting_since: float | None = None
+        failing_since: float | None = None
+        gave_up: tuple[float, str] | None = None
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            while True:
+                now = time.monotonic()
+                if gave_up is not None and now - gave_up[0] > 2.0:
+                    return Outcome("gave-up", gave_up[1])  # the lines after its last words are read: none was fatal
+                if exiting_since is not None and (now - exiting_since > 3 or proc.poll() is not None):
+                    # The SuperNode announced its exit: its SuperExec child would keep the pipe open retrying a
+                    # connection to it, so end the whole group once the reason has been read.
+                    return Outcome("exited", f"exited (status {proc.poll()})")
+                if failing_since is not None and now - failing_since > self.stall_s:
+                    return Outcome("stalled", f"made no progress for {now - failing_since:.0f} s (failing to reach the coordinator)")
+                try:
+                    line = lines.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                if line is None:
+                    return Outcome("exited", f"exited (status {proc.wait()})")
+                log.write(line)
+                log.flush()
+                if self.echo:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if (advice := _fatal(line, self.settings)) is not None:
+                    return Outcome("fatal", advice)
+                if any(p in line for p in GAVE_UP) and gave_up is None:
+                    gave_up = (now, f"gave up reconnecting ({_advice(line, self.settings) or line.strip()[-200:]})")
+                elif gave_up is not None and (advice := _advice(line, self.settings)) is not None:
+                    gave_up = (gave_up[0], f"gave up reconnecting: {advice}")
+                if FAILING in line and failing_since is None:
+                    failing_since = now
+                elif any(p in line for p in PROGRESS):
+                    failing_since = None
+                if "Exit Code:" in line and exiting_since is None:
+                    exiting_since = now
+
+
+def run_site(settings: SiteSettings, max_restarts: int | None = None, echo: bool = True) -> int:
+    """Run the SuperNode until stopped, restarting it when a restart can help (`Supervisor`)."""
+    return Supervisor(settings, echo=echo, max_restarts=max_restarts).run()

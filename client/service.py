@@ -82,7 +82,8 @@ class SiteService:
         signature = model_signature(request.backbones or (self.run.backbone,), len(self.run.preprocess.sequences), len(FEATURES))
         failure = compatibility(request, signature) or self.policy.join_refusal()
         if failure is not None:
-            log.error("%s", failure.message)  # the site's operator reads this in the client log
+            # The site's operator reads this in the client log; `tace-client start` ends on the codes no restart fixes.
+            log.error("%s", failure.encode())
             return InfoReply(self.site.site_id, failure)
         return InfoReply(self.site.site_id, None, task.counts(), _version(), signature)
 

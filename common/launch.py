@@ -90,6 +90,72 @@ def processes() -> Iterator[Path]:
     return (p for p in Path("/proc").iterdir() if p.name.isdigit())
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting to be reaped does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def started_at(pid: int) -> str:
+    """When `pid` started (clock ticks since boot, from /proc): with the pid it names a process uniquely, so that a
+    pid file never mistakes a later process that got the same pid for the one it recorded. Empty when not running."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def with_flower_home(home: Path) -> list[int]:
+    """The live processes started with `home` as Flower's home folder (`flower_env`): every Flower program of one
+    study or one site, and what those started (SuperExec, ServerApp, ClientApp processes inherit the environment)."""
+    marker = f"FLWR_HOME={home.resolve()}".encode()
+    found = []
+    for proc in processes():
+        try:
+            if int(proc.name) != os.getpid() and marker in (proc / "environ").read_bytes().split(b"\0") and alive(int(proc.name)):
+                found.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def end_processes(pids: list[int], grace_s: float = 10.0) -> list[int]:
+    """SIGTERM `pids`, wait up to `grace_s` for them to exit, SIGKILL what is left; returns those still alive after."""
+    import time
+
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while (pids := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not pids:
+            break
+    return pids
+
+
+def die_with_parent() -> Any:
+    """A `preexec_fn` for `subprocess.Popen`: the child gets SIGTERM when the process that started it dies, however
+    it dies (Linux's parent-death signal), so that a SuperLink, `flwr run` or SuperNode never outlives a `tace-server`
+    or `tace-client` that was killed (SIGKILL, out of memory). Their own children (SuperExec, app processes) watch
+    their parent and end with it."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+        if os.getppid() != parent:  # the parent died before the signal was armed
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
 def flower_env(flwr_home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for Flower's programs: its home folder, no telemetry, no update check, no dependency
     installs, and this interpreter's bin folder first on PATH (Flower starts its helpers by name)."""

@@ -214,6 +214,16 @@ def read_public_key(path: Path) -> KeyInfo:
     return KeyInfo(text, fingerprint)
 
 
+def pem_key_fingerprint(pem: bytes) -> str:
+    """The SHA-256 fingerprint of a PEM public key (how Flower's SuperLink logs a key it refused), as `read_public_key`
+    and `ssh-keygen -lf` give it for the same key in OpenSSH format."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_public_key(pem)
+    blob = base64.b64decode(key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
 def check_private_key(path: Path) -> None:
     """A site's private key must exist, load, and not be readable by others."""
     from cryptography.hazmat.primitives import serialization

@@ -40,7 +40,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         status.write("waiting for sites", expected_sites=expected)
         ledger = PrivacyLedger(rundir.path / "privacy_ledger.json", run) if run.dp else None
-        federation = FlowerFederation(grid, run, expected, ledger=ledger)
+        federation = FlowerFederation(grid, run, expected, ledger=ledger, on_refused=status.refuse)
         federation.on_event = rundir.record_event
         status.sites = federation
         status.write("training" if not run.resume else "resuming")

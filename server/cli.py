@@ -135,12 +135,22 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return EXIT_OK
-    print(f"coordinator: {info['coordinator']}; registered sites: {', '.join(info['registered_sites']) or 'none'}")
+    coordinator = {"died": "NOT RUNNING (it was killed without stopping; `tace-server stop` cleans up, `start --resume` continues)",
+                   "stopped": "stopped"}.get(info["coordinator"], info["coordinator"])  # fmt: skip
+    print(f"coordinator: {coordinator}; registered sites: {', '.join(info['registered_sites']) or 'none'}")
+    if info.get("leftover_processes"):
+        print(f"  WARNING: {len(info['leftover_processes'])} Flower process(es) of this study still run without a coordinator "
+              f"(pids {', '.join(map(str, info['leftover_processes']))}): `tace-server stop` ends them")  # fmt: skip
+    for fingerprint, entry in info.get("refused_keys", {}).items():
+        who = f"site {entry['site']}'s key" if entry.get("site") else "an unregistered key"
+        print(f"  REFUSED by the SuperLink: {who} {fingerprint} ({entry['attempts']} attempt(s), last {entry['last']})")
     if info["run"] is None:
         print("no run yet")
         return EXIT_OK
     st = info.get("status", {})
     state = "finished" if info.get("finished") else st.get("state", "not started")
+    if state == "interrupted":
+        state += " (no coordinator runs it; `tace-server start --resume` continues from its last completed round)"
     print(f"run {info['run']}: {state}")
     if "stage" in st:
         auc = st.get("pooled_val_auc")
@@ -150,7 +160,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         online = set(st.get("sites_online", []))
         for site, role in st["sites"].items():
             metrics = st.get("site_metrics", {}).get(site, "")
-            print(f"  {site:16s} {role:8s} {'online' if site in online else 'OFFLINE':8s} {metrics}")
+            connection = ("online" if site in online else "OFFLINE") if info["coordinator"] == "running" else "-"
+            print(f"  {site:16s} {role:8s} {connection:8s} {metrics}")
+    for site, entry in st.get("refused", {}).items():
+        print(f"  {site:16s} REFUSED  [{entry['reason']}] {entry['message']}")
     if "error" in st:
         print(f"  error: {st['error']}")
     for event in info.get("events", []):

@@ -5,6 +5,11 @@ Training sites get train messages, every site gets evaluate messages at the end,
 combined by `tace.server.aggregation`. A site that fails, vanishes or exceeds ``round-timeout`` is left out of that
 round with its reason code (the workflow decides whether enough updates remain); it takes part again as soon as it
 answers, also after a restart under a new node id.
+
+Every reply is matched to the request it answers (its ``reply_to_message_id``), never to its sender field: errors the
+SuperLink raises itself (a site that missed its heartbeats, an expired message) come from the SuperLink's own node
+id and would otherwise be credited to a site that does not exist. A node counts as a joined site only once it
+answered who it is: the SuperLink's stored state can list nodes of an earlier start as online for a minute.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from tace.common.cli import version_string
@@ -79,8 +85,25 @@ def clean_reason(reason: str | None) -> str:
     return text.rstrip("'>\n ").strip()
 
 
-def failure_of(reason: str | None) -> Failure:
-    """A Flower error reason as the site's failure: its reason code and message (`TRANSPORT` when Flower's own)."""
+#: Errors the SuperLink raises itself, for a site that did not answer: what happened, in words.
+_UNAVAILABLE = {
+    int(ErrorCode.NODE_UNAVAILABLE): "the site went offline (it missed its heartbeats to the SuperLink)",
+    int(ErrorCode.REPLY_MESSAGE_UNAVAILABLE): "the site's reply expired before it was collected",
+    int(ErrorCode.MESSAGE_UNAVAILABLE): "the message to the site expired before the site collected it",
+}
+
+#: Seconds between two polls of the SuperLink for replies (Flower's own `send_and_receive` waits 3 s).
+POLL_S = 1.0
+#: Seconds a round waits for sites that connected since the last round to say who they are; a site that takes longer
+#: is admitted at a later round (its answer is collected then).
+ADMIT_WAIT_S = 15.0
+
+
+def failure_of(reason: str | None, code: int | None = None) -> Failure:
+    """A Flower error as the site's failure: its reason code and message (`TRANSPORT` when Flower's own, `NO_REPLY`
+    when the SuperLink reports the site or its reply unavailable)."""
+    if code is not None and int(code) in _UNAVAILABLE:
+        return Failure(Reason.NO_REPLY, _UNAVAILABLE[int(code)])
     return Failure.decode(clean_reason(reason))
 
 
@@ -94,70 +117,96 @@ class FlowerFederation:
 
     def __init__(
         self, grid: Grid, run: RunConfig, expected_sites: int, wait_s: float | None = None, timeout_s: float | None = None,
-        ledger: PrivacyLedger | None = None,
+        ledger: PrivacyLedger | None = None, on_refused: Callable[[str, Failure], None] | None = None,
     ) -> None:  # fmt: skip
         self.grid = grid
         self.run = run
         self.timeout_s = float(run.round_timeout if timeout_s is None else timeout_s)
         self.on_event: Callable[[str, str, int, str, str], None] | None = None
+        self.on_refused = on_refused
         self.ledger = ledger
         self.aggregator = Aggregator(run, ledger)
         self.signature = model_signature(run.backbone_candidates or (run.backbone,), len(run.preprocess.sequences), len(FEATURES))
         self.nodes: dict[int, str] = {}
         self.info: dict[str, InfoReply] = {}
         self.roles: dict[str, str] = {}
-        self._discover(self._wait_for(expected_sites, float(run.join_timeout if wait_s is None else wait_s)), strict=True)
+        self.refused: dict[str, Failure] = {}  # sites that answered but were not admitted, and why
+        self._asking: dict[str, int] = {}  # info requests awaiting an answer: message id -> node
+        self._join(expected_sites, float(run.join_timeout if wait_s is None else wait_s))
         self.set_roles(() if run.layout == "loco" else run.holdout)
 
-    def _wait_for(self, expected: int, wait_s: float) -> list[int]:
-        deadline = time.monotonic() + wait_s
-        node_ids = list(self.grid.get_node_ids())
-        while len(node_ids) < expected and time.monotonic() < deadline:
-            time.sleep(0.5)
-            node_ids = list(self.grid.get_node_ids())
-        if len(node_ids) < expected:
-            raise TaceError(f"only {len(node_ids)} of {expected} sites connected within {wait_s:.0f} s", "start the missing sites' clients")
-        return node_ids
+    def _info_request(self) -> Records:
+        return InfoRequest(coordinator_version=version_string(), model_signature=self.signature,
+                           backbones=self.run.backbone_candidates or (self.run.backbone,)).records()  # fmt: skip
 
-    def _discover(self, node_ids: list[int], strict: bool) -> None:
-        """Ask `node_ids` who they are and whether their data and software are ready. At the start (`strict`)
-        every problem stops the run; later (a site rejoining) the site is only left out and logged."""
-        request = InfoRequest(coordinator_version=version_string(), model_signature=self.signature,
-                              backbones=self.run.backbone_candidates or (self.run.backbone,))  # fmt: skip
-        replies, errors = self._send(node_ids, "query", {n: request.records() for n in node_ids})
-        failed = [f"site {self.nodes.get(n, n)}: {why}" for n, why in errors.items()]
-        found: dict[int, InfoReply] = {}
-        for node_id, reply in replies.items():
-            info = InfoReply.from_records(received(reply))
-            if info.failure is not None:
-                failed.append(f"site {info.site_id}:\n{info.failure.message}")
-            elif info.version != version_string() or (info.model_signature or self.signature) != self.signature:
-                failed.append(f"site {info.site_id} runs TACE-FL {info.version} with model signature {info.model_signature}, the "
-                              f"coordinator {version_string()} with {self.signature}: install the coordinator's version at the site")  # fmt: skip
-            elif any(s.site_id == info.site_id for s in found.values()) or (strict and info.site_id in self.info):
-                raise TaceError(
-                    f"two connected sites both call themselves {info.site_id!r}",
-                    "give every site its own site-id in its node configuration",
-                )
-            else:
-                found[node_id] = info
-        if failed and strict:
-            raise TaceError("sites not ready; no training was started\n" + "\n".join(failed),
-                            "each site runs `tace-client check --manifest ...` and installs the coordinator's TACE-FL version, "
-                            "fixes what is listed, and rejoins")  # fmt: skip
-        for line in failed:
-            log.warning("a connecting site was not admitted: %s", line)
-        for node_id, info in found.items():
-            for old in [n for n, s in self.nodes.items() if s == info.site_id and n != node_id]:
-                del self.nodes[old]  # the site restarted under a new node id
-            self.nodes[node_id] = info.site_id
-            self.info[info.site_id] = info
+    def _join(self, expected: int, wait_s: float) -> None:
+        """Wait until `expected` sites said who they are, asking every node that connects. A node that never answers
+        (a stale entry of the SuperLink's state from an earlier start, or a site still validating its data when
+        join-timeout ends) does not count. Any site refused at the start stops the run before training, once every
+        expected site answered (so that every site's problems are listed at once)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            self._admit(strict=True)
+            if len(self.info) + len(self.refused) >= expected or time.monotonic() >= deadline:
+                break
+            time.sleep(POLL_S / 2)
+        if self.refused:
+            lines = [f"site {site}: {why.message}" for site, why in sorted(self.refused.items())]
+            raise TaceError("sites not ready; no training was started\n" + "\n".join(lines), _refusal_hint(self.refused.values()))
+        if len(self.info) < expected:
+            joined = ", ".join(sorted(self.info)) or "none"
+            silent = len(self._asking)
+            also = (f"; {silent} other connection(s) did not say who they are (stale entries from an earlier start, or sites still "
+                    "starting or validating their data)") if silent else ""  # fmt: skip
+            raise TaceError(f"only {len(self.info)} of {expected} sites joined within {wait_s:.0f} s (joined: {joined}){also}",
+                            "start the missing sites' clients (`tace-client start`) and check their logs; then start the coordinator "
+                            "again")  # fmt: skip
+
+    def _admit(self, strict: bool, wait_s: float = 0.0) -> None:
+        """Ask nodes that connected since the last call who they are, and admit those that answered (waiting up to
+        `wait_s` for their answers; later answers are collected at the next call). At the start (`strict`) a site
+        that is not ready is kept in `refused` and stops the run; later (a site rejoining) it is only left out."""
+        asked = set(self._asking.values())
+        new = [n for n in self.grid.get_node_ids() if n not in self.nodes and n not in asked]
+        if new:
+            messages = [Message(content=content(self._info_request()), message_type="query", dst_node_id=n) for n in new]
+            self._asking.update(_pushed(self.grid, messages, new))
+        deadline = time.monotonic() + wait_s
+        while self._asking:
+            for reply in self.grid.pull_messages(list(self._asking)):
+                node = self._asking.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None and not reply.has_error():
+                    self._admit_reply(node, InfoReply.from_records(received(reply)), strict)
+                elif node is not None and int(reply.error.code) not in _UNAVAILABLE:
+                    log.warning("a connecting node failed to say who it is: %s", failure_of(reply.error.reason))
+            if not self._asking or time.monotonic() >= deadline:
+                break
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+
+    def _admit_reply(self, node_id: int, info: InfoReply, strict: bool) -> None:
+        failure = info.failure
+        if failure is None and (info.version != version_string() or (info.model_signature or self.signature) != self.signature):
+            failure = Failure(Reason.VERSION_MISMATCH,
+                              f"runs TACE-FL {info.version} with model signature {info.model_signature}, the coordinator "
+                              f"{version_string()} with {self.signature}: install the coordinator's version at the site")  # fmt: skip
+        if failure is None and info.site_id in self.info and strict:
+            raise TaceError(f"two connected sites both call themselves {info.site_id!r}",
+                            "give every site its own site-id in its node configuration")  # fmt: skip
+        if failure is not None:
+            self.refused[info.site_id] = failure
+            log.warning("site %s was not admitted: [%s] %s", info.site_id, failure.reason.value, failure.message)
+            if self.on_refused:
+                self.on_refused(info.site_id, failure)
+            return
+        for old in [n for n, s in self.nodes.items() if s == info.site_id and n != node_id]:
+            del self.nodes[old]  # the site restarted under a new node id
+        self.nodes[node_id] = info.site_id
+        self.info[info.site_id] = info
+        self.refused.pop(info.site_id, None)
 
     def _refresh(self) -> None:
         """Admit nodes that connected since the last round (a site restarted without registered keys)."""
-        new = [n for n in self.grid.get_node_ids() if n not in self.nodes]
-        if new:
-            self._discover(new, strict=False)
+        self._admit(strict=False, wait_s=min(ADMIT_WAIT_S, self.timeout_s))
 
     def online(self) -> list[str]:
         """The sites whose nodes the SuperLink currently counts as connected."""
@@ -169,27 +218,38 @@ class FlowerFederation:
 
     def _send(self, node_ids: list[int], kind: str, requests: Mapping[int, Records]) -> tuple[dict[int, Message], dict[int, Failure]]:
         """Send each node its request and wait up to `timeout_s`; returns the replies and, per node that failed or
-        did not answer in time, why."""
+        did not answer in time, why. A reply belongs to the node its request went to (see the module docstring)."""
         messages = [Message(content=content(requests[n]), message_type=kind, dst_node_id=n) for n in node_ids]
+        pending = _pushed(self.grid, messages, node_ids)
         out: dict[int, Message] = {}
-        errors: dict[int, Failure] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.timeout_s):
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                errors[node] = failure_of(reply.error.reason)
-            else:
-                out[node] = reply
-        for n in node_ids:
-            if n not in out and n not in errors:
-                errors[n] = Failure(Reason.NO_REPLY, f"no reply (the site went offline, or did not answer within round-timeout, "
-                                                      f"{self.timeout_s:.0f} s)")  # fmt: skip
+        errors: dict[int, Failure] = {n: Failure(Reason.TRANSPORT, "the SuperLink did not accept the message")
+                                      for n in node_ids if n not in pending.values()}  # fmt: skip
+        deadline = time.monotonic() + self.timeout_s
+        while pending:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    errors[node] = failure_of(reply.error.reason, reply.error.code)
+                else:
+                    out[node] = reply
+            if not pending or time.monotonic() >= deadline:
+                break
+            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
+        for n in pending.values():
+            errors[n] = Failure(Reason.NO_REPLY, f"no reply (the site went offline, or did not answer within round-timeout, "
+                                                 f"{self.timeout_s:.0f} s)")  # fmt: skip
         return out, errors
+
+    def _site(self, node: int) -> str:
+        return self.nodes.get(node, "(a connection that never said which site it is)")
 
     def _event(self, kind: str, stage: str, server_round: int, node: int, detail: str) -> None:
         if self.on_event:
-            self.on_event(kind, stage, server_round, self.nodes.get(node, str(node)), detail)
+            self.on_event(kind, stage, server_round, self._site(node), detail)
         else:
-            log.warning("%s round %d: site %s %s: %s", stage, server_round, self.nodes.get(node, node), kind, detail)
+            log.warning("%s round %d: site %s %s: %s", stage, server_round, self._site(node), kind, detail)
 
     def _request(self, node: int, request: Request, arrays: Arrays | None = None) -> Records:
         """`request` (with the node's role) as a message's records."""
@@ -215,7 +275,7 @@ class FlowerFederation:
         nodes = self._nodes("train")
         replies, errors = self._send(nodes, "query", {n: StatsRequest().records() for n in nodes})
         if errors:
-            lines = "\n".join(f"site {self.nodes.get(n, n)}: {why}" for n, why in errors.items())
+            lines = "\n".join(f"site {self._site(n)}: {why}" for n, why in errors.items())
             raise TaceError(f"{len(errors)} site(s) failed during 'query':\n{lines}", "see the site's client log for details")
         # Merge in site order: float sums depend on the order, and the encoder feeds training.
         ordered = sorted(replies.items(), key=lambda kv: self.nodes[kv[0]])
@@ -330,3 +390,25 @@ class FlowerFederation:
             except (TaceError, KeyError, TypeError, ValueError) as exc:
                 out[self.nodes[node]] = {"error": f"malformed reply ({type(exc).__name__})"}
         return dict(sorted(out.items()))
+
+
+def _pushed(grid: Grid, messages: list[Message], node_ids: list[int]) -> dict[str, int]:
+    """Push `messages` (one per node of `node_ids`, in order); returns {message id: node} of those the SuperLink took."""
+    ids = list(grid.push_messages(messages))
+    return {mid: n for mid, n in zip(ids, node_ids, strict=False) if mid}
+
+
+def _refusal_hint(failures: Any) -> str:
+    """What the refused sites (and the coordinator) do, from the refusals' reason codes."""
+    reasons = {f.reason for f in failures}
+    hints = []
+    if Reason.DATA_PROBLEMS in reasons:
+        hints.append("a site with data problems runs `tace-client check --manifest ...`, fixes what it lists and restarts its client")
+    if reasons & {Reason.VERSION_MISMATCH, Reason.SIGNATURE_MISMATCH}:
+        hints.append("a site on another TACE-FL version installs the coordinator's (`tace-server --version`) and restarts its client")
+    if reasons & {Reason.REQUIRES_DP, Reason.REQUIRES_SECAGG}:
+        hints.append("a site whose own rules refuse this run's privacy settings needs run-config dp/secagg set as it says, or "
+                     "leaves the study")  # fmt: skip
+    if not hints:
+        hints.append("see each site's client log")
+    return "; ".join(hints) + "; then start the coordinator again"

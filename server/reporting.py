@@ -23,8 +23,16 @@ def save_models(rundir: RunDir, result: StudyResult, run: RunConfig) -> None:
     save_run_models(rundir.path / "models", model)
 
 
-def data_sharing(summaries: dict[str, SiteSummary], rounds: dict[str, int], run: RunConfig | None = None) -> dict[str, Any]:
-    """What left each site during the run, and in which mode it shared its final evaluation."""
+def data_sharing(
+    summaries: dict[str, SiteSummary], rounds: dict[str, int], run: RunConfig | None = None,
+    sent_rounds: dict[str, dict[str, list[int]]] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """What left each site during the run, and in which mode it shared its final evaluation.
+
+    `rounds` is the number of rounds each stage ran (`RunDir.rounds_recorded`), `sent_rounds` per site and stage the
+    rounds whose update the site actually sent (`RunDir.rounds_sent`; None: every round, as a reference run without
+    faults). A site left out of a round (offline, timed out, declined) sent nothing that round.
+    """
     run = run or RunConfig()
     how = ""
     if run.sample_dp:
@@ -36,10 +44,19 @@ def data_sharing(summaries: dict[str, SiteSummary], rounds: dict[str, int], run:
     out: dict[str, Any] = {}
     for site, summary in sorted(summaries.items()):
         sent = []
+        entry: dict[str, Any] = {}
         if summary.role == "train":
             if not run.dp:
                 sent.append("clinical statistics of the training split (counts, sums, sums of squares per feature)")
-            sent += [f"model weights after local training: {n} round(s) of stage {stage}{how}" for stage, n in sorted(rounds.items())]
+            mine = {stage: list(range(1, n + 1)) for stage, n in rounds.items()} if sent_rounds is None else sent_rounds.get(site, {})
+            entry["rounds_sent"] = {stage: len(mine.get(stage, [])) for stage in sorted(rounds)}
+            entry["rounds_left_out"] = {
+                stage: [r for r in range(1, n + 1) if r not in mine.get(stage, [])] for stage, n in sorted(rounds.items())
+            }
+            for stage, n in sorted(rounds.items()):
+                missed = entry["rounds_left_out"][stage]
+                sent.append(f"model weights after local training: {n - len(missed)} of {n} round(s) of stage {stage}{how}"
+                            + (f" (left out of round(s) {', '.join(map(str, missed))})" if missed else ""))  # fmt: skip
             if run.sample_dp:
                 sent.append("per round: number of training patients; privacy spent (ε, δ, noise multiplier, sample rate, steps); "
                             "internal-validation AUC and score histograms (validation split)")  # fmt: skip
@@ -58,7 +75,7 @@ def data_sharing(summaries: dict[str, SiteSummary], rounds: dict[str, int], run:
                         + (f"; suppressed (fewer than the minimum cell count): {', '.join(sub.suppressed)}" if sub.suppressed else ""))  # fmt: skip
         if summary.patients is not None:
             sent.append(f"patient-level rows (pseudonymous id, label, scores, PFS): {len(summary.patients.label)}")
-        out[site] = {"role": summary.role, "sharing": summary.sharing, "min_cell_count": summary.min_cell_count, "sent": sent}
+        out[site] = {"role": summary.role, "sharing": summary.sharing, "min_cell_count": summary.min_cell_count, "sent": sent, **entry}
     return out
 
 

@@ -203,8 +203,9 @@ class StageRunner:
         fewer than min-sites remain."""
         accepted, excluded = screen_updates(replies, current, self.run.max_update_norm_ratio)
         declined = {rep.site_id for rep in replies if rep.declined}
+        arrived = {rep.site_id for rep in replies if rep.failure is None}  # an update that left the site, screened out here
         for site, reason in sorted(excluded.items()):
-            self.rundir.record_event("declined" if site in declined else "excluded", s.label, r, site, reason)
+            self.rundir.record_event("declined" if site in declined else "excluded", s.label, r, site, reason, sent=site in arrived)
         required = min(self.run.min_sites, len(replies))
         if len(accepted) >= max(required, 1):
             return accepted, excluded

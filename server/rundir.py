@@ -110,16 +110,35 @@ class RunDir:
             with open(self._metrics, "w", newline="", encoding="utf-8") as fh:
                 csv.writer(fh).writerows(keep)
 
-    def record_event(self, kind: str, stage: str, server_round: int, site: str, detail: str) -> None:
-        """A fault the run survived (a site left out of a round and why), in events.jsonl and the log."""
+    def record_event(self, kind: str, stage: str, server_round: int, site: str, detail: str, sent: bool | None = None) -> None:
+        """A fault the run survived (a site left out of a round and why), in events.jsonl and the log; `sent` says
+        whether the site's update arrived (and was screened out) or never left the site."""
         import datetime as dt
 
         log = logging.getLogger("tace.server")
         log.warning("%s round %d: site %s %s: %s", stage, server_round, site, kind, detail)
         event = {"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "event": kind, "stage": stage,
                  "round": server_round, "site": site, "detail": detail}  # fmt: skip
+        if sent is not None:
+            event["sent"] = sent
         with open(self.path / "events.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(event) + "\n")
+
+    def rounds_sent(self) -> dict[str, dict[str, list[int]]]:
+        """Per site and stage label, the rounds whose update the site sent: the updates aggregated (metrics.csv rows
+        with training samples) and those that arrived but were screened out (events.jsonl). A round redone after a
+        coordinator restart counts once."""
+        sent: dict[str, dict[str, set[int]]] = {}
+        with open(self._metrics, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                if row["site"] != "pooled" and row["num_examples"] not in ("", "0"):
+                    sent.setdefault(row["site"], {}).setdefault(row["stage"], set()).add(int(row["round"]))
+        events = self.path / "events.jsonl"
+        for line in events.read_text(encoding="utf-8").splitlines() if events.exists() else []:
+            event = json.loads(line)
+            if event.get("sent"):
+                sent.setdefault(event["site"], {}).setdefault(event["stage"], set()).add(int(event["round"]))
+        return {site: {stage: sorted(rounds) for stage, rounds in stages.items()} for site, stages in sent.items()}
 
 
 def _fmt(value: Any) -> str:

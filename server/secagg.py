@@ -112,9 +112,11 @@ class _RecordingGrid:
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         stage = str(messages[0].content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE, "")) if messages else ""
+        # A reply belongs to the node its request went to: errors the SuperLink raises itself carry its own node id.
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in messages}
         answered = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node)
             if reply.has_error():
                 self.errors.setdefault(node, reply.error.reason or "error")

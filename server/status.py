@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Protocol
 
+from tace.common.protocol import Failure
 from tace.server.rundir import RunDir
 
 
@@ -25,13 +26,25 @@ class Status:
         self.rundir = rundir
         self.sites: Sites | None = None
         self.last: dict[str, Any] = {}
+        self.refused: dict[str, dict[str, str]] = {}
+        self._state: tuple[str, dict[str, Any]] = ("starting", {})
 
     def write(self, state: str, **extra: Any) -> None:
-        data = {"state": state, "updated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **self.last, **extra}
+        self._state = (state, extra)
+        data = {"state": state, "updated": _now(), **self.last, **extra}
         if self.sites is not None:
             data["sites_online"] = self.sites.online()
             data["sites"] = dict(sorted(self.sites.roles.items()))
+        if self.refused:
+            data["refused"] = self.refused
         self.rundir.write_json("status.json", data)
+
+    def refuse(self, site: str, failure: Failure) -> None:
+        """A site that answered but was not admitted (its data, version or own rules): on the console and in the
+        status, with its reason code (`tace.server.federation.FlowerFederation.on_refused`)."""
+        print(f"TACE-REFUSED site {site} [{failure.reason.value}]: {failure.message}", flush=True)
+        self.refused[site] = {"reason": failure.reason.value, "message": failure.message, "time": _now()}
+        self.write(self._state[0], **self._state[1])
 
     def round(self, stage: str, server_round: int, total: int, val_auc: float | None, sites: dict[str, str] | None = None) -> None:
         """A completed round (`tace.server.rounds.OnRound`): its progress line, and the status."""
@@ -45,3 +58,7 @@ def print_round(stage: str, server_round: int, total: int, val_auc: float | None
     auc = "n/a" if val_auc is None else f"{val_auc:.3f}"
     detail = " ".join(f"{s}:{v}" for s, v in (sites or {}).items())
     print(f"TACE-ROUND {stage} {server_round}/{total} pooled-val-auc={auc} {detail}".rstrip(), flush=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

@@ -179,7 +179,9 @@ def final_evaluation(
     for site, summary in sorted(summaries.items()):
         evaluation[site]["summary"] = summary.encode()
         rundir.write_json(f"site_returns/{site}.json", evaluation[site]["summary"])
-    rundir.write_json("data_sharing.json", data_sharing(summaries, rundir.rounds_recorded(), layout.run))
+    # The references (centralized, local) train on no site's behalf: their rows are named after the pooled group.
+    sent = rundir.rounds_sent() if rundir.mode == "federated" else None
+    rundir.write_json("data_sharing.json", data_sharing(summaries, rundir.rounds_recorded(), layout.run, sent))
     return evaluation, cutoffs
 
 

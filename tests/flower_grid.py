@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import random
+import uuid
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Context, Error, Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.server.superlink.linkstate.utils import NODE_UNAVAILABLE_ERROR_REASON
 
 from tace.client import app as client_app
 from tace.common.config import RunConfig
@@ -29,12 +32,17 @@ class InProcessGrid:
     """A Flower Grid whose nodes are the ClientApp (with its mods) called in this process (node i = partition i).
 
     Each node keeps its Context across messages, as a SuperNode does within a run; `node_config` adds a site's own
-    settings (by partition)."""
+    settings (by partition). `stale` nodes are listed as connected but never answer, like the entries an earlier
+    start leaves in the SuperLink's state. Messages get ids when pushed and replies name the message they answer, as
+    with Flower's SuperLink."""
 
-    def __init__(self, run: RunConfig, partitions: list[int], node_config: dict[int, dict] | None = None, seed: int = 0) -> None:
+    def __init__(self, run: RunConfig, partitions: list[int], node_config: dict[int, dict] | None = None, seed: int = 0,
+                 stale: int = 0) -> None:  # fmt: skip
         self.run_config = run.to_run_config()
         self.order = random.Random(seed)  # replies arrive in any order: each batch is shuffled, reproducibly
         self.nodes = {100 + i: pid for i, pid in enumerate(partitions)}
+        self.stale = [900 + i for i in range(stale)]
+        self._waiting: dict[str, Message] = {}  # replies not yet pulled, by the id of the message they answer
         self.contexts = {
             node: Context(run_id=1, node_id=node, node_config={"partition-id": pid, **(node_config or {}).get(pid, {})},
                           state=RecordDict(), run_config=self.run_config)
@@ -45,7 +53,7 @@ class InProcessGrid:
         self.arrivals: list[list[int]] = []  # per send_and_receive, the nodes in the order their replies arrived
 
     def get_node_ids(self) -> list[int]:
-        return list(self.nodes)
+        return list(self.nodes) + self.stale
 
     def handle(self, msg: Message) -> Message | None:
         try:
@@ -54,17 +62,29 @@ class InProcessGrid:
         except Exception as exc:  # what Flower does with an exception in a ClientApp (its reason format included)
             return Message(Error(code=1, reason=str(type(exc)) + ":<'" + str(exc) + "'>"), reply_to=msg)
 
-    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
-        replies = []
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
         for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's in-memory Grid does when it pushes
+            ids.append(msg.metadata.message_id)
             self.sent.append(msg)
+            if msg.metadata.dst_node_id in self.stale:
+                continue
             reply = self.handle(msg)
             if reply is not None:
-                replies.append(reply)
+                self._waiting[msg.metadata.message_id] = reply
                 self.replies.append(reply)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        replies = [self._waiting.pop(m) for m in message_ids if m in self._waiting]
         self.order.shuffle(replies)
-        self.arrivals.append([r.metadata.src_node_id for r in replies])
+        if replies:
+            self.arrivals.append([r.metadata.src_node_id for r in replies])
         return replies
+
+    def send_and_receive(self, messages: list[Message], timeout: float | None = None) -> list[Message]:
+        return self.pull_messages(self.push_messages(messages))
 
 
 class Crash(BaseException):
@@ -94,7 +114,11 @@ class FaultyGrid(InProcessGrid):
         if fault == "silent":
             return None
         if fault == "fail":
-            return Message(Error(code=5, reason="Error: Node is unavailable."), reply_to=msg)
+            # What the SuperLink itself answers for a site that stopped sending heartbeats: an error from its own
+            # node id (1), naming the message it answers.
+            error = Message(Error(code=int(ErrorCode.NODE_UNAVAILABLE), reason=NODE_UNAVAILABLE_ERROR_REASON), reply_to=msg)
+            error.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+            return error
         reply = super().handle(msg)
         self.trained += 1
         if fault is None or reply is None or reply.has_error():

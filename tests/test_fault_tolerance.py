@@ -20,7 +20,7 @@ from tace.server.rounds import screen_updates
 from tests.flower_grid import Crash, FaultyGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights, metric_rows
 
-SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0"
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0 round-timeout=1"  # a silent site: 1 s
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 
@@ -73,7 +73,7 @@ def test_rounds_complete_without_failed_sites_and_malformed_updates(tiny_cohort,
     assert summary["models"]["dltrmlp"]["pooled_holdout_auc"] is not None
     got = {(e["site"], e["stage"], e["round"]): e["detail"] for e in events(tmp_path / "r")}
     assert set(got) == {(f"site-{s}", stage, r) for s, stage, r in faults}
-    assert got[("site-b", "dltr", 1)] == "Error: Node is unavailable."
+    assert got[("site-b", "dltr", 1)] == "the site went offline (it missed its heartbeats to the SuperLink)"  # not a phantom site "1"
     assert "non-finite" in got[("site-a", "head", 1)] and "wrong shape" in got[("site-b", "head", 2)]
     assert "median of the other sites'" in got[("site-c", "clinical", 1)]
     # The excluded sites are missing from exactly those rounds' training rows, and back in the next round.
@@ -81,11 +81,19 @@ def test_rounds_complete_without_failed_sites_and_malformed_updates(tiny_cohort,
     trained = {(r["site"], r["stage"], int(r["round"])) for r in rows if r["num_examples"] and r["site"] != "pooled"}
     assert ("site-b", "dltr", 1) not in trained and ("site-b", "dltr", 2) in trained and ("site-c", "dltr", 1) in trained
     assert "excluded" in (tmp_path / "r" / "run.log").read_text()
+    # data_sharing.json counts per site the rounds whose update left it: not those it missed (offline, silent); an
+    # update that arrived and was screened out (non-finite, mis-shaped, outlying) did leave the site.
+    sharing = json.loads((tmp_path / "r" / "data_sharing.json").read_text())
+    assert sharing["site-b"]["rounds_left_out"]["dltr"] == [1] and sharing["site-c"]["rounds_left_out"]["dltr"] == [2]
+    assert sharing["site-b"]["rounds_sent"] == {**sharing["site-b"]["rounds_sent"], "dltr": 1, "head": 2}
+    assert sharing["site-a"]["rounds_left_out"] == {stage: [] for stage in sharing["site-a"]["rounds_left_out"]}
+    assert any("1 of 2 round(s) of stage dltr (left out of round(s) 1)" in line for line in sharing["site-b"]["sent"])
+    assert "rounds_sent" not in sharing["site-d"]  # a holdout site sends no weights
 
 
 def test_too_few_sites_stops_cleanly_then_resumes(tiny_cohort, tmp_path):
     run = config(tiny_cohort, tmp_path / "r", "min-sites=3")
-    with pytest.raises(TaceError, match=r"fewer than min-sites \(3\).*site-b: Error: Node is unavailable") as info:
+    with pytest.raises(TaceError, match=r"fewer than min-sites \(3\).*site-b: the site went offline") as info:
         study(FaultyGrid(run, SITES, {("b", "head", 2): "fail"}), run)
     assert "--resume" in info.value.hint
     progress = json.loads((tmp_path / "r" / "progress.json").read_text())["stages"]

@@ -80,11 +80,27 @@ def test_duplicate_site_ids_are_refused(tiny_cohort, tmp_path):
 
 def test_missing_sites_and_unknown_holdout(tiny_cohort, tmp_path):
     run = run_for(tiny_cohort, tmp_path / "r")
-    with pytest.raises(TaceError, match="only 2 of 5 sites connected"):
+    with pytest.raises(TaceError, match=r"only 2 of 5 sites joined within 0 s \(joined: site-a, site-b\)"):
         FlowerFederation(InProcessGrid(run, [0, 1]), run, expected_sites=5, wait_s=0.5)
     bad = run_for(tiny_cohort, tmp_path / "r", "holdout-sites='site-x'")
     with pytest.raises(TaceError, match="unknown site"):
         FlowerFederation(InProcessGrid(bad, [0, 1, 2, 3, 4]), bad, expected_sites=5, wait_s=1)
+
+
+def test_stale_connections_do_not_count_as_joined_sites(tiny_cohort, tmp_path):
+    """Nodes the SuperLink's stored state still lists from an earlier start never answer: they are not counted, the
+    study runs with the sites that answered, and a shortfall is reported with the sites' names, never node ids."""
+    run = run_for(tiny_cohort, tmp_path / "r", "round-timeout=1")
+    grid = InProcessGrid(run, [0, 1, 2, 3, 4], stale=2)
+    federation = FlowerFederation(grid, run, expected_sites=5, wait_s=1)
+    assert sorted(federation.info) == ["site-a", "site-b", "site-c", "site-d", "site-e"] and not federation.refused
+    replies = federation.train(StudyModels.build("small", 3, len(FEATURES)).arrays(), None, TrainRound("clinical", 0.01, 1, 1, "small"))
+    assert [r.site_id for r in replies] == ["site-a", "site-b", "site-c"]  # the stale nodes were not asked to train
+    with pytest.raises(TaceError) as info:
+        FlowerFederation(InProcessGrid(run, [0, 1, 2], stale=2), run, expected_sites=5, wait_s=0.5)
+    text = str(info.value)
+    assert "only 3 of 5 sites joined" in text and "(joined: site-a, site-b, site-c); 2 other connection(s) did not say who they are" in text
+    assert "900" not in text and "tace-client check" not in info.value.hint and "--resume" not in info.value.hint
 
 
 def test_invalid_site_data_reach_the_coordinator_without_file_names(tiny_cohort, tmp_path):
