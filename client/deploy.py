@@ -275,6 +275,13 @@ class Outcome:
 
     kind: str
     detail: str
+    activation: bool = False  # the coordinator refused to activate this site's node
+
+
+#: Seconds after losing a working connection during which a refused activation is taken for the coordinator's stale
+#: state, not for a refused key: a SuperLink that restarts lists the site's node as online until its heartbeats
+#: expire (Flower: 2 x 30 s) and refuses to activate it again meanwhile.
+STALE_S = 90.0
 
 
 class Supervisor:
@@ -299,6 +306,8 @@ class Supervisor:
         # Failing to connect for longer than Flower's own budget (and a margin) means the SuperNode is stuck.
         self.stall_s = stall_s if stall_s is not None else ((budget + 60.0) if budget > 0 else 900.0)
         self.log_path = settings.output / "logs" / "client.log"
+        self.connected = False  # the last SuperNode is (was) connected to the coordinator
+        self.lost_at: float | None = None  # when a working connection was lost
 
     def _supernode(self) -> list[str]:
         settings = self.settings
@@ -336,6 +345,15 @@ class Supervisor:
                 outcome = self._watch(proc, lines)
                 stop_group(proc)
                 pump.join(timeout=10)  # the pipe ends with the SuperNode's process group
+                if self.connected:
+                    self.connected, self.lost_at = False, time.monotonic()
+                if (
+                    outcome.kind == "fatal"
+                    and outcome.activation
+                    and self.lost_at is not None
+                    and time.monotonic() - self.lost_at < STALE_S
+                ):
+                    outcome = Outcome("refused", "was refused by a coordinator that still lists this site online from before it restarted")
                 if outcome.kind == "fatal":
                     raise TaceError(f"site {self.settings.site_id} could not take part in the study: {outcome.detail}",
                                     f"the full log is {self.log_path}")  # fmt: skip
@@ -393,15 +411,18 @@ class Supervisor:
                     sys.stdout.write(line)
                     sys.stdout.flush()
                 if (advice := _fatal(line, self.settings)) is not None:
-                    return Outcome("fatal", advice)
+                    return Outcome("fatal", advice, activation="Failed to activate SuperNode" in line)
                 if any(p in line for p in GAVE_UP) and gave_up is None:
                     gave_up = (now, f"gave up reconnecting ({_advice(line, self.settings) or line.strip()[-200:]})")
                 elif gave_up is not None and (advice := _advice(line, self.settings)) is not None:
                     gave_up = (gave_up[0], f"gave up reconnecting: {advice}")
                 if FAILING in line and failing_since is None:
                     failing_since = now
+                    self.lost_at = now if self.connected else self.lost_at
+                    self.connected = False
                 elif any(p in line for p in PROGRESS):
                     failing_since = None
+                    self.connected, self.lost_at = True, None
                 if "Exit Code:" in line and exiting_since is None:
                     exiting_since = now
 

@@ -72,6 +72,7 @@ class RunConfig:
     max_update_norm_ratio: float = 10.0
     round_timeout: int = 3600
     join_timeout: int = 600
+    keep_checkpoints: int = 3
     resume: bool = False
     dp: bool = False
     dp_mode: str = "sample"
@@ -123,6 +124,8 @@ class RunConfig:
                               "'' (off), 'head' (the fusion head) or 'last-stage' (the head and the backbone's last stage)")  # fmt: skip
         if self.finetune_epochs < 0:
             raise ConfigError("finetune-epochs must not be negative (0: 20 for the head, 5 with the last stage)")
+        if self.keep_checkpoints < 0:
+            raise ConfigError("keep-checkpoints must not be negative (the last N rounds' checkpoints are kept; 0: every round's)")
         _ = self.preprocess  # validates the preprocessing keys
 
     def _check_privacy(self) -> None:

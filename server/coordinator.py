@@ -181,8 +181,10 @@ def _register_sites(study: Study, env: dict[str, str]) -> list[str]:
     return registered
 
 
-#: How the SuperLink logs a SuperNode it refused at activation (an unregistered or revoked key), with the key.
-_REFUSED_KEY = re.compile(r"activate-node\].*?public key: b'(-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----)")
+#: How the SuperLink logs a SuperNode it refused at activation because it does not know the key (unregistered or
+#: revoked). A registered key it refuses because its node is still listed online from before a restart (until its
+#: heartbeats expire) is not a refusal: the site's supervisor tries again.
+_REFUSED_KEY = re.compile(r"activate-node\].*?public key: b'(-----BEGIN PUBLIC KEY-----.*?-----END PUBLIC KEY-----).*?No SuperNode found")
 
 
 class RefusalWatch(threading.Thread):

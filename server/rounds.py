@@ -243,6 +243,8 @@ class StageRunner:
             state.since_best += 1
         state.next_round = p.round + 1
         self.progress.save()
+        # Only after progress.json names this round: a crash in between leaves a checkpoint too many, never one too few.
+        rundir.prune_checkpoints(s.label, p.round, state.best_round, self.run.keep_checkpoints)
         rounds = STAGES[s.name].rounds(self.run)
         if self.on_round:
             self.on_round(s.label, p.round, rounds, val_auc, site_progress(p.accepted, evaluation, s.model, p.excluded))

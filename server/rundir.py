@@ -93,6 +93,28 @@ class RunDir:
         save_arrays(path, arrays)
         return path
 
+    def prune_checkpoints(self, stage: str, last: int, best: int, keep: int) -> list[Path]:
+        """Delete the round checkpoints of `stage` that are neither among the `keep` rounds up to `last` nor the
+        `best` round (the strategy's state is kept for those `keep` rounds only); `keep` 0 deletes nothing. What a
+        resume needs survives: the last completed round's weights and strategy state, and the best round's weights.
+        Returns the files deleted."""
+        if keep <= 0:
+            return []
+        kept = set(range(last - keep + 1, last + 1))
+        deleted = []
+        for path in sorted((self.path / "checkpoints" / stage).glob("*round-*.npz")):
+            name = path.stem
+            try:
+                server_round = int(name.rsplit("-", 1)[1])
+            except ValueError:
+                continue
+            strategy = name.startswith("strategy-round-")
+            if server_round in kept or (not strategy and server_round == best) or not name.startswith(("round-", "strategy-round-")):
+                continue
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+        return deleted
+
     def rounds_recorded(self) -> dict[str, int]:
         """The last round recorded in metrics.csv per stage label (including rounds before a resume)."""
         out: dict[str, int] = {}

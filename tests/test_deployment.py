@@ -87,11 +87,15 @@ class Pilot:
                            check=True, capture_output=True)  # fmt: skip
             self.site_toml(f"site-{s}", cohort / "sites" / f"site-{s}" / "manifest.csv")
 
-    def site_toml(self, site: str, manifest: Path, ca: Path | None = None, key: Path | None = None, insecure: bool = False) -> Path:
+    def site_toml(
+        self, site: str, manifest: Path, ca: Path | None = None, key: Path | None = None, insecure: bool = False, budget: int = 0
+    ) -> Path:
         path = self.root / f"{site}.toml"
         ca = ca or self.study.ca_cert
         key = key or self.root / "keys" / f"{site}.key"
         tls = "insecure = true" if insecure else f'ca-certificate = "{ca}"\n[auth]\nprivate-key = "{key}"'
+        if budget:  # Flower's reconnection budget, shortened (the SuperNode gives up after it; the supervisor restarts it)
+            tls = f"reconnect-budget = {budget}\n{tls}"
         path.write_text(f'[site]\nid = "{site}"\nmanifest = "{manifest}"\ncache = "{self.root / site / "cache"}"\n'
                         f'output = "{self.root / site / "out"}"\n[coordinator]\naddress = "localhost:{self.port}"\n{tls}\n'
                         f'[compute]\ndevice = "cpu"\nthreads = 1\nruntime-port = {free_port()}\n')  # fmt: skip
@@ -109,6 +113,16 @@ class Pilot:
 
     def client(self, site: str) -> subprocess.Popen:
         return self.popen(BIN / "tace-client", "start", "--config", self.root / f"{site}.toml", "--quiet", log=f"{site}.out")
+
+    def client_with(self, toml: Path, name: str) -> subprocess.Popen:
+        return self.popen(BIN / "tace-client", "start", "--config", toml, "--quiet", log=f"{name}.out")
+
+    def output(self, name: str) -> str:
+        return (self.root / name).read_text(errors="replace") if (self.root / name).exists() else ""
+
+    def status(self) -> dict:
+        out = subprocess.run([BIN / "tace-server", "status", "--study", self.study.path, "--json"], capture_output=True, text=True)
+        return json.loads(out.stdout)
 
     def wait_for(self, condition, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -272,11 +286,8 @@ def test_stop_ends_the_coordinator_and_its_flower_processes(pilot):
     assert server.wait(timeout=5) == 130  # the exit status of a coordinator stopped (as after Ctrl-C)
     link = [p for p, name in names.items() if b"flower-superlink" in name]
     assert len(link) == 1 and not alive(link[0])  # stopped before the coordinator exits
-    # The SuperExec and the ServerApp run in a session of their own and exit once their SuperLink is gone (measured:
-    # about 5 s after `stop` returns; a `start` in the meantime stops them first).
-    deadline = time.monotonic() + 30
-    while (left := {p for p in family | pilot.flower_processes() if alive(p)}) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # The SuperExec and the ServerApp run in sessions of their own; `stop` returns only once they are gone too.
+    left = {p for p in family | pilot.flower_processes() if alive(p)}
     assert not left, {p: names.get(p, "started later") for p in left}
     assert not (pilot.study.state / "server.pid").exists()
     with socket.socket() as s:  # nothing listens on the port: connections are refused, and it can be bound again
@@ -288,3 +299,89 @@ def test_stop_ends_the_coordinator_and_its_flower_processes(pilot):
     assert report()["coordinator"] == "stopped"
     again = subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "was not running" in again.stderr
+
+
+def test_a_killed_coordinator_takes_its_flower_processes_along_and_status_says_so(pilot, cohort):
+    """`kill -9` of `tace-server start` alone: its SuperLink, `flwr run`, SuperExec and ServerApp die with it (the study
+    stops training, the port is free), and status tells a dead coordinator from a running one, with no site online
+    and the run interrupted. A site with an unregistered key is refused on the console and in status; a second start
+    registers no key twice (no "Public key already in use")."""
+    server = pilot.server()
+    pilot.wait_for(lambda: "status" in pilot.status(), 180, "the ServerApp waiting for the sites")
+    pki.generate_site_key(pilot.root / "keys", "site-x")
+    stranger = pilot.client_with(pilot.site_toml("site-x", cohort / "sites" / "site-a" / "manifest.csv"), "site-x")
+    assert stranger.wait(timeout=180) == 2 and "does not accept this site's key" in pilot.output("site-x.out")
+    fingerprint = pki.read_public_key(pilot.root / "keys" / "site-x.pub").fingerprint
+    pilot.wait_for(lambda: fingerprint in pilot.output("server.out"), 30, "the refusal on the coordinator's console")
+    assert "TACE-REFUSED a key that is not registered" in pilot.output("server.out")
+    report = pilot.status()
+    assert report["coordinator"] == "running" and report["refused_keys"][fingerprint]["site"] is None
+    family = descendants(server.pid) | pilot.flower_processes()
+    assert len(family) >= 4
+
+    os.kill(server.pid, signal.SIGKILL)  # the coordinator alone, as the out-of-memory killer would
+    deadline = time.monotonic() + 30
+    while (left := {p for p in family | pilot.flower_processes() if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", pilot.port)) != 0
+    report = pilot.status()
+    assert report["coordinator"] == "died" and "leftover_processes" not in report
+    assert report["status"]["state"] == "interrupted" and report["status"]["sites_online"] == []
+    text = subprocess.run([BIN / "tace-server", "status", "--study", pilot.study.path], capture_output=True, text=True).stdout
+    assert "NOT RUNNING (it was killed" in text and "online" not in text
+    again = subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, text=True, timeout=120)
+    assert "was not running" in again.stderr and pilot.status()["coordinator"] == "stopped"
+
+    pilot.server()  # a second start: every key is registered already
+    pilot.wait_for(lambda: pilot.output("server.out").count("waiting for 3 sites") == 2, 180, "the second start")
+    assert "already in use" not in (pilot.study.logs / "superlink.log").read_text()
+    subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, timeout=120)
+
+
+def test_sites_rejoin_after_the_coordinator_was_away_longer_than_their_reconnection_budget(pilot, cohort):
+    """The coordinator dies after DLTR round 1 and stays away longer than the sites' reconnection budget (shortened
+    to 10 s): every SuperNode gives up, its supervisor restarts it and keeps it trying; the coordinator resumes, every
+    site rejoins and the run finishes."""
+    for s in "abc":
+        pilot.site_toml(f"site-{s}", cohort / "sites" / f"site-{s}" / "manifest.csv", budget=10)
+    server = pilot.server()
+    clients = {s: pilot.client(f"site-{s}") for s in "abc"}
+    pilot.wait_for(lambda: pilot.progress().get("dltr", {}).get("next_round", 1) >= 2, 600, "DLTR round 1")
+    pilot.kill_coordinator(server)
+    resumed_at = dict(pilot.progress())
+    pilot.wait_for(lambda: all("gave up reconnecting" in pilot.output(f"site-{s}.out") or "the SuperNode exited" in pilot.output(f"site-{s}.out")
+                               for s in "abc"), 180, "every site's SuperNode to give up")  # fmt: skip
+    time.sleep(10)  # away longer still: the restarted SuperNodes give up again
+    assert all(c.poll() is None for c in clients.values())  # no site gave up for good
+    resumed = pilot.server("--resume")
+    assert resumed.wait(timeout=1200) == 0, pilot.output("server.out")[-3000:]
+    run = pilot.study.latest_run()
+    rows = metric_rows(run)
+    after = [r for r in rows if r["site"] in ("site-a", "site-b") and r["num_examples"] and r["stage"] != "dltr"]
+    assert {r["site"] for r in after} == {"site-a", "site-b"}, resumed_at  # both training sites trained after the resume
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["models"]["dltrmlp"]["sites"]["site-c"]["auc"] is not None  # the holdout site was evaluated
+    assert all(c.poll() is None for c in clients.values())
+    assert all("restarting it" in pilot.output(f"site-{s}.out") for s in "abc")
+
+
+def test_a_changed_coordinator_certificate_makes_the_sites_exit_with_the_ca_message(pilot, cohort):
+    """The coordinator comes back with a certificate from another CA (a new study, or not the coordinator): no
+    restart can fix that, so every site's client exits with status 2 and says what to check."""
+    server = pilot.server()
+    clients = {s: pilot.client(f"site-{s}") for s in "abc"}
+    pilot.wait_for(lambda: pilot.status().get("status", {}).get("state") == "training", 600, "the sites to join")
+    subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, timeout=120, check=True)
+    assert server.wait(timeout=30) == 130
+    pki_dir = pilot.study.path / "pki"
+    ca, ca_key = pki.create_ca(pilot.root / "new-pki", "another study")
+    cert, key = pki.issue_server_certificate(ca, ca_key, ["localhost", "127.0.0.1"], pilot.root / "new-pki")
+    for src, dst in ((ca, "ca.crt"), (ca_key, "ca.key"), (cert, "server.crt"), (key, "server.key")):
+        (pki_dir / dst).write_bytes(src.read_bytes())
+    pilot.server()
+    for s, client in clients.items():
+        assert client.wait(timeout=300) == 2, pilot.output(f"site-{s}.out")[-2000:]
+        assert "not signed by the CA certificate" in pilot.output(f"site-{s}.out")
+    subprocess.run([BIN / "tace-server", "stop", "--study", pilot.study.path], capture_output=True, timeout=120)

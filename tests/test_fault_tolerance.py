@@ -113,8 +113,9 @@ def test_too_few_sites_stops_cleanly_then_resumes(tiny_cohort, tmp_path):
 @pytest.mark.parametrize(("strategy", "crash_after"), [("fedadam", 7), ("fedavg", 14)])
 def test_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path, strategy, crash_after):
     """The coordinator dies mid-stage (FedAdam: in DLTR round 3, its moments matter; FedAvg: in the head stage);
-    `resume` continues from the last completed round and ends with exactly the uninterrupted run's weights."""
-    extra = f"strategy='{strategy}' rounds=3 patience=1"
+    `resume` continues from the last completed round and ends with exactly the uninterrupted run's weights, although
+    only the last round's and the best round's checkpoints are kept (keep-checkpoints=1)."""
+    extra = f"strategy='{strategy}' rounds=3 patience=1 keep-checkpoints=1"
     reference = config(tiny_cohort, tmp_path / "ref", extra)
     study(FaultyGrid(reference, SITES), reference)
     run = config(tiny_cohort, tmp_path / "r", extra)
@@ -135,6 +136,11 @@ def test_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path, strategy, c
         json.loads((tmp_path / "r" / "summary.json").read_text())["models"]
         == json.loads((tmp_path / "ref" / "summary.json").read_text())["models"]
     )
+    # What is left of the checkpoints: per stage the best round's weights, the last round's weights and strategy state.
+    for stage, state in json.loads((tmp_path / "r" / "progress.json").read_text())["stages"].items():
+        last = state["next_round"] - 1
+        expected = {"best.npz", f"round-{last:03d}.npz", f"round-{state['best_round']:03d}.npz", f"strategy-round-{last:03d}.npz"}
+        assert {p.name for p in (tmp_path / "r" / "checkpoints" / stage).iterdir()} == expected, stage
 
 
 def test_resume_without_progress_or_with_damaged_progress(tiny_cohort, tmp_path):

@@ -20,7 +20,8 @@ from tace.server.study import Study
 from tests.test_deploy_config import site_toml
 
 #: A stand-in for flower-supernode: run n prints the lines of the n-th argument after the folder, then hangs (the
-#: last line is "HANG", as Flower's process after it gave up) or exits ("EXIT <status>"). Each run leaves its pid.
+#: last line is "HANG", as Flower's process after it gave up) or exits ("EXIT <status>"); "SLEEP <s>" pauses. Each run
+#: leaves its pid.
 FAKE = """
 import os, sys, time
 from pathlib import Path
@@ -29,7 +30,10 @@ n = len(list(folder.glob("run-*"))) + 1
 (folder / f"run-{n}").write_text(str(os.getpid()))
 lines = sys.argv[1 + n].split("|")
 for line in lines[:-1]:
-    print(line, flush=True)
+    if line.startswith("SLEEP "):
+        time.sleep(float(line.split()[1]))
+    else:
+        print(line, flush=True)
 if lines[-1].startswith("EXIT"):
     sys.exit(int(lines[-1].split()[1]))
 while True:
@@ -77,7 +81,7 @@ def test_a_supernode_that_gave_up_is_restarted_until_a_restart_cannot_help(site)
 
 
 def test_a_stalled_supernode_is_restarted_and_a_refused_key_ends_the_client(site):
-    stalled = "SuperNode ID: 7|Connection attempt failed, retrying in 0.25 seconds|HANG"  # then silence: Flower retries forever
+    stalled = "Connection attempt failed, retrying in 0.25 seconds|HANG"  # then silence: Flower retries forever
     refused = "Exit Code: 202|Failed to initialize the connection to the SuperLink.|[code: 2004] Failed to activate SuperNode.|HANG"
     with pytest.raises(TaceError, match="the coordinator does not accept this site's key: send .*site-a.pub"):
         supervise(site, stalled, refused, stall_s=1.5).run()
@@ -125,3 +129,17 @@ def test_site_toml_reconnect_budget_reaches_the_supernode(site, tmp_path):
     assert Supervisor(settings).stall_s == 105.0
     site.path.write_text(text.replace("reconnect-budget = 45", "reconnect-budget = 0"))  # 0: Flower retries forever
     assert "--max-wait-time" not in Supervisor(SiteSettings.read(site.path), echo=False).command
+
+
+def test_a_refused_activation_right_after_losing_the_coordinator_is_retried(site, monkeypatch):
+    """A SuperLink that restarts still lists the site's node online until its heartbeats expire, and refuses to
+    activate it again meanwhile: within that window a refusal is retried, after it the key counts as refused."""
+    from tace.client import deploy
+
+    monkeypatch.setattr(deploy, "STALE_S", 5.0)
+    lost = "SuperNode ID: 7|Received successfully|Connection attempt failed, retrying in 0.25 seconds|Giving up reconnection after 1.0 seconds|HANG"
+    refused = "Exit Code: 305|Failed to initialize the connection to the SuperLink.|[code: 2004] Failed to activate SuperNode.|HANG"
+    with pytest.raises(TaceError, match="does not accept this site's key"):
+        supervise(site, lost, refused, "SLEEP 5|" + refused).run()
+    assert len(pids(site)) == 3 and not any(alive(p) for p in pids(site))
+    assert "still lists this site online from before it restarted; restarting it" in (site.output / "logs/client.log").read_text()
