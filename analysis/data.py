@@ -24,7 +24,7 @@ from tace.common.protocol import MODELS
 from tace.common.summaries import SiteSummary, groupings
 
 #: The models' names in tables, figures and text.
-MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "clinical": "Clinical"}
+MODEL_NAMES = {"dltrmlp": "DLTRMLP", "dltr": "DLTR", "radiomics": "Radiomics", "clinical": "Clinical"}
 
 
 @dataclass

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tace.analysis.data import MODEL_NAMES as NAMES  # noqa: E402
 
-COLORS = {"dltrmlp": "#c0392b", "dltr": "#2471a3", "clinical": "#7f8c8d"}
+COLORS = {"dltrmlp": "#c0392b", "dltr": "#2471a3", "radiomics": "#27ae60", "clinical": "#7f8c8d"}
 GROUP_COLORS = ["#c0392b", "#f39c12", "#27ae60", "#2471a3", "#8e44ad", "#16a085", "#7f8c8d", "#d35400", "#2c3e50", "#e84393"]
 
 

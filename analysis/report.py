@@ -26,6 +26,7 @@ from tace.analysis import checklists, plots
 from tace.analysis.plots import NAMES, slug
 from tace.common.cli import software_versions
 from tace.common.errors import TaceError
+from tace.common.protocol import DISPLAY_ORDER
 
 STAGES = {"dltr": "DLTR backbone", "head": "DLTRMLP fusion head", "clinical": "clinical model"}
 #: Run-config keys shown in the training section (the rest are listed in full in the appendix).
@@ -195,7 +196,7 @@ class Report:
             return None
         sites = list(v["sites"])
         auc = []
-        for model in ("dltrmlp", "dltr", "clinical"):
+        for model in DISPLAY_ORDER:
             if v["pooled"]["models"].get(model) is None:
                 continue
             row: list[Any] = [NAMES[model]]
@@ -214,7 +215,7 @@ class Report:
         drawn = self.analysis.get("figures", {})
         internal = v.get("internal", {})
         internal_rows = [[NAMES[m], Interval(internal[m]["auc"], internal[m]["ci_low"], internal[m]["ci_high"])]
-                         for m in ("dltrmlp", "dltr", "clinical") if m in internal]  # fmt: skip
+                         for m in DISPLAY_ORDER if m in internal]  # fmt: skip
         return {
             "sites": sites,
             "auc": auc,
@@ -243,7 +244,7 @@ class Report:
             return None
         rows = []
         for where, block in self._populations(v):
-            for model in ("dltrmlp", "dltr", "clinical"):
+            for model in DISPLAY_ORDER:
                 c = (block["models"].get(model) or {}).get("calibration") or {}
                 if not c:
                     continue
@@ -264,7 +265,7 @@ class Report:
         if not meta:
             return None
         rows = []
-        for model in ("dltrmlp", "dltr", "clinical"):
+        for model in DISPLAY_ORDER:
             for e in meta["models"].get(model, {}).values():
                 if "pooled" not in e:
                     rows.append([NAMES[model], e["measure"], e["k"], "n/a", "n/a", None, None, None])
@@ -286,7 +287,7 @@ class Report:
         for entry in sub["variables"].values():
             for level, b in entry["levels"].items():
                 aucs = [Interval(e["auc"], e["ci_low"], e["ci_high"]) if "auc" in e else "n/a"
-                        for e in (b["models"].get(m, {}) for m in ("dltrmlp", "dltr", "clinical"))]  # fmt: skip
+                        for e in (b["models"].get(m, {}) for m in DISPLAY_ORDER)]  # fmt: skip
                 oe = (b["models"].get("dltrmlp") or {}).get("oe")
                 status = "suppressed at every site" if b["status"] == "suppressed" else (
                     f"suppressed at {', '.join(b['suppressed_at'])}" if b["suppressed_at"] else "")  # fmt: skip
@@ -316,7 +317,7 @@ class Report:
         if not c:
             return None
         rows = []
-        for model in ("dltrmlp", "dltr", "clinical"):
+        for model in DISPLAY_ORDER:
             e = c.get("performance", {}).get("external_pooled", {}).get(model)
             meta = c.get("performance", {}).get("meta_analysis", {}).get(model, {})
             cal = c.get("calibration", {}).get(model, {})

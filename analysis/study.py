@@ -19,6 +19,7 @@ import pandas as pd
 from tace.analysis import calibration, discrimination, meta, samplesize, subgroups, survival
 from tace.analysis.data import MODEL_NAMES, RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
 from tace.common.errors import TaceError
+from tace.common.protocol import DISPLAY_ORDER
 from tace.common.serialize import jsonable
 from tace.common.summaries import bin_index
 
@@ -327,7 +328,7 @@ def headline(validation: dict[str, Any], surv: dict[str, Any] | None) -> list[di
     calibration slope (pooled external) with its CI, the meta-analytic AUC across the external centres with its CI
     and 95 % prediction interval, and the log-rank p / HR of the model's predicted responders vs non-responders."""
     rows = []
-    for model in ("dltrmlp", "dltr", "clinical"):
+    for model in DISPLAY_ORDER:
         pooled = validation["pooled"]["models"].get(model, {})
         row: dict[str, Any] = {
             "model": MODEL_NAMES[model],

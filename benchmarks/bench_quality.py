@@ -29,7 +29,7 @@ from tace.simulation.cohort import PANEL, generate_cohort, make_preset
 from tace.simulation.runner import add_oracle, run_federated, run_reference
 
 QUICK = ("demo", "coarse", "texture-signs")
-MODELS = ("dltrmlp", "dltr", "clinical")
+MODELS = ("dltrmlp", "dltr", "clinical", "radiomics")
 
 
 def cohort_for(out: Path, variant: str, seed: int) -> Path:
@@ -66,7 +66,8 @@ def rows_for(variant: str, summaries: dict[str, dict[str, Any]]) -> list[dict[st
         row: dict[str, Any] = {"variant": variant, "site": site, "n": entry["n"], **{f"oracle_{k}": v for k, v in oracle.items()}}
         for mode, summary in summaries.items():
             for model in MODELS:
-                row[f"{mode}.{model}"] = summary["models"][model]["sites"][site]["auc"]
+                if model in summary["models"]:  # runs from before the radiomics model have three
+                    row[f"{mode}.{model}"] = summary["models"][model]["sites"][site]["auc"]
         first = next(iter(summaries))
         row["eff_dltrmlp"] = efficiency(row[f"{first}.dltrmlp"], oracle.get("auc"))
         row["eff_dltr_image"] = efficiency(row[f"{first}.dltr"], oracle.get("auc_image"))
@@ -79,18 +80,32 @@ def rows_for(variant: str, summaries: dict[str, dict[str, Any]]) -> list[dict[st
 
 def print_table(rows: list[dict[str, Any]], modes: list[str]) -> None:
     m = modes[0]
-    print(f"\n{'variant':18} {'site':7} {'n':>4}  {'DLTRMLP':>7} {'DLTR':>6} {'clin':>6}  {'oracle':>6} {'o.img':>6} {'o.clin':>6}  "
+    print(f"\n{'variant':18} {'site':7} {'n':>4}  {'DLTRMLP':>7} {'DLTR':>6} {'clin':>6} {'radio':>6}  {'oracle':>6} {'o.img':>6} {'o.clin':>6}  "
           f"{'eff':>5} {'effDLTR':>7} {'fed/cen':>7} pattern   ({m})")  # fmt: skip
     for r in rows:
         f = lambda v: "  n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"{r['variant']:18} {r['site']:7} {r['n']:>4}  {f(r[f'{m}.dltrmlp']):>7} {f(r[f'{m}.dltr']):>6} {f(r[f'{m}.clinical']):>6}  "
+        print(f"{r['variant']:18} {r['site']:7} {r['n']:>4}  {f(r[f'{m}.dltrmlp']):>7} {f(r[f'{m}.dltr']):>6} {f(r[f'{m}.clinical']):>6} {f(r.get(f'{m}.radiomics')):>6}  "
               f"{f(r.get('oracle_auc')):>6} {f(r.get('oracle_auc_image')):>6} {f(r.get('oracle_auc_clinical')):>6}  "
               f"{f(r['eff_dltrmlp']):>5} {f(r['eff_dltr_image']):>7} {f(r.get('fed_over_central')):>7} {'yes' if r['pattern'] else 'NO'}")  # fmt: skip
-    for key in ("eff_dltrmlp", "eff_dltr_image", "fed_over_central"):
+    for key in (*(f"{m}.{model}" for model in MODELS), "eff_dltrmlp", "eff_dltr_image", "fed_over_central"):
         values = [r[key] for r in rows if r.get(key) is not None]
         if values:
             print(f"{key}: mean {mean(values):.3f}, min {min(values):.3f}")
     print(f"pattern (DLTRMLP above DLTR and clinical) at {sum(r['pattern'] for r in rows)}/{len(rows)} external sites")
+
+
+def compare(rows: list[dict[str, Any]], baseline: dict[str, Any], mode: str) -> None:
+    """Mean external AUC per model here and in the baseline, over the (variant, site) rows both have."""
+    old = {(r["variant"], r["site"]): r for r in baseline["rows"]}
+    pairs = [(r, old[(r["variant"], r["site"])]) for r in rows if (r["variant"], r["site"]) in old]
+    print(f"\nagainst {baseline.get('label')!r} ({len(pairs)} external sites in common, {mode}):")
+    for model in MODELS:
+        key = f"{mode}.{model}"
+        both = [(new[key], was[key]) for new, was in pairs if new.get(key) is not None and was.get(key) is not None]
+        if both:
+            now, before = mean(a for a, _ in both), mean(b for _, b in both)
+            wins = sum(a > b for a, b in both)
+            print(f"  {model:10} {now:.3f} vs {before:.3f}  (change {now - before:+.3f}, higher at {wins}/{len(both)} sites)")
 
 
 def main() -> None:
@@ -102,6 +117,9 @@ def main() -> None:
     parser.add_argument("--label", default="default", help="name of this configuration in the output")
     parser.add_argument("--seed", type=int, default=0, help="generator seed of every variant (default %(default)s)")
     parser.add_argument("--out", type=Path, default=Path("bench-quality"))
+    parser.add_argument(
+        "--baseline", type=Path, help="an earlier bench_quality-*.json: prints the mean AUC change per model on the rows both have"
+    )
     args = parser.parse_args()
     variants = args.variants.split(",") if args.variants else list(QUICK if args.quick else PANEL)
     modes = ["federated"] if args.quick else args.modes.split(",")
@@ -117,6 +135,8 @@ def main() -> None:
             print(f"{variant} {mode}: {timings[f'{variant}.{mode}']} s", flush=True)
         rows += rows_for(variant, summaries)
     print_table(rows, modes)
+    if args.baseline:
+        compare(rows, json.loads(args.baseline.read_text()), modes[0])
     result = {"label": args.label, "run_config": args.run_config, "seed": args.seed, "modes": modes, "rows": rows, "timings_s": timings}
     (out / f"bench_quality-{args.label}.json").write_text(json.dumps(result, indent=2))
 

@@ -80,6 +80,30 @@ class PreprocessCache:
         self._write(path, array, info)
         return CacheResult(array, info, hit=False)
 
+    def radiomics(self, record: PatientRecord, manifest_root: Path) -> np.ndarray:
+        """The patient's radiomics features (`tace.common.radiomics.extract` on its box and tumour mask; NaN where the
+        tumour gives none: a few voxels, or filling the box), computed once and kept beside its tensor."""
+        from tace.common.preprocess import box_mask
+        from tace.common.radiomics import RadiomicsError, extract, feature_names
+
+        path = self.entry_path(self.key(record, manifest_root)).with_suffix(".radiomics.npy")
+        try:
+            return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
+        except (OSError, ValueError):
+            pass
+        image = self.load(record, manifest_root).array
+        mask, spacing = box_mask(record, manifest_root, self.config)
+        try:
+            features = extract(image, mask, spacing)
+        except RadiomicsError:
+            features = np.full(len(feature_names(len(self.config.sequences))), np.nan)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npy", dir=path.parent)
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, features)
+        os.replace(tmp, path)
+        return features
+
     def _read(self, path: Path) -> CacheResult | None:
         try:
             with open(path, "rb") as fh, np.load(fh, allow_pickle=False) as data:

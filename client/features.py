@@ -21,6 +21,7 @@ from tace.client.data import SiteDataset
 from tace.common.artifact import TrainedModels
 from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import Manifest, PatientRecord, parse_manifest
+from tace.common.radiomics import feature_names, model_inputs
 from tace.common.training import predict_images, predict_tabular, select_device
 from tace.common.validate import check_site
 
@@ -36,7 +37,7 @@ def extract_features(
 
     Returns
     -------
-    DataFrame with ``patient_id``, ``dltrmlp``, ``dltr``, ``clinical`` (probabilities of objective response)
+    DataFrame with ``patient_id``, ``dltrmlp``, ``dltr``, ``radiomics``, ``clinical`` (probabilities of objective response)
     and ``feature_000 ... feature_{F-1}`` (DLTR's deep features, before its dropout and linear head).
     """
     parsed, records = manifest_records(manifest, validate, patients)
@@ -51,11 +52,15 @@ def score_patients(
     cache = PreprocessCache(cache_dir, trained.preprocess)
     dataset = SiteDataset(records, root, cache)
     probs, feats = predict_images(trained.models.dltr, _Progress(dataset), batch_size=batch_size, device=dev)
-    clinical = torch.from_numpy(trained.encoder.encode(records))
+    clinical = torch.from_numpy(trained.encoder.clinical.encode(records))
+    channels = len(trained.preprocess.sequences)
+    full = np.array([cache.radiomics(r, root) for r in records]).reshape(len(records), len(feature_names(channels)))
+    radiomics = torch.from_numpy(trained.encoder.radiomics.encode(model_inputs(full, channels)))
     table: dict[str, Any] = {
         "patient_id": [r.patient_id for r in records],
-        "dltrmlp": predict_tabular(trained.models.head, [torch.from_numpy(feats), clinical], dev),
+        "dltrmlp": predict_tabular(trained.models.head, [torch.from_numpy(feats), clinical, radiomics], dev),
         "dltr": probs,
+        "radiomics": predict_tabular(trained.models.radiomics, [radiomics], dev),
         "clinical": predict_tabular(trained.models.clinical, [clinical], dev),
     }
     table.update({f"feature_{j:03d}": feats[:, j] for j in range(feats.shape[1])})

@@ -22,7 +22,7 @@ from torch import nn
 
 from tace.client.task import SiteTask
 from tace.common.artifact import ModelArtefact, TrainedModels, write_model
-from tace.common.clinical import ClinicalEncoder
+from tace.common.encoders import Encoders
 from tace.common.errors import TaceError
 from tace.common.metrics import auc
 from tace.common.models import StudyModels
@@ -55,14 +55,15 @@ class FinetuneResult:
 
 
 class _Fusion(nn.Module):
-    """DLTRMLP end to end (image and clinical factors to the logit), to train the backbone's last stage with the head."""
+    """DLTRMLP end to end (image, clinical factors and radiomics features to the logit), to train the backbone's last
+    stage with the head."""
 
     def __init__(self, models: StudyModels) -> None:
         super().__init__()
         self.dltr, self.head = models.dltr, models.head
 
-    def forward(self, x: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dltr.features(x), clinical)
+    def forward(self, x: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor) -> torch.Tensor:
+        return self.head(self.dltr.features(x), clinical, radiomics)
 
 
 def _last_stage(backbone: str) -> str:
@@ -72,7 +73,7 @@ def _last_stage(backbone: str) -> str:
 
 
 def finetune(
-    task: SiteTask, models: StudyModels, encoder: ClinicalEncoder, backbone: str, mode: str = "head", epochs: int = 0, lr: float = 0.0,
+    task: SiteTask, models: StudyModels, encoder: Encoders, backbone: str, mode: str = "head", epochs: int = 0, lr: float = 0.0,
     seed: int = 0,
 ) -> FinetuneResult:  # fmt: skip
     """Fine-tune a copy of `models` on `task`'s training split and evaluate both on its validation split.
@@ -93,20 +94,21 @@ def finetune(
     global_auc = auc(y_val, task.predict(models, encoder, ("dltrmlp",), val)["dltrmlp"])
     tuned = copy.deepcopy(models)
     labels = torch.tensor([float(r.response) for r in train], dtype=torch.float32)  # type: ignore[arg-type]
-    clinical = torch.from_numpy(encoder.encode(train))
     settings = TrainSettings(epochs=epochs, lr=lr, weight_decay=task.run.weight_decay, batch_size=32 if mode == "head" else task.run.batch_size,
                              seed=seed, device=task.device, amp=task.run.amp)  # fmt: skip
+    _, clinical, radiomics = task.tabular_inputs("head", tuned, encoder, train)
     if mode == "head":
-        features = torch.from_numpy(task.deep_features(tuned.dltr, train))
-        train_tabular_model(tuned.head, [features, clinical], labels, settings)
+        train_tabular_model(tuned.head, task.tabular_inputs("head", tuned, encoder, train), labels, settings)
     else:
-        _train_last_stage(task, tuned, backbone, clinical, settings)
+        _train_last_stage(task, tuned, backbone, (clinical, radiomics), settings)
     finetuned_auc = auc(y_val, task.predict(tuned, encoder, ("dltrmlp",), val)["dltrmlp"])
     return FinetuneResult(task.site.site_id, mode, epochs, lr, len(train), len(val), global_auc, finetuned_auc,
                           time.perf_counter() - start, tuned)  # fmt: skip
 
 
-def _train_last_stage(task: SiteTask, models: StudyModels, backbone: str, clinical: torch.Tensor, settings: TrainSettings) -> TrainResult:
+def _train_last_stage(
+    task: SiteTask, models: StudyModels, backbone: str, tabular: tuple[torch.Tensor, torch.Tensor], settings: TrainSettings
+) -> TrainResult:
     """Train the backbone's last stage and the head together on the images; everything else stays frozen."""
     prefix = _last_stage(backbone)
     for name, p in models.dltr.named_parameters():
@@ -119,8 +121,9 @@ def _train_last_stage(task: SiteTask, models: StudyModels, backbone: str, clinic
         return image_loader(dataset, settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
 
     def forward(m: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        x = batch["image"].to(settings.device)
-        return m(x, clinical[batch["index"]].to(settings.device)), batch["label"].to(settings.device)
+        x, index = batch["image"].to(settings.device), batch["index"]
+        clinical, radiomics = (t[index].to(settings.device) for t in tabular)
+        return m(x, clinical, radiomics), batch["label"].to(settings.device)
 
     try:
         return fit(model, batches, forward, len(records), settings)

@@ -26,6 +26,7 @@ import pandas as pd
 from tace.client.features import manifest_records, score_patients, write_features
 from tace.common.artifact import TrainedModels
 from tace.common.manifest import PatientRecord
+from tace.common.protocol import DISPLAY_ORDER
 from tace.common.summaries import RESPONSE_GROUPS, groupings
 
 if TYPE_CHECKING:
@@ -114,8 +115,8 @@ def predict(
     dev = select_device(options.device)
     table = score_patients(trained, records, parsed.root, cache_dir, device=dev)
     timings = {"scores": time.perf_counter() - start}
-    result = table[["patient_id", "dltrmlp", "dltr", "clinical"]].copy()
-    scores = {m: result[m].to_numpy() for m in ("dltrmlp", "dltr", "clinical")}
+    result = table[["patient_id", *DISPLAY_ORDER]].copy()
+    scores = {m: result[m].to_numpy() for m in DISPLAY_ORDER}
     groups = groupings(scores, trained.cutoffs, trained.bins)
     response = groups.get("dltrmlp:response")
     risk = groups.get("dltrmlp:risk")
@@ -160,6 +161,7 @@ def _explain(
     around the tumour (the tumour's bounding box widened by the preprocessing margin)."""
     from tace.client.cache import PreprocessCache
     from tace.common.preprocess import box_mask
+    from tace.common.radiomics import model_inputs
     from tace.common.saliency import mass_fraction, total, tumour_region
 
     cache = PreprocessCache(cache_dir, trained.preprocess)
@@ -169,7 +171,8 @@ def _explain(
         image = cache.load(record, root).array
         mask, spacing = box_mask(record, root, trained.preprocess)
         responder = True if group == RESPONSE_GROUPS[1] else False if group == RESPONSE_GROUPS[0] else None
-        saliency = explainer(image, trained.encoder.encode([record])[0], responder)
+        radiomics = trained.encoder.radiomics.encode(model_inputs(cache.radiomics(record, root)[None], len(trained.preprocess.sequences)))
+        saliency = explainer(image, trained.encoder.clinical.encode([record])[0], responder, radiomics[0])
         margin = tuple(int(np.ceil(margin_mm / s)) for s in (spacing[2], spacing[1], spacing[0]))
         try:
             inside, chance = mass_fraction(total(saliency), tumour_region(mask, margin))  # type: ignore[arg-type]

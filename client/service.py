@@ -19,8 +19,9 @@ import numpy as np
 from tace.client.policy import SitePolicy
 from tace.client.privacy import BudgetExhausted
 from tace.client.task import SiteTask
-from tace.common.clinical import FEATURES, ClinicalEncoder
+from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig, SiteConfig
+from tace.common.encoders import Encoders, SiteStatistics
 from tace.common.errors import ManifestError, TaceError
 from tace.common.models import StudyModels, model_signature, state_dict_numpy
 from tace.common.protocol import (
@@ -89,7 +90,8 @@ class SiteService:
 
     def stats(self, request: StatsRequest) -> StatsReply:
         self.policy.allow_statistics()
-        return StatsReply(self.site.site_id, self.task(request.role).clinical_stats().to_flat())
+        task = self.task(request.role)
+        return StatsReply(self.site.site_id, dict(SiteStatistics(task.clinical_stats(), task.radiomics_stats()).to_flat()))
 
     def train(self, request: TrainRequest, arrays: Arrays | None) -> TrainReply:
         """One local training call of the requested stage; the reply holds that stage's weights.
@@ -148,7 +150,7 @@ class SiteService:
         encoder = _encoder(request.encoder)
         if encoder is None:
             raise TaceError(
-                "the coordinator sent no clinical encoder to fine-tune with", "the coordinator and the site must run the same version"
+                "the coordinator sent no input encoders to fine-tune with", "the coordinator and the site must run the same version"
             )
         result = finetune(task, models, encoder, request.backbone, request.mode, request.epochs, 0.0, request.seed)
         base = ModelArtefact.of_run(self.run, {}, request.backbone, encoder.to_dict(), request.cutoffs, "")
@@ -160,8 +162,8 @@ class SiteService:
                              result.seconds)  # fmt: skip
 
 
-def _encoder(data: dict[str, Any]) -> ClinicalEncoder | None:
-    return ClinicalEncoder.from_dict(data) if data else None
+def _encoder(data: dict[str, Any]) -> Encoders | None:
+    return Encoders.from_dict(data) if data else None
 
 
 def _version() -> str:

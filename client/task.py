@@ -19,8 +19,9 @@ import torch
 
 from tace.client.cache import PreprocessCache
 from tace.client.data import SiteDataset
-from tace.common.clinical import ClinicalEncoder, ClinicalStats
+from tace.common.clinical import ClinicalStats
 from tace.common.config import RunConfig, SiteConfig
+from tace.common.encoders import Encoders
 from tace.common.errors import ManifestError, TaceError
 from tace.common.manifest import PatientRecord, parse_manifest
 from tace.common.metrics import auc, merge_small_cells, score_histograms
@@ -41,6 +42,7 @@ from tace.common.validate import check_site
 
 if TYPE_CHECKING:
     from tace.client.privacy import SitePrivacy
+    from tace.common.encoders import RadiomicsStats
 
 
 class SiteTask:
@@ -118,7 +120,7 @@ class SiteTask:
     def settings(self, stage: str, lr: float, seed: int) -> TrainSettings:
         spec = STAGES[stage]
         mu = self.run.proximal_mu if self.run.strategy == "fedprox" else 0.0
-        return TrainSettings(epochs=spec.local_epochs(self.run), lr=lr, weight_decay=self.run.weight_decay,
+        return TrainSettings(epochs=spec.local_epochs(self.run), lr=lr, weight_decay=spec.weight_decay(self.run),
                              batch_size=spec.local_batch_size(self.run), proximal_mu=mu, seed=seed, device=self.device, amp=self.run.amp)  # fmt: skip
 
     # -- training --------------------------------------------------------------------------------------------
@@ -139,6 +141,22 @@ class SiteTask:
         tmp.replace(path)
         return feats
 
+    def radiomics(self, records: list[PatientRecord]) -> np.ndarray:
+        """Signed-log radiomics model features ``(N, R)`` of `records` (`tace.common.radiomics.model_inputs`); a row is
+        NaN where the tumour gives none. Each patient's features are computed once and kept in the site's cache."""
+        from tace.common.radiomics import feature_names, model_inputs
+
+        channels = len(self.run.preprocess.sequences)
+        full = np.array([self.cache.radiomics(r, self.manifest.root) for r in records]).reshape(len(records), len(feature_names(channels)))
+        return model_inputs(full, channels)
+
+    def radiomics_stats(self) -> RadiomicsStats:
+        """Sums of the training patients' radiomics model features (aggregates: `RadiomicsStats`)."""
+        from tace.common.encoders import RadiomicsStats
+
+        self.require_enough_patients()
+        return RadiomicsStats.from_matrix(self.radiomics(self.train_records))
+
     def privacy_account(self, study_id: str, planned_rounds: dict[str, int]) -> SitePrivacy:
         """The site's privacy account for a study run with sample-level differential privacy; `planned_rounds` (per
         stage, from the coordinator) sizes the noise in target-ε mode."""
@@ -154,13 +172,13 @@ class SiteTask:
         self,
         stage: str,
         models: StudyModels,
-        encoder: ClinicalEncoder | None,
+        encoder: Encoders | None,
         lr: float,
         seed: int,
         privacy: SitePrivacy | None = None,
         server_round: int = 0,
     ) -> TrainResult:
-        """One local training call of `stage` ('dltr', 'head' or 'clinical') on the site's training split.
+        """One local training call of `stage` (`tace.common.protocol.STAGES`) on the site's training split.
 
         With `privacy` the call trains by DP-SGD after the account confirmed the budget allows it (raising
         `BudgetExhausted` otherwise), and the release is recorded in the account before the weights can leave.
@@ -181,39 +199,47 @@ class SiteTask:
             result = train_image_model(models.dltr, self.dataset(records, augment=self.run.augment, seed=seed), settings, dp)
         else:
             assert encoder is not None
-            clinical = torch.from_numpy(encoder.encode(records))
-            if stage == "clinical":
-                result = train_tabular_model(models.clinical, [clinical], labels, settings, dp)
-            else:
-                features = torch.from_numpy(self.deep_features(models.dltr, records))
-                result = train_tabular_model(models.head, [features, clinical], labels, settings, dp)
+            result = train_tabular_model(models.module(stage), self.tabular_inputs(stage, models, encoder, records), labels, settings, dp)
         if privacy is not None and dp is not None:
             privacy.record(stage, server_round, dp, result.steps)
         return result
 
+    def tabular_inputs(
+        self, stage: str, models: StudyModels, encoder: Encoders, records: list[PatientRecord], deep: np.ndarray | None = None
+    ) -> list[torch.Tensor]:
+        """The inputs of a tabular stage's model: the clinical factors (clinical), the radiomics features
+        (radiomics), or DLTR's deep features (`deep` when already computed), the clinical factors and the radiomics
+        features (head)."""
+        if stage == "clinical":
+            return [torch.from_numpy(encoder.clinical.encode(records))]
+        radiomics = torch.from_numpy(encoder.radiomics.encode(self.radiomics(records)))
+        if stage == "radiomics":
+            return [radiomics]
+        features = self.deep_features(models.dltr, records) if deep is None else deep
+        return [torch.from_numpy(features), torch.from_numpy(encoder.clinical.encode(records)), radiomics]
+
     # -- evaluation ------------------------------------------------------------------------------------------
     def predict(
-        self, models: StudyModels, encoder: ClinicalEncoder | None, stages: tuple[str, ...], records: list[PatientRecord]
+        self, models: StudyModels, encoder: Encoders | None, wanted: tuple[str, ...], records: list[PatientRecord]
     ) -> dict[str, np.ndarray]:
         """Per-patient probabilities of the requested models (site-local; never sent)."""
         out: dict[str, np.ndarray] = {}
-        need_images = "dltr" in stages or "dltrmlp" in stages
-        if need_images:
+        feats = None
+        if "dltr" in wanted or "dltrmlp" in wanted:
             probs, feats = predict_images(models.dltr, self.dataset(records, augment=False, seed=0), device=self.device, amp=self.run.amp)
-            if "dltr" in stages:
+            if "dltr" in wanted:
                 out["dltr"] = probs
-        if encoder is not None and ("clinical" in stages or "dltrmlp" in stages):
-            clinical = torch.from_numpy(encoder.encode(records))
-            if "clinical" in stages:
-                out["clinical"] = predict_tabular(models.clinical, [clinical], self.device)
-            if "dltrmlp" in stages:
-                out["dltrmlp"] = predict_tabular(models.head, [torch.from_numpy(feats), clinical], self.device)
+        if encoder is not None:
+            for model, stage in (("clinical", "clinical"), ("radiomics", "radiomics"), ("dltrmlp", "head")):
+                if model in wanted:
+                    inputs = self.tabular_inputs(stage, models, encoder, records, feats)
+                    out[model] = predict_tabular(models.module(stage), inputs, self.device)
         return out
 
     def evaluate(
         self,
         models: StudyModels,
-        encoder: ClinicalEncoder | None,
+        encoder: Encoders | None,
         stages: tuple[str, ...],
         write_predictions: bool = False,
         tag: str = "",

@@ -31,11 +31,12 @@ from tace.common.preprocess import PIPELINE_VERSION, PreprocessConfig
 from tace.common.protocol import STAGES
 
 if TYPE_CHECKING:
-    from tace.common.clinical import ClinicalEncoder
     from tace.common.config import RunConfig
+    from tace.common.encoders import Encoders
     from tace.common.models import StudyModels
 
-FORMAT = "tace-model/1"
+#: 2: the radiomics model, and DLTRMLP reads the radiomics features (encoders for clinical factors and radiomics).
+FORMAT = "tace-model/2"
 FILENAME = "tace-model.zip"
 CARD_MEMBER = "model_card.json"
 #: Run-config keys a model file carries for local fine-tuning at a hospital (nothing about any patient).
@@ -108,9 +109,9 @@ def write_model(path: Path, model: ModelArtefact) -> Path:
         "format": FORMAT, "tace_fl_version": version_string(), "backbone": m.backbone,
         "model_signature": model_signature((m.backbone,), len(m.preprocess.sequences), len(FEATURES)),
         "preprocessing": {**m.preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
-        "clinical_encoder": m.encoder, "cutoffs": m.cutoffs, "cutoffs_note": m.cutoffs_note, "score_bins": int(m.bins),
+        "encoders": m.encoder, "cutoffs": m.cutoffs, "cutoffs_note": m.cutoffs_note, "score_bins": int(m.bins),
         "source_run": m.source, "training": m.training, "privacy": m.privacy,
-        "outputs": "probability of objective response (mRECIST CR/PR) from DLTRMLP, DLTR and the clinical model",
+        "outputs": "probability of objective response (mRECIST CR/PR) from DLTRMLP, DLTR, the radiomics and the clinical model",
     }  # fmt: skip
     card = json.loads(json.dumps(card))  # exactly what a reader will parse (tuples as lists), so the digest matches
     card["sha256"] = _card_digest(card, arrays)
@@ -185,7 +186,7 @@ def read_model(path: Path | str) -> ModelArtefact:
         if card["model_signature"] != ours:
             raise TaceError(f"{path} was made by TACE-FL {made_by}, whose {backbone} model differs from this version's "
                             f"({version_string()}; signature {card['model_signature']} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
-        return ModelArtefact(arrays, backbone, preprocess, dict(card["clinical_encoder"]), dict(card["cutoffs"]), int(card["score_bins"]),
+        return ModelArtefact(arrays, backbone, preprocess, dict(card["encoders"]), dict(card["cutoffs"]), int(card["score_bins"]),
                              str(card["source_run"]), dict(card["training"]), dict(card["privacy"]), str(card["cutoffs_note"]),
                              str(made_by), ours, dict(json.loads(model_card)) if model_card is not None else {})  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
@@ -229,7 +230,7 @@ class TrainedModels:
     were made (preprocessing, the cut-offs fixed on the training sites, version, training and privacy settings)."""
 
     models: StudyModels
-    encoder: ClinicalEncoder
+    encoder: Encoders
     preprocess: PreprocessConfig
     path: Path
     cutoffs: dict[str, Any] = field(default_factory=dict)
@@ -245,13 +246,14 @@ class TrainedModels:
     @classmethod
     def load(cls, path: Path | str) -> TrainedModels:
         """From a model file (tace-model.zip) or a finished run folder; an incompatible file is a clear error."""
-        from tace.common.clinical import FEATURES, ClinicalEncoder
+        from tace.common.clinical import FEATURES
+        from tace.common.encoders import Encoders
         from tace.common.models import StudyModels
 
         art = read_model(path)
         models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
         models.load(art.arrays)
-        return cls(models, ClinicalEncoder.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
+        return cls(models, Encoders.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
                    art.version, art.training, art.source, art.privacy, art.cutoffs_note, art.model_card)  # fmt: skip
 
     def artefact(self) -> ModelArtefact:
@@ -266,7 +268,8 @@ def save_run_models(folder: Path, model: ModelArtefact) -> None:
     import torch
 
     from tace.common.clinical import FEATURES
-    from tace.common.models import StudyModels
+    from tace.common.models import StudyModels, radiomics_dim
+    from tace.common.radiomics import model_feature_names
     from tace.common.serialize import write_json
 
     write_model(folder / FILENAME, model)
@@ -275,24 +278,29 @@ def save_run_models(folder: Path, model: ModelArtefact) -> None:
     models.load(model.arrays)
     for name in STAGES:
         torch.save(models.module(name).state_dict(), folder / f"{name}.pt")
-    exports = _exportable(models.dltr.eval(), models.head.eval(), models.clinical.eval())
+    exports = _exportable(models.dltr.eval(), models.head.eval())
     batch = torch.export.Dim("batch", min=1, max=4096)
     image = torch.zeros(2, *shape)
     clin = torch.zeros(2, len(FEATURES))
-    for name, module, inputs in (("dltr", exports[0], (image,)), ("dltrmlp", exports[1], (image, clin)), ("clinical", exports[2], (clin,))):
+    radiomics = torch.zeros(2, radiomics_dim(in_channels))
+    for name, module, inputs in (("dltr", exports[0], (image,)), ("dltrmlp", exports[1], (image, clin, radiomics)),
+                                 ("clinical", exports[2](models.clinical.eval()), (clin,)),
+                                 ("radiomics", exports[2](models.radiomics.eval()), (radiomics,))):  # fmt: skip
         program = torch.export.export(module, inputs, dynamic_shapes=tuple({0: batch} for _ in inputs))
         torch.export.save(program, folder / f"{name}.pt2")
     write_json(folder / "model.json", {
         "backbone": model.backbone, "in_channels": in_channels, "input_shape": list(shape), "clinical_features": list(FEATURES),
+        "radiomics_features": model_feature_names(model.preprocess.sequences),
         "outputs": "probability of objective response (mRECIST CR/PR)",
-        "portable": {"dltr.pt2": "image (B, C, D, H, W) -> p", "dltrmlp.pt2": "image, clinical (B, K) standardised -> p",
-                     "clinical.pt2": "clinical (B, K) standardised -> p"},
-        "clinical_encoder": model.encoder,
+        "portable": {"dltr.pt2": "image (B, C, D, H, W) -> p",
+                     "dltrmlp.pt2": "image, clinical (B, K) standardised, radiomics (B, R) standardised -> p",
+                     "clinical.pt2": "clinical (B, K) standardised -> p", "radiomics.pt2": "radiomics (B, R) standardised -> p"},
+        "encoders": model.encoder,
     })  # fmt: skip
 
 
-def _exportable(dltr: Any, head: Any, clinical: Any) -> tuple[Any, Any, Any]:
-    """The three models as modules from inputs to probabilities, for `torch.export`."""
+def _exportable(dltr: Any, head: Any) -> tuple[Any, Any, Any]:
+    """DLTR, DLTRMLP and a maker of the tabular models' modules, from inputs to probabilities, for `torch.export`."""
     import torch
 
     class Image(torch.nn.Module):
@@ -308,15 +316,15 @@ def _exportable(dltr: Any, head: Any, clinical: Any) -> tuple[Any, Any, Any]:
             super().__init__()
             self.dltr, self.head = dltr, head
 
-        def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.head(self.dltr.features(x), c))
+        def forward(self, x: torch.Tensor, c: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(self.head(self.dltr.features(x), c, r))
 
-    class Clinical(torch.nn.Module):
-        def __init__(self) -> None:
+    class Tabular(torch.nn.Module):
+        def __init__(self, model: Any) -> None:
             super().__init__()
-            self.clinical = clinical
+            self.model = model
 
         def forward(self, c: torch.Tensor) -> torch.Tensor:
-            return torch.sigmoid(self.clinical(c))
+            return torch.sigmoid(self.model(c))
 
-    return Image(), Fusion(), Clinical()
+    return Image(), Fusion(), Tabular

@@ -55,6 +55,11 @@ class RunConfig:
     clinical_rounds: int = 15
     clinical_local_epochs: int = 5
     clinical_lr: float = 2e-2
+    radiomics_rounds: int = 15
+    radiomics_local_epochs: int = 5
+    radiomics_lr: float = 2e-2
+    radiomics_weight_decay: float = 0.1
+    head_weight_decay: float = 0.01
     spacing_mm: str = "2,2,3"
     box_voxels: str = "48,48,32"
     sequences: str = "arterial,portal_venous,delayed"
@@ -99,13 +104,22 @@ class RunConfig:
             if name not in BACKBONES:
                 raise ConfigError(f"unknown backbone {name!r}", f"valid backbones: {', '.join(BACKBONES)}")
         for key in ("rounds", "local_epochs", "batch_size", "head_local_epochs", "clinical_local_epochs", "threads", "hist_bins",
-                    "head_rounds", "clinical_rounds", "min_sites", "round_timeout", "join_timeout"):  # fmt: skip
+                    "head_rounds", "clinical_rounds", "radiomics_rounds", "radiomics_local_epochs", "min_sites", "round_timeout",
+                    "join_timeout"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key.replace('_', '-')} must be at least 1")
-        for key in ("lr", "head_lr", "clinical_lr", "server_lr"):
+        for key in ("lr", "head_lr", "clinical_lr", "radiomics_lr", "server_lr"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key.replace('_', '-')} must be positive")
-        for key in ("patience", "expected_sites", "proximal_mu", "weight_decay", "max_update_norm_ratio"):
+        for key in (
+            "patience",
+            "expected_sites",
+            "proximal_mu",
+            "weight_decay",
+            "head_weight_decay",
+            "radiomics_weight_decay",
+            "max_update_norm_ratio",
+        ):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key.replace('_', '-')} must not be negative")
         if not 0 <= self.seed < 2**31:

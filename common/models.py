@@ -145,21 +145,29 @@ class DLTR(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """DLTRMLP's head: [layer-normalised deep features, standardised clinical factors] -> MLP -> logit (B,)."""
+    """DLTRMLP's head: [layer-normalised deep features, standardised clinical factors, standardised radiomics
+    features] -> MLP -> logit (B,)."""
 
-    def __init__(self, feature_dim: int, clinical_dim: int, hidden: int = 32, dropout: float = 0.2) -> None:
+    def __init__(self, feature_dim: int, clinical_dim: int, radiomics_dim: int = 0, hidden: int = 32, dropout: float = 0.2) -> None:
         super().__init__()
+        self.radiomics_dim = radiomics_dim
         self.feature_norm = nn.LayerNorm(feature_dim)
         self.mlp = nn.Sequential(
-            nn.Linear(feature_dim + clinical_dim, hidden), nn.ReLU(inplace=False), nn.Dropout(dropout), nn.Linear(hidden, 1)
+            nn.Linear(feature_dim + clinical_dim + radiomics_dim, hidden), nn.ReLU(inplace=False), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
 
-    def forward(self, features: torch.Tensor, clinical: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([self.feature_norm(features), clinical], dim=1)).squeeze(-1)
+    def forward(self, features: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> torch.Tensor:
+        """Without `radiomics` every radiomics feature sits at its standardised mean (0), as for a patient whose
+        features could not be computed."""
+        if radiomics is None:
+            radiomics = clinical.new_zeros(len(clinical), self.radiomics_dim)
+        parts = [self.feature_norm(features), clinical, radiomics]
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
 
 
 class ClinicalModel(nn.Module):
-    """Logistic regression on the standardised clinical factors: logit (B,)."""
+    """Logistic regression on standardised tabular inputs (the clinical factors; the radiomics model is one too):
+    logit (B,)."""
 
     def __init__(self, clinical_dim: int) -> None:
         super().__init__()
@@ -167,6 +175,13 @@ class ClinicalModel(nn.Module):
 
     def forward(self, clinical: torch.Tensor) -> torch.Tensor:
         return self.linear(clinical).squeeze(-1)
+
+
+def radiomics_dim(in_channels: int) -> int:
+    """How many radiomics features the models read for `in_channels` phases (`tace.common.radiomics`)."""
+    from tace.common.radiomics import model_feature_index
+
+    return len(model_feature_index(in_channels))
 
 
 def state_dict_numpy(module: nn.Module) -> Arrays:
@@ -180,17 +195,20 @@ def load_numpy(module: nn.Module, arrays: Arrays) -> None:
 
 @dataclass
 class StudyModels:
-    """The three models of the study: DLTR, the DLTRMLP fusion head (on DLTR's features), the clinical model."""
+    """The study's models: DLTR, the DLTRMLP fusion head (on DLTR's features, the clinical factors and the radiomics
+    features), the clinical model, and the radiomics model (logistic regression on the radiomics features)."""
 
     dltr: DLTR
     head: FusionHead
     clinical: ClinicalModel
+    radiomics: ClinicalModel
 
     @classmethod
     def build(cls, backbone: str, in_channels: int, clinical_dim: int, seed: int = 0) -> StudyModels:
         torch.manual_seed(seed)
         dltr = DLTR(backbone, in_channels=in_channels)
-        return cls(dltr, FusionHead(dltr.feature_dim, clinical_dim), ClinicalModel(clinical_dim))
+        n_radiomics = radiomics_dim(in_channels)
+        return cls(dltr, FusionHead(dltr.feature_dim, clinical_dim, n_radiomics), ClinicalModel(clinical_dim), ClinicalModel(n_radiomics))
 
     def module(self, stage: str) -> nn.Module:
         """The model a stage trains (`tace.common.protocol.STAGES`)."""

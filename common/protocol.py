@@ -33,7 +33,9 @@ CONFIG = "config"
 METRICS = "metrics"
 SITE = "site"
 
-MODELS = ("clinical", "dltr", "dltrmlp")
+MODELS = ("clinical", "dltr", "dltrmlp", "radiomics")
+#: The models as tables list them: the fusion first, then the image-only, radiomics and clinical models.
+DISPLAY_ORDER = ("dltrmlp", "dltr", "radiomics", "clinical")
 
 
 # -- the stages -------------------------------------------------------------------------------------------------
@@ -59,7 +61,8 @@ class Stage:
     arrays : the stages whose weights a train message carries (the fusion head trains on the backbone's features)
     label : the stage in words, for reports
     seed_offset : added to a round's seed, so stages never share a random stream
-    rounds_key, lr_key, epochs_key : the `RunConfig` fields giving its rounds, base learning rate and local epochs
+    rounds_key, lr_key, epochs_key, weight_decay_key : the `RunConfig` fields giving its rounds, base learning rate,
+        local epochs and AdamW weight decay
     batch_size : fixed local batch size (0: the run's ``batch-size``)
     """
 
@@ -71,6 +74,7 @@ class Stage:
     rounds_key: str
     lr_key: str
     epochs_key: str
+    weight_decay_key: str = "weight_decay"
     batch_size: int = 0
 
     def rounds(self, run: RunSettings) -> int:
@@ -82,6 +86,9 @@ class Stage:
     def local_epochs(self, run: RunSettings) -> int:
         return int(getattr(run, self.epochs_key))
 
+    def weight_decay(self, run: RunSettings) -> float:
+        return float(getattr(run, self.weight_decay_key))
+
     def local_batch_size(self, run: RunSettings) -> int:
         return self.batch_size or run.batch_size
 
@@ -90,13 +97,47 @@ class Stage:
         return run.seed * 100_003 + server_round * 101 + self.seed_offset
 
 
-#: The study's stages: the DLTR backbone, then the fusion head on its frozen features, then the clinical model.
+#: The study's stages: the DLTR backbone, then the fusion head on its frozen features, the clinical model and the
+#: radiomics model.
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("dltr", "dltr", ("dltr",), "DLTR backbone", 1, "rounds", "lr", "local_epochs"),
-        Stage("head", "dltrmlp", ("dltr", "head"), "DLTRMLP fusion head", 2, "head_rounds", "head_lr", "head_local_epochs", 32),
-        Stage("clinical", "clinical", ("clinical",), "clinical model", 3, "clinical_rounds", "clinical_lr", "clinical_local_epochs", 32),
+        Stage(
+            "head",
+            "dltrmlp",
+            ("dltr", "head"),
+            "DLTRMLP fusion head",
+            2,
+            "head_rounds",
+            "head_lr",
+            "head_local_epochs",
+            "head_weight_decay",
+            32,
+        ),
+        Stage(
+            "clinical",
+            "clinical",
+            ("clinical",),
+            "clinical model",
+            3,
+            "clinical_rounds",
+            "clinical_lr",
+            "clinical_local_epochs",
+            batch_size=32,
+        ),
+        Stage(
+            "radiomics",
+            "radiomics",
+            ("radiomics",),
+            "radiomics model",
+            4,
+            "radiomics_rounds",
+            "radiomics_lr",
+            "radiomics_local_epochs",
+            "radiomics_weight_decay",
+            32,
+        ),
     )
 }
 
@@ -404,10 +445,11 @@ class InfoReply:
 
 @dataclass(frozen=True)
 class StatsReply:
-    """A training site's clinical statistics (`tace.common.clinical.ClinicalStats.to_flat`: counts and sums only)."""
+    """A training site's statistics for the encoders (`tace.common.encoders.SiteStatistics.to_flat`: counts and sums
+    only)."""
 
     site_id: str
-    stats: dict[str, float]
+    stats: dict[str, Metric]
 
     def records(self) -> Records:
         return Records(metrics=dict(self.stats), site={"site-id": self.site_id})
@@ -415,7 +457,8 @@ class StatsReply:
     @classmethod
     def from_records(cls, records: Records) -> StatsReply:
         try:
-            return cls(_get(records.site, "site-id", str, "statistics"), {k: float(cast(float, v)) for k, v in records.metrics.items()})
+            stats = {k: [float(x) for x in v] if isinstance(v, list) else float(v) for k, v in records.metrics.items()}
+            return cls(_get(records.site, "site-id", str, "statistics"), stats)  # type: ignore[arg-type]
         except (TypeError, ValueError) as exc:
             raise _malformed("clinical statistics", exc) from None
 

@@ -615,3 +615,36 @@ def _shell_contrast(tumour: np.ndarray, shell: np.ndarray) -> np.ndarray:
             np.mean(tumour < q25),
         ]
     )
+
+
+# -- model inputs ---------------------------------------------------------------------------------------------------
+#: Bump when what `model_features` returns changes: the site's cache of model features is keyed by it.
+MODEL_FEATURES_VERSION = 1
+#: Per-channel families the radiomics model and the DLTRMLP fusion head read, beside every shape feature: the
+#: intensity distribution in the tumour and the tumour against the liver around it (what radiologists read as
+#: enhancement, washout and necrosis). The texture matrices add some 160 correlated features that a few hundred
+#: patients cannot weigh (docs/training.md, "Quality": measured on the panel).
+MODEL_FAMILIES: tuple[str, ...] = ("firstorder", "shell")
+
+
+def model_feature_index(channels: int) -> np.ndarray:
+    """Positions in `extract`'s vector of the features the models read (`MODEL_FAMILIES`, every shape feature)."""
+    names = feature_names(channels)
+    wanted = [i for i, n in enumerate(names) if n.startswith("shape_") or n.split("_", 1)[1].split("_", 1)[0] in MODEL_FAMILIES]
+    return np.array(wanted, dtype=int)
+
+
+def model_feature_names(channels: Sequence[str]) -> list[str]:
+    names = feature_names(channels)
+    return [names[i] for i in model_feature_index(len(channels))]
+
+
+def model_inputs(features: np.ndarray, channels: int) -> np.ndarray:
+    """The models' radiomics inputs from `extract` vectors ``(N, F)``: the `MODEL_FAMILIES` subset, signed-log."""
+    return signed_log(np.asarray(features, dtype=np.float64)[:, model_feature_index(channels)])
+
+
+def signed_log(x: np.ndarray) -> np.ndarray:
+    """``sign(x) log(1 + |x|)``: a fixed, data-free compression of heavy tails (volumes in mm3, energies) to scales a
+    linear model can weigh; monotone, so it keeps every feature's ranking."""
+    return np.sign(x) * np.log1p(np.abs(x))

@@ -33,17 +33,20 @@ CAM_LAYERS = {
 
 
 class DLTRMLPImage(nn.Module):
-    """DLTRMLP as a function of the image alone (the patient's clinical factors held fixed), with two class logits
-    ``[-z, z]`` so that Grad-CAM's "predicted class" is responder when z > 0 and non-responder otherwise."""
+    """DLTRMLP as a function of the image alone (the patient's clinical factors and radiomics features held fixed),
+    with two class logits ``[-z, z]`` so that Grad-CAM's "predicted class" is responder when z > 0 and
+    non-responder otherwise."""
 
-    def __init__(self, models: StudyModels, clinical: torch.Tensor) -> None:
+    def __init__(self, models: StudyModels, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> None:
         super().__init__()
         self.dltr = models.dltr
         self.head = models.head
         self.clinical = clinical
+        self.radiomics = radiomics
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.head(self.dltr.features(x), self.clinical.expand(len(x), -1))
+        radiomics = None if self.radiomics is None else self.radiomics.expand(len(x), -1)
+        z = self.head(self.dltr.features(x), self.clinical.expand(len(x), -1), radiomics)
         return torch.stack([-z, z], dim=1)
 
 
@@ -69,13 +72,19 @@ class Explainer:
             GradCAM(nn_module=self.wrapper, target_layers=CAM_LAYERS[backbone]) if method == "gradcam" else VanillaGrad(self.wrapper)
         )
 
-    def __call__(self, image: np.ndarray | torch.Tensor, clinical: np.ndarray | torch.Tensor, responder: bool | None = None) -> np.ndarray:
+    def __call__(
+        self, image: np.ndarray | torch.Tensor, clinical: np.ndarray | torch.Tensor, responder: bool | None = None,
+        radiomics: np.ndarray | torch.Tensor | None = None,
+    ) -> np.ndarray:  # fmt: skip
         """Saliency ``(C, D, H, W)`` (one map per phase; Grad-CAM's one map repeated) in [0, 1] for one image
-        ``(C, D, H, W)`` and its encoded clinical factors ``(K,)``, explaining `responder` (the group the card shows,
-        at the study's cut-off; None: the sign of the logit). `total` sums it over the phases."""
+        ``(C, D, H, W)``, its encoded clinical factors ``(K,)`` and radiomics features ``(R,)``, explaining
+        `responder` (the group the card shows, at the study's cut-off; None: the sign of the logit). `total` sums it
+        over the phases."""
         from scipy.ndimage import gaussian_filter
 
         self.wrapper.clinical = torch.as_tensor(clinical, dtype=torch.float32).reshape(1, -1).to(self.device)
+        if radiomics is not None:
+            self.wrapper.radiomics = torch.as_tensor(radiomics, dtype=torch.float32).reshape(1, -1).to(self.device)
         x = torch.as_tensor(image, dtype=torch.float32)[None].to(self.device)
         index = None if responder is None else int(responder)
         if self.method == "gradcam":

@@ -26,8 +26,9 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from tace.common.cli import version_string
-from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig
+from tace.common.encoders import Encoders, SiteStatistics
 from tace.common.errors import TaceError
 from tace.common.models import model_signature
 from tace.common.protocol import (
@@ -271,7 +272,7 @@ class FlowerFederation:
                                 c.val_responders if train else 0))  # fmt: skip
         return out
 
-    def clinical_stats(self) -> list[ClinicalStats]:
+    def statistics(self) -> list[SiteStatistics]:
         nodes = self._nodes("train")
         replies, errors = self._send(nodes, "query", {n: StatsRequest().records() for n in nodes})
         if errors:
@@ -279,9 +280,9 @@ class FlowerFederation:
             raise TaceError(f"{len(errors)} site(s) failed during 'query':\n{lines}", "see the site's client log for details")
         # Merge in site order: float sums depend on the order, and the encoder feeds training.
         ordered = sorted(replies.items(), key=lambda kv: self.nodes[kv[0]])
-        return [ClinicalStats.from_flat(StatsReply.from_records(received(r)).stats) for _, r in ordered]
+        return [SiteStatistics.from_flat(StatsReply.from_records(received(r)).stats) for _, r in ordered]
 
-    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[SiteUpdate]:
+    def train(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: TrainRound) -> list[SiteUpdate]:
         self._refresh()
         nodes, q = self._nodes("train"), request
         weights = pack({k: arrays[k] for k in STAGES[q.stage].arrays})
@@ -352,7 +353,7 @@ class FlowerFederation:
     def restore_strategy(self, stage: str, state: Arrays) -> None:
         self.aggregator.restore(stage, state)
 
-    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
+    def evaluate(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: Evaluation) -> dict[str, dict[str, Any]]:
         # During rounds only the training sites' internal validation is needed: holdout sites are touched once, at
         # the end, so they can never influence model selection.
         q = request
@@ -377,7 +378,7 @@ class FlowerFederation:
             out[self.nodes[node]] = res
         return out
 
-    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+    def finetune(self, arrays: dict[str, Arrays], encoder: Encoders, request: Finetune) -> dict[str, dict[str, Any]]:
         nodes, q = self._nodes("train"), request
         weights = pack({k: arrays[k] for k in STAGES})
         base = FinetuneRequest(mode=q.mode, epochs=q.epochs, backbone=q.backbone, seed=q.seed, cutoffs=q.cutoffs, tag=q.tag,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from tace.common.clinical import ClinicalEncoder, ClinicalStats
+from tace.common.encoders import Encoders, SiteStatistics
 from tace.common.protocol import Arrays, Failure
 
 
@@ -97,9 +97,11 @@ class Federation(Protocol):
 
     def sites(self) -> list[SiteInfo]: ...
 
-    def clinical_stats(self) -> list[ClinicalStats]: ...
+    def statistics(self) -> list[SiteStatistics]:
+        """The training sites' statistics for the encoders, in site order."""
+        ...
 
-    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[SiteUpdate]:
+    def train(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: TrainRound) -> list[SiteUpdate]:
         """Local training of `request.stage` at every training site. With `request.validate`, each site first
         evaluates those models with the weights it received (its internal validation, as `evaluate` during rounds)
         and the replies carry it."""
@@ -113,7 +115,7 @@ class Federation(Protocol):
 
     def restore_strategy(self, stage: str, state: Arrays) -> None: ...
 
-    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
+    def evaluate(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: Evaluation) -> dict[str, dict[str, Any]]:
         """Aggregates per site. During rounds (`request.final` False) training sites only. The final evaluation
         reaches the sites of `request.role` (every site when None) and each result also holds the site's analysis
         summary under ``"summary"``, its survival event tables grouped with `request.cutoffs` when given."""
@@ -121,7 +123,7 @@ class Federation(Protocol):
 
     def set_roles(self, holdout: tuple[str, ...]) -> None: ...
 
-    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+    def finetune(self, arrays: dict[str, Arrays], encoder: Encoders, request: Finetune) -> dict[str, dict[str, Any]]:
         """Local fine-tuning at every training site (`tace.client.finetune`): per site the global and the fine-tuned
         DLTRMLP AUC on its validation split, its counts, or ``{"error": why}``."""
         ...
@@ -133,7 +135,7 @@ class StudyResult:
     the roles, timings, the chosen backbone (and the comparison), the cut-offs and fine-tuning figures."""
 
     arrays: dict[str, Arrays]
-    encoder: ClinicalEncoder
+    encoder: Encoders
     evaluation: dict[str, dict[str, Any]]
     roles: dict[str, str]
     timings: dict[str, float] = field(default_factory=dict)

@@ -11,6 +11,7 @@ from typing import Any
 
 from tace.common.artifact import ModelArtefact, save_run_models
 from tace.common.config import RunConfig
+from tace.common.protocol import MODELS
 from tace.common.summaries import SiteSummary
 from tace.server.messages import StudyResult
 from tace.server.rounds import pooled_auc
@@ -114,7 +115,7 @@ def summarise(results: list[StudyResult], mode: str, layout: str) -> dict[str, A
         "layout": layout,
         "backbone": results[0].backbone,
         "backbone_comparison": results[0].backbone_comparison,
-        "models": {model: _model_entry(results, model, layout) for model in ("clinical", "dltr", "dltrmlp")},
+        "models": {model: _model_entry(results, model, layout) for model in MODELS},
         "timings": timings,
         "folds": [{"holdout": [s for s, r in res.roles.items() if r == "holdout"], "backbone": res.backbone} for res in results],
     }

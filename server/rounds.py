@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from tace.common.clinical import ClinicalEncoder
 from tace.common.config import RunConfig
+from tace.common.encoders import Encoders
 from tace.common.errors import TaceError
 from tace.common.metrics import auc_from_histograms
 from tace.common.protocol import STAGES, Arrays
@@ -125,7 +125,7 @@ class _Stage:
     name: str
     label: str
     arrays: dict[str, Arrays]
-    encoder: ClinicalEncoder | None
+    encoder: Encoders | None
     backbone: str
     state: StageProgress
     best: Arrays
@@ -147,7 +147,7 @@ class StageRunner:
         self.on_round = on_round
 
     def run_stage(
-        self, stage: str, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, backbone: str, label: str | None = None
+        self, stage: str, arrays: dict[str, Arrays], encoder: Encoders | None, backbone: str, label: str | None = None
     ) -> tuple[Arrays, float | None]:
         """Federated rounds of `stage` with early stopping on pooled internal-validation AUC, starting from
         ``arrays[stage]`` (or where an interrupted run stopped); returns the best weights and their AUC."""

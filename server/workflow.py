@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tace.common.clinical import ClinicalEncoder, ClinicalStats
 from tace.common.config import RunConfig
+from tace.common.encoders import Encoders
 from tace.common.errors import TaceError
-from tace.common.protocol import MODELS, Arrays
+from tace.common.models import radiomics_dim
+from tace.common.protocol import MODELS, STAGES, Arrays
 from tace.common.summaries import SiteSummary, fix_cutoffs
 from tace.server.messages import Evaluation, Federation, Finetune, SiteInfo, StudyResult
 from tace.server.progress import Progress
@@ -62,32 +63,29 @@ def check_sites(infos: list[SiteInfo], require_both_classes: bool = True) -> Non
         )
 
 
-def clinical_encoder(layout: Layout, progress: Progress) -> tuple[ClinicalEncoder, Progress]:
-    """The clinical standardisation from the training sites' merged statistics (or, resuming, the one saved before
-    the interruption; under differential privacy fixed reference values), and the progress to continue from."""
+def input_encoders(layout: Layout, progress: Progress) -> tuple[Encoders, Progress]:
+    """The clinical and radiomics standardisation from the training sites' merged statistics (or, resuming, the one
+    saved before the interruption; under differential privacy from no site's data), and the progress to continue
+    from. Written to ``encoders.json`` (and the clinical part to ``clinical_encoder.json``)."""
     rundir, run = layout.rundir, layout.run
-    encoder_path = rundir.path / "clinical_encoder.json"
+    encoder_path = rundir.path / "encoders.json"
     if progress.resumed and encoder_path.exists():
         # Resuming: the statistics were merged before the interruption; the sites' data have not changed.
         rundir.trim_metrics(progress.rounds_done())
         log.info("resuming %s: rounds already completed per stage %s", rundir.path, progress.rounds_done())
-        return ClinicalEncoder.from_dict(json.loads(encoder_path.read_text(encoding="utf-8"))), progress
+        return Encoders.from_dict(json.loads(encoder_path.read_text(encoding="utf-8"))), progress
     progress = Progress(progress.path)  # no usable record (or no encoder to go with it): start from scratch
-    if run.dp:
-        # Under differential privacy nothing about the training patients leaves a site but DP-trained weights:
-        # no clinical statistics; the encoder uses fixed reference values (docs/privacy.md).
-        encoder = ClinicalEncoder.reference()
-    else:
-        stats = ClinicalStats()
-        for st in layout.federation.clinical_stats():
-            stats = stats.merge(st)
-        encoder = ClinicalEncoder.from_stats(stats)
-    rundir.write_json("clinical_encoder.json", encoder.to_dict())
+    n_radiomics = radiomics_dim(len(run.preprocess.sequences))
+    # Under differential privacy nothing about the training patients leaves a site but DP-trained weights: no
+    # statistics; reference values for the clinical factors, the fixed signed log for radiomics (docs/privacy.md).
+    encoder = Encoders.reference(n_radiomics) if run.dp else Encoders.from_statistics(layout.federation.statistics(), n_radiomics)
+    rundir.write_json("encoders.json", encoder.to_dict())
+    rundir.write_json("clinical_encoder.json", encoder.clinical.to_dict())
     return encoder, progress
 
 
 def choose_backbone(
-    runner: StageRunner, run: RunConfig, initial: Initial, encoder: ClinicalEncoder
+    runner: StageRunner, run: RunConfig, initial: Initial, encoder: Encoders
 ) -> tuple[str, dict[str, Arrays], dict[str, float | None]]:
     """Train DLTR on every candidate backbone and keep the one with the best pooled internal-validation AUC (the
     study's comparison of deep-learning algorithms); returns it, its weights and every candidate's AUC."""
@@ -115,13 +113,13 @@ def run_study(
     infos = federation.sites()
     check_sites(infos, require_both_classes)
     layout = Layout(federation, run, rundir, {s.site_id: s.role for s in infos}, tag)
-    encoder, progress = clinical_encoder(layout, Progress.start(rundir.path, run.resume))
+    encoder, progress = input_encoders(layout, Progress.start(rundir.path, run.resume))
     timings["statistics_s"] = time.perf_counter() - t0
     runner = StageRunner(federation, run, rundir, layout.roles, progress, on_round)
     t = time.perf_counter()
     chosen, arrays, comparison = choose_backbone(runner, run, initial, encoder)
     timings["dltr_s"] = time.perf_counter() - t
-    for stage in ("head", "clinical"):
+    for stage in (s for s in STAGES if s != "dltr"):
         t = time.perf_counter()
         arrays[stage], _ = runner.run_stage(stage, arrays, encoder, chosen)
         timings[f"{stage}_s"] = time.perf_counter() - t
@@ -137,9 +135,7 @@ def run_study(
     return StudyResult(arrays, encoder, evaluation, layout.roles, timings, chosen, comparison, cutoffs, tuned)
 
 
-def finetune_sites(
-    layout: Layout, arrays: dict[str, Arrays], encoder: ClinicalEncoder, backbone: str, cutoffs: dict[str, Any]
-) -> dict[str, Any]:
+def finetune_sites(layout: Layout, arrays: dict[str, Arrays], encoder: Encoders, backbone: str, cutoffs: dict[str, Any]) -> dict[str, Any]:
     """Personalisation after federation: each training site fine-tunes the final model on its own training split and
     reports the global and the fine-tuned DLTRMLP AUC on its validation split (the fine-tuned model stays there)."""
     run, rundir = layout.run, layout.rundir
@@ -157,7 +153,7 @@ def finetune_sites(
 
 
 def final_evaluation(
-    layout: Layout, arrays: dict[str, Arrays], encoder: ClinicalEncoder, backbone: str
+    layout: Layout, arrays: dict[str, Arrays], encoder: Encoders, backbone: str
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Evaluate the final models: the training sites first, whose pooled score tables fix the cut-offs (Youden,
     risk groups), then the holdout sites, which group their PFS event tables with those cut-offs.

@@ -281,7 +281,8 @@ def predict_at_hospital(run_dir: Path, cohort: Path, site: str, n: int = 5) -> f
     return time.perf_counter() - start
 
 
-#: The published study's external-validation AUCs (two external cohorts) and PFS log-rank P, for comparison.
+#: The published study's external-validation AUCs (two external cohorts) and PFS log-rank P, for comparison
+#: (the study had no radiomics model: its row shows "-").
 STUDY = {"DLTRMLP": "0.800 / 0.818", "DLTR": "0.649 / 0.629", "Clinical": "0.648 / 0.659", "log-rank P": "0.035"}
 
 
@@ -326,7 +327,7 @@ def analyse(run_dir: Path) -> float:
         )
         rows.append((r["model"], f"{f(r['pooled_auc'])} ({f(r['ci_low'])}-{f(r['ci_high'])})", *[f(r[f"auc {s}"]) for s in validation["sites"]],
                      f(r.get("delong_p_vs_dltrmlp")) if r["model"] != "DLTRMLP" else "-", slope, meta, f(r.get("logrank_p")), f(r.get("hr")),
-                     STUDY[r["model"]]))  # fmt: skip
+                     STUDY.get(r["model"], "-")))  # fmt: skip
     print(_columns(header, rows, indent="  "))
     k = next((r.get("meta_k") for r in analysis["headline"] if r.get("meta_k")), None)
     if k:
@@ -389,7 +390,8 @@ def results_table(summary: dict[str, object]) -> str:
     assert isinstance(models, dict)
     sites = list(models["dltrmlp"]["sites"])
     oracle = summary.get("oracle", {}).get("sites", {})  # type: ignore[attr-defined]
-    header = ["site", "role", "n", "clinical", "DLTR", "DLTRMLP", "oracle"]
+    order = ("clinical", "radiomics", "dltr", "dltrmlp")
+    header = ["site", "role", "n", "clinical", "radiomics", "DLTR", "DLTRMLP", "oracle", "oracle (image)"]
     rows = [header]
 
     def fmt(v: object) -> str:
@@ -397,10 +399,12 @@ def results_table(summary: dict[str, object]) -> str:
 
     for s in sites:
         e = models["dltrmlp"]["sites"][s]
-        rows.append([s, e["role"], str(e["n"]), fmt(models["clinical"]["sites"][s]["auc"]), fmt(models["dltr"]["sites"][s]["auc"]),
-                     fmt(e["auc"]), fmt(oracle.get(s, {}).get("auc"))])  # fmt: skip
+        o = oracle.get(s, {})
+        rows.append(
+            [s, e["role"], str(e["n"]), *(fmt(models[m]["sites"][s]["auc"]) for m in order), fmt(o.get("auc")), fmt(o.get("auc_image"))]
+        )
     if models["dltrmlp"].get("pooled_holdout_auc") is not None:
-        rows.append(["holdout pooled", "", "", *(fmt(models[m]["pooled_holdout_auc"]) for m in ("clinical", "dltr", "dltrmlp")), ""])
+        rows.append(["holdout pooled", "", "", *(fmt(models[m]["pooled_holdout_auc"]) for m in order), "", ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import ConcatDataset
 
 from tace.client.task import SiteTask, with_role
-from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig
+from tace.common.encoders import Encoders, SiteStatistics
 from tace.common.errors import TaceError
 from tace.common.models import StudyModels, state_dict_numpy
 from tace.common.protocol import Arrays
@@ -23,9 +23,7 @@ from tace.common.training import TrainResult, train_image_model, train_tabular_m
 from tace.server.messages import Evaluation, Finetune, SiteInfo, SiteUpdate, TrainRound
 
 
-def train_pooled(
-    tasks: list[SiteTask], stage: str, models: StudyModels, encoder: ClinicalEncoder | None, lr: float, seed: int
-) -> TrainResult:
+def train_pooled(tasks: list[SiteTask], stage: str, models: StudyModels, encoder: Encoders | None, lr: float, seed: int) -> TrainResult:
     """One training call of `stage` on the training splits of several sites pooled together."""
     if len(tasks) == 1:
         return tasks[0].train(stage, models, encoder, lr, seed)
@@ -35,11 +33,9 @@ def train_pooled(
         data: ConcatDataset[Any] = ConcatDataset([t.dataset(t.train_records, augment=t.run.augment, seed=seed) for t in tasks])
         return train_image_model(models.dltr, data, settings)
     assert encoder is not None
-    clinical = torch.from_numpy(np.concatenate([encoder.encode(t.train_records) for t in tasks]))
-    if stage == "clinical":
-        return train_tabular_model(models.clinical, [clinical], labels, settings)
-    features = torch.from_numpy(np.concatenate([t.deep_features(models.dltr, t.train_records) for t in tasks]))
-    return train_tabular_model(models.head, [features, clinical], labels, settings)
+    per_site = [t.tabular_inputs(stage, models, encoder, t.train_records) for t in tasks]
+    inputs = [torch.cat([site[i] for site in per_site]) for i in range(len(per_site[0]))]
+    return train_tabular_model(models.module(stage), inputs, labels, settings)
 
 
 def check_holdout(holdout: tuple[str, ...], sites: list[str]) -> None:
@@ -78,15 +74,15 @@ class InProcessFederation:
             for s, t in sorted(self.tasks.items())
         ]
 
-    def clinical_stats(self) -> list[ClinicalStats]:
-        return [self.tasks[s].clinical_stats() for g in self.groups for s in g]
+    def statistics(self) -> list[SiteStatistics]:
+        return [SiteStatistics(self.tasks[s].clinical_stats(), self.tasks[s].radiomics_stats()) for g in self.groups for s in g]
 
     def _models(self, arrays: dict[str, Arrays], backbone: str) -> StudyModels:
         models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES))
         models.load(arrays)
         return models
 
-    def train(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: TrainRound) -> list[SiteUpdate]:
+    def train(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: TrainRound) -> list[SiteUpdate]:
         q = request
         evaluation = self.evaluate(arrays, encoder, Evaluation(q.validate, q.backbone)) if q.validate else None
         replies = []
@@ -110,7 +106,7 @@ class InProcessFederation:
     def restore_strategy(self, stage: str, state: Arrays) -> None:
         pass
 
-    def evaluate(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder | None, request: Evaluation) -> dict[str, dict[str, Any]]:
+    def evaluate(self, arrays: dict[str, Arrays], encoder: Encoders | None, request: Evaluation) -> dict[str, dict[str, Any]]:
         q = request
         study_models = self._models(arrays, q.backbone)
         out = {}
@@ -122,7 +118,7 @@ class InProcessFederation:
             out[site] = res
         return out
 
-    def finetune(self, arrays: dict[str, Arrays], encoder: ClinicalEncoder, request: Finetune) -> dict[str, dict[str, Any]]:
+    def finetune(self, arrays: dict[str, Arrays], encoder: Encoders, request: Finetune) -> dict[str, dict[str, Any]]:
         from tace.client.finetune import finetune
 
         out: dict[str, dict[str, Any]] = {}

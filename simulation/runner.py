@@ -24,6 +24,7 @@ from typing import Any
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import TaceError
 from tace.common.launch import flower_env, flower_executable, free_port, processes, write_app
+from tace.common.protocol import MODELS
 
 
 def _stop_superlink(flwr_home: Path) -> None:
@@ -232,7 +233,7 @@ def _run_local(tasks: list[Any], run: RunConfig, rundir: Any, initial: Any, on_r
             sub.close()
         per_site[t.site.site_id] = summarise([result], "local", "holdout")
     models: dict[str, Any] = {}
-    for model in ("clinical", "dltr", "dltrmlp"):
+    for model in MODELS:
         sites: dict[str, Any] = {}
         for t in train:
             sites[t.site.site_id] = per_site[t.site.site_id]["models"][model]["sites"][t.site.site_id]

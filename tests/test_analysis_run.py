@@ -18,10 +18,11 @@ from tace.analysis.data import load_run
 from tace.analysis.study import equivalence, survival_analysis, validate
 from tace.common.config import RunConfig, parse_overrides
 from tace.common.errors import TaceError
+from tace.common.protocol import MODELS
 from tace.simulation.runner import run_reference
 from tests.helpers import pdf_page_images
 
-TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
 
 
 def _run(cohort: Path, out: Path, **overrides: object) -> Path:
@@ -50,7 +51,7 @@ def test_the_run_records_what_left_each_site(finished_run):
     assert sharing["site-d"]["role"] == "holdout" and sharing["site-d"]["sharing"] == "patient-level"
     assert any("weights" in s for s in sharing["site-a"]["sent"]) and not any("weights" in s for s in sharing["site-d"]["sent"])
     cutoffs = json.loads((finished_run / "cutoffs.json").read_text())
-    assert set(cutoffs) <= {"clinical", "dltr", "dltrmlp"} and "dltrmlp" in cutoffs
+    assert set(cutoffs) <= set(MODELS) and "dltrmlp" in cutoffs
     external = json.loads((finished_run / "site_returns/site-d.json").read_text())
     assert external["survival"]["cutoffs"] == cutoffs  # grouped with the training sites' cut-offs
     assert "site-d-0001" not in (finished_run / "site_returns/site-d.json").read_text()
@@ -199,7 +200,7 @@ def test_radiogenomics_and_the_report_render_in_headless_chromium(finished_run, 
     assert code == 0, out
     assert "24 patients matched (1 imaging only, 1 expression only)" in out
     features = (run / "radiogenomics" / "features.csv").read_text(encoding="utf-8").splitlines()
-    assert len(features) == 26 and features[0].startswith("patient_id,dltrmlp,dltr,clinical,feature_000")
+    assert len(features) == 26 and features[0].startswith("patient_id,dltrmlp,dltr,radiomics,clinical,feature_000")
 
     assert analysis_main(["report", str(run)]) == 0
     out = capsys.readouterr().out

@@ -189,7 +189,7 @@ def test_cohort_cli(tmp_path):
 
 def test_demo_command_on_tiny(tmp_path):
     out = tmp_path / "demo"
-    short = "rounds=2 head-rounds=2 clinical-rounds=2"
+    short = "rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
     first = _sim("demo", "--preset", "tiny", "--out", str(out), "--run-config", short)
     assert first.returncode == 0, first.stdout + first.stderr
     for site in ("site-a", "site-b", "site-c", "site-d", "site-e"):

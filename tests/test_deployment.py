@@ -24,7 +24,7 @@ from tests.helpers import final_weights, metric_rows
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-SHORT = {"holdout-sites": '"site-c"', "rounds": "2", "head-rounds": "2", "clinical-rounds": "2", "box-voxels": '"16,16,8"',
+SHORT = {"holdout-sites": '"site-c"', "rounds": "2", "head-rounds": "2", "clinical-rounds": "2", "radiomics-rounds": "2", "box-voxels": '"16,16,8"',
          "spacing-mm": '"4,4,4"', "hist-bins": "50", "analysis-bins": "1000", "patience": "0", "min-sites": "1",
          "round-timeout": "150", "join-timeout": "300"}  # fmt: skip
 

@@ -20,7 +20,7 @@ from tace.server.rounds import screen_updates
 from tests.flower_grid import Crash, FaultyGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import final_weights, metric_rows
 
-SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0 round-timeout=1"  # a silent site: 1 s
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2 patience=0 round-timeout=1"  # a silent site: 1 s
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 
@@ -128,7 +128,7 @@ def test_resumed_run_equals_uninterrupted_run(tiny_cohort, tmp_path, strategy, c
     a, b = final_weights(tmp_path / "r"), final_weights(tmp_path / "ref")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # The resumed run did not repeat completed rounds, and metrics.csv has each round once.
-    assert 0 < sum(m.metadata.message_type == "train" for m in grid.sent) < 3 * (3 + 2 + 2)
+    assert 0 < sum(m.metadata.message_type == "train" for m in grid.sent) < 3 * (3 + 2 + 2 + 2)
     ref_rows = [(r["stage"], r["round"], r["site"]) for r in metric_rows(tmp_path / "ref")]
     rows = [(r["stage"], r["round"], r["site"]) for r in metric_rows(tmp_path / "r")]
     assert sorted(rows) == sorted(ref_rows)

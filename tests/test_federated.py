@@ -17,12 +17,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from tace.common.config import RunConfig, SiteConfig, parse_overrides
 from tace.common.errors import ConfigError, ManifestError, TaceError
 from tace.common.manifest import parse_manifest
+from tace.common.models import radiomics_dim
 from tace.simulation.cohort import generate_cohort, make_preset
 from tace.simulation.runner import processes, run_reference
 from tests.helpers import set_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+TINY_RUN = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
 
 
 def tiny_run(cohort: Path, out: Path, **overrides: object) -> RunConfig:
@@ -93,7 +94,9 @@ def _audit(reply: Message, patient_ids: set[str], n_patients: int, bins: int, al
     for record in content.metric_records.values():
         for key, value in record.items():
             if isinstance(value, list):
-                assert key.startswith(("hist-neg.", "hist-pos.")) and len(value) == bins, f"{key}: a list that is not a histogram"
+                histogram = key.startswith(("hist-neg.", "hist-pos.")) and len(value) == bins
+                feature_sums = key in ("radiomics.sum", "radiomics.sumsq") and len(value) == radiomics_dim(3)  # one sum per feature
+                assert histogram or feature_sums, f"{key}: a list that is neither a histogram nor per-feature sums"
                 assert len(value) != n_patients
             else:
                 assert isinstance(value, int | float)
@@ -105,6 +108,7 @@ def _audit(reply: Message, patient_ids: set[str], n_patients: int, bins: int, al
 def test_message_audit(tiny_cohort, tmp_path, task_identity):
     from tace.client import app as client_app
     from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
+    from tace.common.encoders import Encoders, RadiomicsEncoder
     from tace.common.models import StudyModels
     from tace.common.protocol import pack
     from tace.server.aggregation import array_record
@@ -117,7 +121,7 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
     n_val = sum(r.split == "val" and r.response is not None for r in manifest.records)
     ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0}, state=RecordDict(), run_config=run.to_run_config())
     models = StudyModels.build("small", 3, len(FEATURES))
-    encoder = ClinicalEncoder.from_stats(ClinicalStats.from_records(manifest.records))
+    encoder = Encoders(ClinicalEncoder.from_stats(ClinicalStats.from_records(manifest.records)), RadiomicsEncoder.unit(radiomics_dim(3)))
     base = {"role": "train", "backbone": "small", "encoder": json.dumps(encoder.to_dict())}
 
     def send(kind: str, config: dict, stages: tuple[str, ...] = ()) -> Message:
@@ -129,13 +133,15 @@ def test_message_audit(tiny_cohort, tmp_path, task_identity):
 
     _audit(send("query", {"query": "info"}), ids, n, run.hist_bins, None)
     _audit(send("query", {"query": "stats", "role": "train"}), ids, n, run.hist_bins, None)
-    for stage, needs in (("dltr", ("dltr",)), ("head", ("dltr", "head")), ("clinical", ("clinical",))):
+    for stage, needs in (("dltr", ("dltr",)), ("head", ("dltr", "head")), ("clinical", ("clinical",)), ("radiomics", ("radiomics",))):
         reply = send("train", {**base, "stage": stage, "lr": 0.001, "seed": 1}, needs)
         shapes = {k: tuple(v.shape) for k, v in models.arrays()[stage].items()}
         _audit(reply, ids, n, run.hist_bins, shapes)
         assert len(reply.content.array_records) == 1 and len(reply.content.metric_records) == 1
         assert int(reply.content.metric_records["metrics"]["num-examples"]) == n_train > 1  # samples, not batches
-    reply = send("evaluate", {**base, "models": "clinical,dltr,dltrmlp", "final": True}, ("dltr", "head", "clinical"))
+    reply = send(
+        "evaluate", {**base, "models": "clinical,dltr,dltrmlp,radiomics", "final": True}, ("dltr", "head", "clinical", "radiomics")
+    )
     _audit(reply, ids, n, run.hist_bins, None)
     # per-patient predictions stay at the site
     predictions = tmp_path / "sites/site-a/predictions.csv"
@@ -204,7 +210,7 @@ def test_local_and_loco_and_backbone_comparison(tiny_cohort, tmp_path):
     local = run_reference("local", tiny_cohort, tmp_path / "local", tiny_run(tiny_cohort, tmp_path / "local"))
     d = local["models"]["dltrmlp"]["sites"]["site-d"]
     assert d["role"] == "holdout" and set(d["auc_per_local_model"]) == {"site-a", "site-b", "site-c"}
-    one = {"rounds": 1, "head-rounds": 1, "clinical-rounds": 1}
+    one = {"rounds": 1, "head-rounds": 1, "clinical-rounds": 1, "radiomics-rounds": 1}
     with pytest.raises(TaceError, match="site-d, site-e have none"):
         run_reference("centralized", tiny_cohort, tmp_path / "bad", tiny_run(tiny_cohort, tmp_path / "bad", layout="loco", **one))
     all_train = tmp_path / "all-train"

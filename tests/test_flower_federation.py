@@ -24,7 +24,7 @@ from tace.server.workflow import run_layouts
 from tests.flower_grid import InProcessGrid, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import set_cell
 
-SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
 
 
 def run_for(cohort: Path, out: Path, extra: str = "") -> RunConfig:

@@ -23,7 +23,7 @@ from tace.common.errors import TaceError
 from tests.flower_grid import InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import read_rows, render_report, set_cell, write_rows
 
-SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
 SITES = [0, 1, 2, 3, 4]
 
 
@@ -58,9 +58,9 @@ def test_the_model_file_holds_everything_to_predict_and_nothing_about_patients(f
     run_dir, _ = finished
     path = run_dir / "models" / "tace-model.zip"
     art = read_model(path)
-    assert art.backbone == "small" and set(art.arrays) == {"dltr", "head", "clinical"}
+    assert art.backbone == "small" and set(art.arrays) == {"dltr", "head", "clinical", "radiomics"}
     assert art.preprocess.box_voxels == (8, 8, 8) and art.cutoffs["dltrmlp"]["risk_groups"] and art.bins == 100_000
-    assert art.training["head-lr"] == 0.005 and art.encoder["features"]
+    assert art.training["head-lr"] == 0.005 and art.encoder["clinical"]["features"] and art.encoder["radiomics"]["std"]
     blob = zipfile.ZipFile(path).read("model.json").decode() + str(zipfile.ZipFile(path).namelist())
     ids = {r["patient_id"] for s in "abcde" for r in read_rows(tiny_cohort / f"sites/site-{s}/manifest.csv")[1]}
     assert not any(pid in blob for pid in ids) and str(tiny_cohort) not in blob  # no patient, no site path
@@ -74,7 +74,7 @@ def _rewrite(path: Path, out: Path, change, redigest: bool = True) -> Path:
         card, weights = json.loads(z.read("model.json")), z.read("weights.npz")
     card, weights = change(card, weights)
     if redigest:
-        arrays: dict = {"dltr": {}, "head": {}, "clinical": {}}
+        arrays: dict = {"dltr": {}, "head": {}, "clinical": {}, "radiomics": {}}
         for k, v in np.load(io.BytesIO(weights)).items():
             arrays[k.split(".", 1)[0]][k.split(".", 1)[1]] = v
         card["sha256"] = _card_digest(card, arrays)
@@ -188,7 +188,7 @@ def test_a_patient_id_is_text_on_the_pages_never_markup(finished, tiny_cohort):
     rng = np.random.default_rng(0)
     image, saliency = rng.normal(size=(3, 8, 8, 8)).astype(np.float32), rng.uniform(size=(3, 8, 8, 8))
     explanation = Explanation(record, image, saliency, mask, (8.0, 8.0, 8.0), 0.5, 0.1)
-    row = {"patient_id": evil, "dltrmlp": 0.7, "dltr": 0.6, "clinical": 0.5, "predicted_group": "predicted responder", "cutoff": 0.4,
+    row = {"patient_id": evil, "dltrmlp": 0.7, "dltr": 0.6, "radiomics": 0.55, "clinical": 0.5, "predicted_group": "predicted responder", "cutoff": 0.4,
            "pfs_risk_group": "<b>low risk</b>", "saliency_in_tumour": 0.5, "saliency_chance": 0.1}  # fmt: skip
     card, index = render_card(explanation, row, trained), render_index(pd.DataFrame([row]), trained)
     for page in (card, index):
@@ -320,7 +320,7 @@ def test_saliency_concentrates_on_the_tumour_of_generated_patients(tmp_path):
 
     cohort = tmp_path / "cohort"
     generate_cohort(cohort, make_preset("demo", n_sites=3, patients_per_site=36), seed=3)
-    run = RunConfig.from_run_config({**parse_overrides("rounds=8 head-rounds=6 clinical-rounds=4 patience=0 holdout-sites='site-b,site-c'"),
+    run = RunConfig.from_run_config({**parse_overrides("rounds=8 head-rounds=6 clinical-rounds=4 radiomics-rounds=4 patience=0 holdout-sites='site-b,site-c'"),
                                      "cohort": str(cohort), "run-dir": str(tmp_path / "run")})  # fmt: skip
     run_reference("centralized", cohort, tmp_path / "run", run)
     out = tmp_path / "pred"

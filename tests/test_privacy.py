@@ -27,7 +27,7 @@ from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, study, task_iden
 from tests.helpers import final_weights, metric_rows, render_report
 
 # One local epoch per stage: with the tiny sites (<= 8 training patients) every call is one full-batch DP step.
-SHORT = ("spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 patience=0 local-epochs=1 "
+SHORT = ("spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2 patience=0 local-epochs=1 "
          "head-local-epochs=1 clinical-local-epochs=1")  # fmt: skip
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
@@ -169,7 +169,7 @@ def test_epsilon_covers_the_whole_run_and_matches_an_independent_accountant(dp_r
     assert led["mode"] == "sample" and led["unit"] == "patient"
     for site in ("site-a", "site-b", "site-c"):
         rows = [r for r in led["releases"] if r["site"] == site]
-        assert [(r["stage"], r["round"]) for r in rows] == [(s, k) for s in ("dltr", "head", "clinical") for k in (1, 2)]
+        assert [(r["stage"], r["round"]) for r in rows] == [(s, k) for s in ("dltr", "head", "clinical", "radiomics") for k in (1, 2)]
         eps = [r["epsilon"] for r in rows]
         assert all(b >= a for a, b in zip(eps, eps[1:], strict=False)), eps  # non-decreasing over rounds
         delta = rows[0]["delta"]
@@ -228,7 +228,7 @@ def test_accountant_survives_a_coordinator_crash_and_resume(tiny_cohort, tmp_pat
     accounts = {s: json.loads(next((tmp_path / "r" / "sites" / s / "privacy").glob("*.json")).read_text()) for s in ("site-a", "site-b")}
     # site-a released DLTR round 2 before the crash and again after it; site-b only after it.
     assert [(r["stage"], r["round"]) for r in accounts["site-a"]["releases"]][:4] == [("dltr", 1), ("dltr", 2), ("dltr", 1), ("dltr", 2)]
-    assert len(accounts["site-a"]["releases"]) == 8 and len(accounts["site-b"]["releases"]) == 7
+    assert len(accounts["site-a"]["releases"]) == 10 and len(accounts["site-b"]["releases"]) == 9
     for site, account in accounts.items():
         assert led["sites"][site]["epsilon"] == pytest.approx(epsilon([tuple(h) for h in account["history"]], account["delta"]))
     assert led["sites"]["site-a"]["epsilon"] > led["sites"]["site-b"]["epsilon"]
@@ -247,12 +247,12 @@ def test_a_site_out_of_budget_declines_and_the_run_continues(tiny_cohort, tmp_pa
     summary = study(grid, run)
     assert summary["models"]["dltrmlp"]["sites"]["site-b"]["n"] > 0  # evaluated at the end
     declined = [(e["stage"], e["round"]) for e in events(tmp_path / "r") if e["event"] == "declined" and e["site"] == "site-b"]
-    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2)]
+    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2)]
     assert all("budget" in e["detail"] for e in events(tmp_path / "r") if e["event"] == "declined")
     led = ledger(tmp_path / "r")
     assert led["sites"]["site-b"]["epsilon"] == pytest.approx(ONE_ROUND) and ONE_ROUND <= BETWEEN
-    assert len(led["sites"]["site-b"]["declined"]) == 5
-    assert led["sites"]["site-a"]["rounds"] == 6
+    assert len(led["sites"]["site-b"]["declined"]) == 7
+    assert led["sites"]["site-a"]["rounds"] == 8
     # site-b still evaluated: its validation of DLTR round 1 rode on the round-2 message it declined to train.
     rows = {(r["stage"], r["round"], r["site"]): r for r in metric_rows(tmp_path / "r")}
     assert rows[("dltr", "1", "site-b")]["n_eval"] and not rows[("dltr", "2", "site-b")]["num_examples"]
@@ -263,8 +263,8 @@ def test_under_secure_aggregation_a_declining_site_still_validates(tiny_cohort, 
     run = config(tiny_cohort, tmp_path / "r", f"dp=true dp-noise-multiplier=1.0 dp-delta={DELTA} dp-target-epsilon=100 secagg=true")
     study(InProcessGrid(run, SITES, node_config={1: {"max-epsilon": BETWEEN}}), run)
     declined = [(e["stage"], e["round"]) for e in events(tmp_path / "r") if e["event"] == "declined" and e["site"] == "site-b"]
-    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2)]
-    assert len(ledger(tmp_path / "r")["sites"]["site-b"]["declined"]) == 5
+    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2)]
+    assert len(ledger(tmp_path / "r")["sites"]["site-b"]["declined"]) == 7
     rows = {(r["stage"], r["round"], r["site"]): r for r in metric_rows(tmp_path / "r")}
     assert rows[("dltr", "1", "site-b")]["n_eval"]  # its validation of round 1 rode on the round it declined
 
@@ -388,14 +388,14 @@ def test_client_level_dp_with_secure_aggregation_is_accounted(tiny_cohort, tmp_p
     led = ledger(tmp_path / "r")
     assert led["unit"] == "hospital" and list(led["sites"]) == [CENTRAL]
     rows = led["releases"]
-    assert len(rows) == 6 and all(r["sites"] == 3 and r["clipping_norm"] == 0.5 for r in rows)
+    assert len(rows) == 8 and all(r["sites"] == 3 and r["clipping_norm"] == 0.5 for r in rows)
     sigma, delta = led["central"]["noise_multiplier"], led["central"]["delta"]
     assert delta == pytest.approx(1 / 30)  # 1 / (10 x training sites)
     for i, row in enumerate(rows):
         assert row["epsilon"] == pytest.approx(reference_epsilon([(sigma, 1.0, i + 1)], delta), rel=0.01)
     from tace.server.privacy import RESUME_HEADROOM
 
-    planned = 3 * (2 + RESUME_HEADROOM)  # three stages of 2 rounds, each with the resume headroom
+    planned = 4 * (2 + RESUME_HEADROOM)  # four stages of 2 rounds, each with the resume headroom
     assert rows[-1]["epsilon"] <= 8 and 0.9 * 8 < epsilon([(sigma, 1.0, planned)], delta) <= 8
 
 
@@ -403,10 +403,10 @@ def test_client_level_adaptive_clipping_adapts_and_sample_dp_runs_under_secure_a
     run = config(tiny_cohort, tmp_path / "a", "dp=true dp-mode='client-adaptive' dp-clipping-norm=0.05")
     study(InProcessGrid(run, SITES), run)
     norms = [r["clipping_norm"] for r in ledger(tmp_path / "a")["releases"]]
-    assert len(norms) == 6 and len(set(norms)) > 1  # Flower's wrapper adapted the clipping norm between rounds
+    assert len(norms) == 8 and len(set(norms)) > 1  # Flower's wrapper adapted the clipping norm between rounds
     run = config(tiny_cohort, tmp_path / "s", "dp=true secagg=true")
     study(InProcessGrid(run, SITES), run)
-    assert all(ledger(tmp_path / "s")["sites"][s]["rounds"] == 6 for s in ("site-a", "site-b", "site-c"))
+    assert all(ledger(tmp_path / "s")["sites"][s]["rounds"] == 8 for s in ("site-a", "site-b", "site-c"))
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from tace.common.errors import ConfigError
 from tace.simulation.cli import main as sim
 from tace.simulation.sites import parse_site_options, read_study_file, write_cohort
 
-TINY = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2"
+TINY = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
 
 
 @pytest.fixture
