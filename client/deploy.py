@@ -30,7 +30,7 @@ import tomllib
 from tace.common import pki
 from tace.common.config import check_site_id
 from tace.common.errors import ConfigError, TaceError
-from tace.common.launch import die_with_parent, flower_env, flower_executable, stop_group
+from tace.common.launch import die_with_parent, end_processes, flower_env, flower_executable, stop_group, with_flower_home
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,7 @@ class Supervisor:
                 pump = threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True)
                 pump.start()
                 outcome = self._watch(proc, lines)
-                stop_group(proc)
+                self._stop(proc)
                 pump.join(timeout=10)  # the pipe ends with the SuperNode's process group
                 if self.connected:
                     self.connected, self.lost_at = False, time.monotonic()
@@ -369,8 +369,14 @@ class Supervisor:
             return 0
         finally:
             if proc is not None:
-                stop_group(proc, grace_s=15.0)
+                self._stop(proc, grace_s=15.0)
             signal.signal(signal.SIGTERM, previous)
+
+    def _stop(self, proc: subprocess.Popen[str], grace_s: float = 5.0) -> None:
+        """Stop the SuperNode's process group, then whatever it started in a session of its own (a ClientApp process):
+        they all run with the site's Flower home folder."""
+        stop_group(proc, grace_s=grace_s)
+        end_processes(with_flower_home(Path(self.env["FLWR_HOME"])), grace_s=grace_s)
 
     def _check_coordinator(self) -> None:
         """Before a restart: what no restart can fix (the coordinator's certificate) ends the client here."""

@@ -137,6 +137,35 @@ def end_processes(pids: list[int], grace_s: float = 10.0) -> list[int]:
     return pids
 
 
+#: Environment variable naming the `tace-server start` process ("PID START-TIME") to the programs it starts; the
+#: ServerApp, which Flower's SuperExec starts out of reach of a parent-death signal, watches it (`exit_with`).
+COORDINATOR_ENV = "TACE_COORDINATOR"
+
+
+def process_spec(pid: int) -> str:
+    """``"PID START-TIME"``: a process, unmistakable even after its pid is reused."""
+    return f"{pid} {started_at(pid)}"
+
+
+def exit_with(spec: str, interval_s: float = 1.0) -> None:
+    """End this process (exit status 1) as soon as the process of `spec` (`process_spec`) is gone: a daemon thread
+    checks every `interval_s` seconds. An empty or malformed `spec` watches nothing."""
+    import threading
+    import time
+
+    try:
+        pid, start = int(spec.split()[0]), spec.split()[1]
+    except (IndexError, ValueError):
+        return
+
+    def watch() -> None:
+        while alive(pid) and started_at(pid) == start:
+            time.sleep(interval_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-coordinator").start()
+
+
 def die_with_parent() -> Any:
     """A `preexec_fn` for `subprocess.Popen`: the child gets SIGTERM when the process that started it dies, however
     it dies (Linux's parent-death signal), so that a SuperLink, `flwr run` or SuperNode never outlives a `tace-server`

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -16,6 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
+from tace.common.launch import COORDINATOR_ENV, exit_with
 from tace.common.models import StudyModels
 from tace.common.protocol import Arrays
 from tace.server.federation import FlowerFederation
@@ -30,6 +32,9 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # In a deployment: end with `tace-server start` however it ends (Flower's SuperExec would keep this process
+    # running for a while after its SuperLink is gone). Simulation sets no coordinator: nothing is watched.
+    exit_with(os.environ.get(COORDINATOR_ENV, ""))
     run = RunConfig.from_run_config(context.run_config)
     if not run.run_dir:
         raise TaceError("run-config key 'run-dir' (absolute path of the run folder) is required")

@@ -30,12 +30,14 @@ from typing import Any
 
 from tace.common.errors import TaceError
 from tace.common.launch import (
+    COORDINATOR_ENV,
     alive,
     die_with_parent,
     end_processes,
     flower_env,
     flower_executable,
     free_port,
+    process_spec,
     processes,
     started_at,
     stop_group,
@@ -298,7 +300,8 @@ def start(study: Study, resume: bool = False, insecure: bool = False, run_config
             link = _superlink(study, env, "127.0.0.1", port, insecure)
             sites = _register_sites(study, env)
             stop_group(link, grace_s=20.0)
-        env = flower_env(_connection(study, settings["port"], insecure))
+        # The ServerApp that Flower's SuperExec starts watches this process and ends with it (`exit_with`).
+        env = flower_env(_connection(study, settings["port"], insecure), {COORDINATOR_ENV: process_spec(os.getpid())})
         watch.offset = (study.logs / "superlink.log").stat().st_size if (study.logs / "superlink.log").exists() else 0
         link = _superlink(study, env, settings["listen"], settings["port"], insecure)
         watch.start()
