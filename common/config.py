@@ -39,6 +39,7 @@ class RunConfig:
     layout: str = "holdout"
     backbone: str = "small"
     compare_backbones: str = ""
+    backbone_weights: str = ""  # a weights file DLTR starts from (tace.common.pretrained)
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
     server_lr: float = 0.01
@@ -179,6 +180,12 @@ class RunConfig:
     @property
     def holdout(self) -> tuple[str, ...]:
         return _csv(self.holdout_sites)
+
+    def resolved(self, base: Path) -> RunConfig:
+        """With a relative `backbone-weights` path made absolute against `base` (the ServerApp runs elsewhere)."""
+        if not self.backbone_weights or Path(self.backbone_weights).is_absolute():
+            return self
+        return dataclasses.replace(self, backbone_weights=str((base / self.backbone_weights).resolve()))
 
     @property
     def backbone_candidates(self) -> tuple[str, ...]:

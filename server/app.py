@@ -9,17 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from tace.common.clinical import FEATURES
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
 from tace.common.launch import COORDINATOR_ENV, exit_with
-from tace.common.models import StudyModels
-from tace.common.protocol import Arrays
+from tace.common.pretrained import initial_arrays
 from tace.server.federation import FlowerFederation
 from tace.server.privacy import PrivacyLedger
 from tace.server.rundir import RunDir
@@ -50,10 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         status.sites = federation
         status.write("training" if not run.resume else "resuming")
 
-        def initial(backbone: str | None) -> dict[str, Arrays]:
-            return StudyModels.build(backbone or run.backbone, len(run.preprocess.sequences), len(FEATURES), seed=run.seed).arrays()
-
-        summary = run_layouts(federation, run, rundir, initial, mode="federated", on_round=status.round)
+        summary = run_layouts(federation, run, rundir, partial(initial_arrays, run), mode="federated", on_round=status.round)
         status.write("finished")
         print(f"TACE-SUMMARY {rundir.path / 'summary.json'}", flush=True)
         log.info("summary: %s", json.dumps(summary.get("models", {}))[:2000])

@@ -151,7 +151,7 @@ Firewall: the site only makes outgoing HTTPS connections to {host} port {setting
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML ({exc})", "fix the line it names") from None
         try:
-            return RunConfig.from_run_config({**data, **overrides})
+            return RunConfig.from_run_config({**data, **overrides}).resolved(self.path)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc.message}", exc.hint) from None
 

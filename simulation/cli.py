@@ -381,7 +381,7 @@ def study_config(cohort: Path, overrides: str = "", rounds: int | None = None) -
     if rounds is not None:
         base["rounds"] = rounds
     base.update(parse_overrides(overrides))
-    return RunConfig.from_run_config(base)
+    return RunConfig.from_run_config(base).resolved(Path.cwd())
 
 
 def results_table(summary: dict[str, object]) -> str:

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +176,7 @@ def site_tasks(cohort: Path, run: RunConfig) -> list[Any]:
 
 def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: Callable[..., None] | None = None) -> dict[str, Any]:
     """The centralised (pooled) or local-only reference, in this process, with the same model and training code."""
-    from tace.common.clinical import FEATURES
-    from tace.common.models import StudyModels
+    from tace.common.pretrained import initial_arrays
     from tace.server.rundir import RunDir
     from tace.server.workflow import run_layouts
     from tace.simulation.inprocess import InProcessFederation
@@ -191,9 +191,7 @@ def run_reference(mode: str, cohort: Path, out: Path, run: RunConfig, on_round: 
     # The references are plain (pooled or site-alone) training: no FedProx term, whatever the federated run uses.
     run = replace(_with_paths(run, cohort, out), strategy="fedavg")
     tasks = site_tasks(cohort, run)
-
-    def initial(backbone: str | None) -> dict[str, Any]:
-        return StudyModels.build(backbone or run.backbone, len(run.preprocess.sequences), len(FEATURES), seed=run.seed).arrays()
+    initial = partial(initial_arrays, run)
 
     start = time.monotonic()
     rundir = RunDir(out, run.to_run_config(), mode)
