@@ -217,7 +217,9 @@ class Drill:
         if left:
             subprocess.run([BIN / "tace-server", "stop", "--study", self.study.path], capture_output=True, timeout=120)
         assert self.study.latest_run() == run
-        self.wait(self.rng.uniform(5, 30))  # away for a while: longer than the sites' reconnection budget, sometimes
+        # Away for a while (longer than the sites' reconnection budget, sometimes); `wait` would return at once: the
+        # coordinator it watches has exited.
+        time.sleep(max(0.0, min(self.rng.uniform(5, 30), self.deadline - time.monotonic())))
         self.start_server(resume=True)
         self.note("resume-coordinator")
 

@@ -278,10 +278,11 @@ class Outcome:
     activation: bool = False  # the coordinator refused to activate this site's node
 
 
-#: Seconds after losing a working connection during which a refused activation is taken for the coordinator's stale
-#: state, not for a refused key: a SuperLink that restarts lists the site's node as online until its heartbeats
-#: expire (Flower: 2 x 30 s) and refuses to activate it again meanwhile.
-STALE_S = 90.0
+#: Seconds during which refused activations are retried before they count as a refused key: the SuperLink lists a
+#: site's node as online until its heartbeats expire (Flower: 2 x 30 s after the last one) and refuses to activate
+#: it again meanwhile: after the site restarted (a reboot, a crash) or the SuperLink did. The SuperNode only says
+#: "Failed to activate SuperNode" in both cases, so a refusal that lasts longer than that is the key's.
+STALE_S = 70.0
 
 
 class Supervisor:
@@ -306,8 +307,7 @@ class Supervisor:
         # Failing to connect for longer than Flower's own budget (and a margin) means the SuperNode is stuck.
         self.stall_s = stall_s if stall_s is not None else ((budget + 60.0) if budget > 0 else 900.0)
         self.log_path = settings.output / "logs" / "client.log"
-        self.connected = False  # the last SuperNode is (was) connected to the coordinator
-        self.lost_at: float | None = None  # when a working connection was lost
+        self.refused_since: float | None = None  # the first of the activation refusals in a row
 
     def _supernode(self) -> list[str]:
         settings = self.settings
@@ -345,15 +345,11 @@ class Supervisor:
                 outcome = self._watch(proc, lines)
                 self._stop(proc)
                 pump.join(timeout=10)  # the pipe ends with the SuperNode's process group
-                if self.connected:
-                    self.connected, self.lost_at = False, time.monotonic()
-                if (
-                    outcome.kind == "fatal"
-                    and outcome.activation
-                    and self.lost_at is not None
-                    and time.monotonic() - self.lost_at < STALE_S
-                ):
-                    outcome = Outcome("refused", "was refused by a coordinator that still lists this site online from before it restarted")
+                if outcome.kind == "fatal" and outcome.activation:
+                    self.refused_since = self.refused_since or time.monotonic()
+                    if time.monotonic() - self.refused_since < STALE_S:
+                        outcome = Outcome("refused", "was refused activation, which the coordinator does for a minute after the site "
+                                                     "or the coordinator restarted (it still lists the site online)")  # fmt: skip
                 if outcome.kind == "fatal":
                     raise TaceError(f"site {self.settings.site_id} could not take part in the study: {outcome.detail}",
                                     f"the full log is {self.log_path}")  # fmt: skip
@@ -424,11 +420,8 @@ class Supervisor:
                     gave_up = (gave_up[0], f"gave up reconnecting: {advice}")
                 if FAILING in line and failing_since is None:
                     failing_since = now
-                    self.lost_at = now if self.connected else self.lost_at
-                    self.connected = False
                 elif any(p in line for p in PROGRESS):
-                    failing_since = None
-                    self.connected, self.lost_at = True, None
+                    failing_since, self.refused_since = None, None
                 if "Exit Code:" in line and exiting_since is None:
                     exiting_since = now
 
