@@ -6,8 +6,9 @@ Usage:
 
 1. Privacy-utility: the whole study federated (Flower simulation, sample-level DP-SGD at every site, noise sized
    for the planned rounds in target-ε mode) for each ε (inf: no DP), same seed and settings; prints per ε the
-   DLTRMLP, DLTR and clinical AUC at the holdout sites (pooled and per site), the ε each site actually spent and
-   the run time, in one table.
+   AUC of every model (DLTRMLP, DLTR, radiomics, clinical) at the holdout sites (pooled and per site), the ε each
+   site actually spent and the run time, in one table, and whether DLTRMLP is at or above the clinical model at
+   every external site.
 2. DP step time / non-DP step time for every backbone: the same model, batch and input (the demo's tumour box),
    timed over the same number of steps in this process (target: at most 3x).
 Writes OUT/bench_privacy.json.
@@ -27,6 +28,7 @@ from torch.utils.data import Dataset
 
 from tace.common.models import BACKBONES, DLTR
 from tace.common.privacy import DPSettings
+from tace.common.protocol import DISPLAY_ORDER
 from tace.common.training import TrainSettings, train_image_model
 
 
@@ -77,7 +79,7 @@ def utility(cohort: Path, out: Path, epsilons: list[float], overrides: str) -> l
         seconds = time.perf_counter() - start
         models = summary["models"]
         row: dict[str, Any] = {"epsilon": "inf" if math.isinf(eps) else eps, "wall_s": round(seconds, 1)}
-        for model in ("dltrmlp", "dltr", "clinical"):
+        for model in DISPLAY_ORDER:
             row[f"{model}_pooled_holdout_auc"] = models[model]["pooled_holdout_auc"]
             for site, entry in models[model]["sites"].items():
                 if entry["role"] == "holdout":
@@ -87,10 +89,15 @@ def utility(cohort: Path, out: Path, epsilons: list[float], overrides: str) -> l
             sites = json.loads(ledger_path.read_text())["sites"]
             row["epsilon_spent"] = {s: round(e["epsilon"], 3) for s, e in sites.items()}
             row["noise_multiplier"] = {s: round(e["noise_multiplier"], 3) for s, e in sites.items()}
+        holdout = [s for s, e in models["dltrmlp"]["sites"].items() if e["role"] == "holdout"]
+        row["dltrmlp_at_or_above_clinical"] = all((row[f"dltrmlp_auc_{s}"] or 0) >= (row[f"clinical_auc_{s}"] or 0) for s in holdout)
         rows.append(row)
         f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
-        print(f"  ε = {row['epsilon']!s:<4} DLTRMLP {f(row['dltrmlp_pooled_holdout_auc'])}  DLTR {f(row['dltr_pooled_holdout_auc'])}  "
-              f"clinical {f(row['clinical_pooled_holdout_auc'])}  spent {row.get('epsilon_spent', '-')}  {seconds:.0f} s", flush=True)  # fmt: skip
+        cells = "  ".join(
+            f"{m} {f(row[f'{m}_pooled_holdout_auc'])} ({' / '.join(f(row[f'{m}_auc_{s}']) for s in holdout)})" for m in DISPLAY_ORDER
+        )
+        print(f"  ε = {row['epsilon']!s:<4} {cells}  DLTRMLP >= clinical at every external site: "
+              f"{'yes' if row['dltrmlp_at_or_above_clinical'] else 'NO'}  spent {row.get('epsilon_spent', '-')}  {seconds:.0f} s", flush=True)  # fmt: skip
     return rows
 
 

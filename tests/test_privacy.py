@@ -417,5 +417,5 @@ def test_dp_and_secure_aggregation_in_flowers_simulation_engine(tiny_cohort, tmp
     out = tmp_path / "run"
     assert sim_main(["run", "--cohort", str(tiny_cohort), "--out", str(out), "--run-config", SHORT + " dp=true secagg=true"]) == 0
     led = ledger(out)
-    assert all(led["sites"][s]["rounds"] == 6 and led["sites"][s]["epsilon"] <= 8 for s in ("site-a", "site-b", "site-c"))
+    assert all(led["sites"][s]["rounds"] == 8 and led["sites"][s]["epsilon"] <= 8 for s in ("site-a", "site-b", "site-c"))
     assert json.loads((out / "summary.json").read_text())["models"]["dltrmlp"]["pooled_holdout_auc"] is not None
