@@ -13,9 +13,10 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 
 from tace.analysis.discrimination import Z95, proportion
+from tace.common.exact import EPS, calibration_fits, logistic_fit, logit
 
 
 def risk_groups(p: np.ndarray, groups: int = 10) -> np.ndarray:
@@ -79,43 +80,16 @@ def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None =
 
 
 # -- calibration a clinician can act on: recalibration, O/E, the flexible curve -----------------------------------
-#: Predictions are clipped to [EPS, 1 - EPS] before the logit (a score of exactly 0 or 1 has no logit). The score
-#: grid's outermost cell centres (5e-6 at the default 100,000 cells) lie inside, so grid-binned scores are unchanged.
-EPS = 1e-6
+#: Predictions are clipped to [EPS, 1 - EPS] (`tace.common.exact`) before the logit (a score of exactly 0 or 1 has no
+#: logit). The score grid's outermost cell centres (5e-6 at the default 100,000 cells) lie inside, so grid-binned
+#: scores are unchanged.
 #: Knots of the flexible calibration curve: Harrell's default quantiles for a 3-knot restricted cubic spline.
 SPLINE_QUANTILES = (0.10, 0.50, 0.90)
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    """The model's linear predictor log(p / (1 - p)), predictions clipped to [EPS, 1 - EPS]."""
-    q = np.clip(np.asarray(p, dtype=float), EPS, 1 - EPS)
-    return np.log(q / (1 - q))
-
-
-def _glm(y: np.ndarray, x: np.ndarray, offset: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray] | None:
-    """Logistic regression of `y` on the columns of `x` (with an intercept column in `x`): coefficients and their
-    covariance, or None when the fit does not exist (one class, perfect separation, no convergence)."""
-    import warnings
-
-    from statsmodels.genmod import families
-    from statsmodels.genmod.generalized_linear_model import GLM
-    from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning, SingularMatrixWarning
-
-    if len(np.unique(y)) < 2 or len(y) <= x.shape[1]:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # overflow or division by zero: no usable fit
-        warnings.simplefilter("error", PerfectSeparationWarning)
-        warnings.simplefilter("error", ConvergenceWarning)
-        warnings.simplefilter("error", SingularMatrixWarning)
-        try:
-            fit = GLM(y, x, family=families.Binomial(), offset=offset).fit(tol=1e-12, maxiter=200)
-        except (RuntimeWarning, PerfectSeparationWarning, ConvergenceWarning, SingularMatrixWarning, np.linalg.LinAlgError, ValueError):
-            return None
-    params, cov = np.asarray(fit.params, dtype=float), np.asarray(fit.cov_params(), dtype=float)
-    if not (np.isfinite(params).all() and np.isfinite(cov).all()):
-        return None
-    return params, cov
+#: The logistic fits (statsmodels GLM) and the logit are the site's own (`tace.common.exact`): one computation for
+#: patient-level rows here and for a site's exact statistics.
+_glm = logistic_fit
 
 
 def _wald(value: float, se: float) -> dict[str, float]:
@@ -135,16 +109,17 @@ def recalibration(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     Wald intervals, as R's ``confint.default(glm(...))``; an estimate that does not exist (one class, perfect
     separation, no event) is None.
     """
-    y, p = np.asarray(y, dtype=int), np.asarray(p, dtype=float)
-    lp = logit(p)
-    n, observed, expected = len(y), int(y.sum()), float(np.clip(p, EPS, 1 - EPS).sum())
+    return recalibration_from(calibration_fits(y, p))
+
+
+def recalibration_from(fits: dict[str, Any]) -> dict[str, Any]:
+    """`recalibration`'s result from the fits and sums of `tace.common.exact.calibration_fits` (which a site also
+    computes on its own patients and sends)."""
+    n, observed, expected = int(fits["n"]), int(fits["observed"]), float(fits["expected"])
     out: dict[str, Any] = {"n": n, "observed": observed, "expected": expected, "intercept": None, "slope": None, "oe": None}
-    citl = _glm(y, np.ones((n, 1)), offset=lp)
-    if citl is not None:
-        out["intercept"] = _wald(float(citl[0][0]), math.sqrt(float(citl[1][0, 0])))
-    slope = _glm(y, np.column_stack([np.ones(n), lp]))
-    if slope is not None:
-        out["slope"] = _wald(float(slope[0][1]), math.sqrt(float(slope[1][1, 1])))
+    for key in ("intercept", "slope"):
+        if fits.get(key) is not None:
+            out[key] = _wald(float(fits[key][0]), float(fits[key][1]))
     if 0 < observed < n:
         ratio, se = observed / expected, math.sqrt(1 / observed - 1 / n)
         out["oe"] = {"value": ratio, "se_log": se, "low": ratio * math.exp(-Z95 * se), "high": ratio * math.exp(Z95 * se)}
@@ -195,7 +170,7 @@ def flexible_calibration(y: np.ndarray, p: np.ndarray, at: np.ndarray | None = N
     if fit is None:
         return None
     params, cov = fit
-    fitted = 1 / (1 + np.exp(-(design(lp) @ params)))
+    fitted = special.expit(design(lp) @ params)  # no overflow for the extreme linear predictors of a coarse table
     error = np.abs(fitted - p)
     grid = np.linspace(p.min(), p.max(), 101) if at is None else np.clip(np.asarray(at, dtype=float), EPS, 1 - EPS)
     x = design(logit(grid))
@@ -203,7 +178,7 @@ def flexible_calibration(y: np.ndarray, p: np.ndarray, at: np.ndarray | None = N
     se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", x, cov, x), 0.0))
 
     def expit(v: np.ndarray) -> list[float]:
-        return (1 / (1 + np.exp(-v))).tolist()
+        return [float(x) for x in special.expit(v)]
 
     return {
         "kind": kind, "knots": knots.tolist() if kind == "spline" else [],

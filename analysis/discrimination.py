@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from tace.common import exact
+
 Z95 = float(stats.norm.ppf(0.975))
 
 
@@ -38,28 +40,9 @@ class DeLong:
 
 
 def delong(labels: np.ndarray, scores: np.ndarray) -> DeLong:
-    """AUCs and their DeLong covariance for the score columns of `scores` (n, m) on the same patients."""
-    y = np.asarray(labels, dtype=int)
-    s = np.asarray(scores, dtype=float)
-    if s.ndim == 1:
-        s = s[:, None]
-    pos, neg = s[y == 1], s[y == 0]
-    n_pos, n_neg = len(pos), len(neg)
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError("both classes are needed for an AUC")
-    m = s.shape[1]
-    v10 = np.empty((m, n_pos))
-    v01 = np.empty((m, n_neg))
-    for j in range(m):
-        rz = stats.rankdata(np.concatenate([pos[:, j], neg[:, j]]))
-        rx = stats.rankdata(pos[:, j])
-        ry = stats.rankdata(neg[:, j])
-        v10[j] = (rz[:n_pos] - rx) / n_neg
-        v01[j] = 1.0 - (rz[n_pos:] - ry) / n_pos
-    aucs = v10.mean(axis=1)
-    s10 = np.atleast_2d(np.cov(v10)) if n_pos > 1 else np.zeros((m, m))
-    s01 = np.atleast_2d(np.cov(v01)) if n_neg > 1 else np.zeros((m, m))
-    return DeLong(aucs, s10 / n_pos + s01 / n_neg)
+    """AUCs and their DeLong covariance for the score columns of `scores` (n, m) on the same patients (the
+    computation a site runs on its own patients: `tace.common.exact.delong`)."""
+    return DeLong(*exact.delong(labels, scores))
 
 
 def _auc_batch(pos_w: np.ndarray, neg_w: np.ndarray) -> np.ndarray:

@@ -420,10 +420,15 @@ class Report:
              "sent": e.get("sent", [])}
             for site, e in self.sharing.items()
         ]  # fmt: skip
+        exactness = [
+            *(self.analysis.get("validation") or {}).get("exactness", []),
+            *(self.analysis.get("survival") or {}).get("exactness", []),
+        ]
         return {
             "ledger": self.privacy_ledger() if self.ledger else None,
             "dp": str(self.config.get("dp", "false")).lower() in ("true", "1"),
             "sites": sites,
+            "exactness": [[r["population"], r["statistics"], r["status"], "n/a" if r["bound"] is None else r["bound"]] for r in exactness],
         }
 
     def privacy_ledger(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from tace.analysis import calibration, discrimination, meta, samplesize, subgroups, survival
+from tace.analysis import calibration, discrimination, exactness, meta, samplesize, subgroups, survival
 from tace.analysis.data import MODEL_NAMES, RunData, SiteReturn, patient_survival_scores, score_rows, survival_rows
 from tace.common.errors import TaceError
 from tace.common.protocol import DISPLAY_ORDER
@@ -141,6 +141,14 @@ def validate(
         if missing:
             raise TaceError(f"site(s) {', '.join(missing)} did not share patient-level data", "use --source aggregate (the default)")
     notes: list[str] = []
+    withheld = [s.site_id for s in external if s.summary.get("withheld")] if source == "aggregate" else []
+    if withheld:
+        notes.append(f"site(s) {', '.join(withheld)} had fewer patients than their minimum cell count and sent counts only: not in "
+                     "this validation")  # fmt: skip
+        external = [s for s in external if s.site_id not in withheld]
+        if not external:
+            raise TaceError("every external site had fewer patients than its minimum cell count and sent counts only: nothing to "
+                            "validate on", "external sites with at least min-cell-count labelled patients are needed")  # fmt: skip
     models = run.models
     out: dict[str, Any] = {"source": source, "bins": int(external[0].summary["scores"]["bins"]), "bootstrap_reps": reps, "seed": seed,
                            "sites": {}, "notes": notes}  # fmt: skip
@@ -149,11 +157,24 @@ def validate(
         df = rows[rows["site"] == s.site_id]
         block = _discrimination(df, [s], models, reps, seed, notes, f"site {s.site_id}", curves)
         out["sites"][s.site_id] = {"role": s.role, "sharing": s.sharing, "fold": s.fold, **block}
+        # What the site computed exactly replaces what the (coarsened) tables give: per-site results, the meta-analysis.
+        if source == "aggregate" and exactness.apply_validation(out["sites"][s.site_id], s.summary, models, PAIRS):
+            notes[:] = [n for n in notes if not n.startswith(f"site {s.site_id}: no paired DeLong test")]
     out["pooled"] = (
         _discrimination(rows, external, models, reps, seed, notes, POOLED, curves)
         if len(external) > 1
         else out["sites"][external[0].site_id]
     )
+    coarse = [s.site_id for s in external if "marginals" in s.summary["scores"]]
+    if len(external) > 1 and coarse and source == "aggregate":
+        # Microaggregation keeps each site's ranking, but not the order of patients of different sites whose runs'
+        # score ranges overlap: the pooled AUC's error is not bounded by ties within cells.
+        for entry in out["pooled"]["models"].values():
+            if "grid_error_bound" in entry:
+                entry["grid_error_bound"] = None
+        notes.append(f"{POOLED}: site(s) {', '.join(coarse)} sent microaggregated tables (their minimum cell count): the pooled AUC "
+                     "is approximate with no bound from the tables; the meta-analysis's pooled AUC is built from the sites' exact "
+                     "AUCs")  # fmt: skip
     if run.training:
         internal = score_rows(run.training, "aggregate")
         y = internal["label"].to_numpy(dtype=int)
@@ -165,6 +186,7 @@ def validate(
     out["meta"] = {**meta.meta_analysis(out["sites"], models, hartung_knapp), "layout": run.layout}
     out["subgroups"] = subgroups.subgroup_analysis(external, models)
     out["sample_size"] = samplesize.sample_size(out["sites"], models)
+    out["exactness"] = exactness.exactness(out, None, {s.site_id: int(s.summary.get("min_cell_count", 0)) for s in external})
     return out
 
 
@@ -208,6 +230,12 @@ def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]
     if not external:
         raise TaceError("this run has no external (holdout) site", "set holdout-sites, or use layout='loco'")
     with_tables = [s for s in external if s.summary.get("survival", {}).get("tables")]
+    if not with_tables and any(s.summary.get("n_with_pfs", 0) and not s.cutoffs for s in external):
+        raise TaceError(
+            "no PFS event tables: no cut-offs could be fixed to group the external sites' patients (the training sites' "
+            "validation splits were smaller than their minimum cell count, so they sent counts only, or held one class)",
+            "training sites need at least min-cell-count labelled patients of both classes in their val splits",
+        )
     if not any(s.summary.get("n_with_pfs", 0) for s in with_tables):
         raise TaceError(
             "no external site returned PFS data: the manifests' pfs_days and pfs_event columns are empty or absent",
@@ -224,10 +252,16 @@ def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]
             sub = df[df["site"] == s.site_id]
             if len(sub):
                 entry["sites"][s.site_id] = _survival_block(sub, names, f"site {s.site_id}", notes, grouping)
+                if source == "aggregate" and (exact_test := exactness.site_logrank(s.summary, grouping)) is not None:
+                    entry["sites"][s.site_id]["logrank"] = exact_test
         if len(external) > 1 and len(df):
             entry["pooled"] = _survival_block(df, names, POOLED, notes, grouping)
             if df["group"].nunique() > 1 and df["event"].sum() > 0:
-                entry["pooled"]["stratified_logrank"] = survival.stratified_logrank(
+                entry["pooled"]["stratified_logrank"] = (
+                    exactness.stratified_logrank([s.summary for s in external if s.site_id in entry["sites"]], grouping, len(names))
+                    if source == "aggregate"
+                    else None
+                ) or survival.stratified_logrank(
                     df["time"].to_numpy(), df["event"].to_numpy(), df["group"].to_numpy(), df["site"].to_numpy()
                 )
         elif len(df):
@@ -242,6 +276,7 @@ def survival_analysis(run: RunData, source: str = "aggregate") -> dict[str, Any]
                 except ZeroDivisionError:
                     continue
                 out.setdefault("c_index_continuous", {})[model] = c
+    out["exactness"] = exactness.exactness(None, out, {s.site_id: int(s.summary.get("min_cell_count", 0)) for s in external})
     return out
 
 

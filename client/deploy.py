@@ -28,7 +28,7 @@ from typing import Any
 import tomllib
 
 from tace.common import pki
-from tace.common.config import check_site_id
+from tace.common.config import MIN_CELL_COUNT, check_site_id
 from tace.common.errors import ConfigError, TaceError
 from tace.common.launch import die_with_parent, end_processes, flower_env, flower_executable, stop_group, with_flower_home
 
@@ -49,7 +49,7 @@ class SiteSettings:
     threads: int = 0
     runtime_port: int = 9094
     min_patients: int = 5
-    min_cell_count: int = 0
+    min_cell_count: int = MIN_CELL_COUNT
     share_patient_level: bool = False
     max_epsilon: float = 0.0
     require_dp: bool = False
@@ -103,7 +103,7 @@ class SiteSettings:
             threads=get("compute", "threads", 0, int),
             runtime_port=get("compute", "runtime-port", 9094, int),
             min_patients=get("privacy", "min-patients", 5, int),
-            min_cell_count=get("privacy", "min-cell-count", 0, int),
+            min_cell_count=get("privacy", "min-cell-count", MIN_CELL_COUNT, int),
             share_patient_level=get("privacy", "share-patient-level", False, bool),
             max_epsilon=float(get("privacy", "max-epsilon", 0.0, float)),
             require_dp=get("privacy", "require-dp", False, bool),

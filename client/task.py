@@ -107,7 +107,7 @@ class SiteTask:
 
     def clinical_stats(self) -> ClinicalStats:
         self.require_enough_patients()
-        return ClinicalStats.from_records(self.train_records)
+        return ClinicalStats.from_records(self.train_records, self.site.min_cell_count)
 
     def dataset(self, records: list[PatientRecord], augment: bool, seed: int) -> SiteDataset:
         transform = None
@@ -259,7 +259,9 @@ class SiteTask:
         result: dict[str, Any] = {"n": len(records), "n-pos": int(y.sum())}
         for name, s in scores.items():
             neg, pos = merge_small_cells(*score_histograms(y, s, self.run.hist_bins), self.site.min_cell_count)
-            result[name] = {"auc": auc(y, s), "hist-neg": neg, "hist-pos": pos}
+            # An evaluation set smaller than the site's minimum cell count releases no AUC either (nor histograms).
+            withheld = self.site.min_cell_count > 1 and len(y) < self.site.min_cell_count
+            result[name] = {"auc": None if withheld else auc(y, s), "hist-neg": neg, "hist-pos": pos}
         if write_predictions:
             self.write_predictions(records, scores, tag)
         if summary:

@@ -79,7 +79,8 @@ class ClinicalStats:
     )
 
     @classmethod
-    def from_records(cls, records: Iterable[PatientRecord]) -> ClinicalStats:
+    def from_records(cls, records: Iterable[PatientRecord], min_cell_count: int = 0) -> ClinicalStats:
+        """The statistics of `records`; with `min_cell_count` k > 1 no count describes fewer than k patients (`suppress`)."""
         stats = cls()
         for r in records:
             stats.n += 1
@@ -94,7 +95,30 @@ class ClinicalStats:
             for name in CATEGORICAL:
                 cat = _category(r.clinical.get(name))
                 stats.categorical[name][cat if cat is not None else "missing"] += 1
-        return stats
+        return stats.suppress(min_cell_count) if min_cell_count > 1 else stats
+
+    def suppress(self, k: int) -> ClinicalStats:
+        """No count below `k` patients: a numeric factor recorded for fewer than k patients is sent as not recorded
+        (its sum would be a few patients' values); a category of fewer than k patients is counted with the missing
+        ones, and so are the next smallest categories until the missing count is 0 or at least k (complementary
+        suppression: the categories sent must not give a small one away). The encoder imputes missing values with the
+        pooled mode, so this only shifts the standardisation slightly; each patient's own category is still used."""
+        out = ClinicalStats(n=self.n, numeric={k_: list(v) for k_, v in self.numeric.items()},
+                            categorical={k_: dict(v) for k_, v in self.categorical.items()})  # fmt: skip
+        for name, acc in out.numeric.items():
+            if 0 < acc[0] < k:
+                out.numeric[name] = [0.0, 0.0, 0.0]
+        for counts in out.categorical.values():
+            small = [c for c, v in counts.items() if c != "missing" and 0 < v < k]
+            while small or 0 < counts["missing"] < k:
+                for c in small:
+                    counts["missing"] += counts[c]
+                    counts[c] = 0
+                rest = [c for c, v in counts.items() if c != "missing" and v > 0]
+                small = [min(rest, key=lambda c: counts[c])] if 0 < counts["missing"] < k and rest else []
+                if not small:
+                    break
+        return out
 
     def merge(self, other: ClinicalStats) -> ClinicalStats:
         out = ClinicalStats(n=self.n + other.n)

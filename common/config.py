@@ -26,6 +26,14 @@ DP_MODES = ("sample", "client-fixed", "client-adaptive")
 FINETUNE_MODES = ("", "head", "last-stage")
 
 
+#: A site's minimum cell count by default: no table cell or event-table row it releases describes fewer patients.
+#: 5 is the most common small-count rule of published health statistics (some use 10 or more), and what the analysis
+#: can still afford: AUCs moved by at most 0.0006 and DeLong SEs by under 0.001 on the reference data
+#: (docs/analysis.md), while per-site and stratified statistics stay exact because the sites compute them
+#: (`tace.common.exact`).
+MIN_CELL_COUNT = 5
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
@@ -73,6 +81,7 @@ class RunConfig:
     analysis_bins: int = 100_000
     risk_groups: int = 3
     share_patient_level: str = ""
+    min_cell_count: int = MIN_CELL_COUNT
     expected_sites: int = 0
     min_sites: int = 2
     max_update_norm_ratio: float = 10.0
@@ -139,6 +148,8 @@ class RunConfig:
                               "'' (off), 'head' (the fusion head) or 'last-stage' (the head and the backbone's last stage)")  # fmt: skip
         if self.finetune_epochs < 0:
             raise ConfigError("finetune-epochs must not be negative (0: 20 for the head, 5 with the last stage)")
+        if self.min_cell_count < 0:
+            raise ConfigError("min-cell-count must not be negative (0 or 1: off)")
         if self.keep_checkpoints < 0:
             raise ConfigError("keep-checkpoints must not be negative (the last N rounds' checkpoints are kept; 0: every round's)")
         _ = self.preprocess  # validates the preprocessing keys
@@ -286,7 +297,7 @@ class SiteConfig:
     cache_dir: Path
     output_dir: Path
     min_patients: int = 5
-    min_cell_count: int = 0
+    min_cell_count: int = MIN_CELL_COUNT
     share_patient_level: bool = False
     device: str = ""  # the site's own choice (node config); empty: the run config's
     threads: int = 0  # idem; 0: the run config's
@@ -325,7 +336,7 @@ class SiteConfig:
                 cohort / site["manifest"],
                 Path(site["cache"]) if site.get("cache") else cohort / "cache" / site["site_id"],
                 run_dir / "sites" / site["site_id"],
-                *_privacy(node),
+                *_privacy(node, run.min_cell_count),
                 share,
                 **_budget(node),
             )
@@ -371,12 +382,13 @@ def _budget(node: Mapping[str, Any]) -> dict[str, Any]:
             "require_secagg": flag(node.get("require-secagg", False), "require-secagg")}  # fmt: skip
 
 
-def _privacy(node: Mapping[str, Any]) -> tuple[int, int]:
+def _privacy(node: Mapping[str, Any], cells: int = MIN_CELL_COUNT) -> tuple[int, int]:
     """The site's own privacy minimums from its node configuration: `min-patients` (default 5: a site with fewer
     labelled training patients does not train, since its statistics and updates would reveal individuals) and
-    `min-cell-count` (default 0, off: score-histogram cells with fewer patients are merged before they leave)."""
+    `min-cell-count` (default `cells`: `MIN_CELL_COUNT` at a hospital, the run config's in simulation; 0 or 1 is
+    off): no table cell or event-table row with fewer patients leaves the site (docs/analysis.md)."""
     try:
-        return int(node.get("min-patients", 5)), int(node.get("min-cell-count", 0))
+        return int(node.get("min-patients", 5)), int(node.get("min-cell-count", cells))
     except (TypeError, ValueError):
         raise ConfigError("node-config keys min-patients and min-cell-count must be integers") from None
 

@@ -32,11 +32,14 @@ def merge_small_cells(negatives: Sequence[int], positives: Sequence[int], min_co
 
     A merged cell's counts are placed in its lowest bin, so the result keeps the grid and still adds up across
     sites; patients of one cell become ties, which widens the AUC's error by the share of pairs they form.
+    Histograms of fewer than `min_count` patients in all are withheld (all zeros: any cell would describe fewer).
     `min_count` <= 1 returns the histograms unchanged.
     """
     neg, pos = [int(v) for v in negatives], [int(v) for v in positives]
     if min_count <= 1:
         return neg, pos
+    if sum(neg) + sum(pos) < min_count:
+        return [0] * len(neg), [0] * len(pos)
     out_neg, out_pos = [0] * len(neg), [0] * len(pos)
     start, acc_n, acc_p = 0, 0, 0
     groups: list[tuple[int, int, int]] = []

@@ -14,6 +14,9 @@ labelled cohort at a holdout site) in a `SiteSummary` (`site_summary`):
   id, label, scores, PFS. The pseudonym is a keyed hash whose key never leaves the site.
 * **subgroup score tables** (external sites only): per subgroup variable (`tace.common.subgroups`: BCLC stage,
   tumour size, ...) and level, the score table of the level's patients, under the same minimum cell count.
+* **exact statistics** (`tace.common.exact`): what the site computed exactly over all its evaluated patients (AUCs
+  with their DeLong covariance, calibration fits and sums, log-rank observed minus expected per survival grouping),
+  so that per-site and stratified results stay exact whatever the minimum cell count.
 
 A site may require a minimum cell count ``k`` (``min-cell-count``). Its score table then holds one table per
 model instead of the joint one (joint cells would single patients out): for each model the patients are sorted
@@ -24,7 +27,8 @@ merged row is reported at the latest time it covers); a survival group with fewe
 suppressed and named in the summary. A subgroup level with fewer than ``k`` patients is suppressed and named too,
 and so are the next smallest levels of that variable until the suppressed levels hold at least ``k`` patients
 together and are at least two (otherwise the site's totals minus the levels it sent would give the suppressed one
-away). docs/analysis.md quantifies the effect.
+away). A site whose evaluation set has fewer than ``k`` patients sends its counts only (``withheld``): any table
+of it, even one cell, would describe fewer than ``k``. docs/analysis.md quantifies the effect.
 
 This module is numpy-only: the site builds summaries with it, the coordinator fixes cut-offs and decodes (checks)
 incoming summaries with it, and `tace.analysis` reads them.
@@ -42,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from tace.common.errors import TaceError
+from tace.common.exact import ExactStatistics, exact_statistics
 from tace.common.subgroups import level_order
 
 SUMMARY_VERSION = 1
@@ -270,6 +275,8 @@ class SiteSummary:
     survival: dict[str, EventTable] = field(default_factory=dict)
     patients: PatientRows | None = None
     subgroups: dict[str, SubgroupTable] = field(default_factory=dict)
+    exact: ExactStatistics | None = None  # what the site computed exactly on its own patients (`tace.common.exact`)
+    withheld: bool = False  # fewer patients than the minimum cell count: counts only (and rows, had it opted in)
     version: int = SUMMARY_VERSION
 
     def encode(self) -> dict[str, Any]:
@@ -282,6 +289,10 @@ class SiteSummary:
             out["patients"] = self.patients.encode()
         if self.subgroups:
             out["subgroups"] = {k: t.encode() for k, t in self.subgroups.items()}
+        if self.exact is not None:
+            out["exact"] = self.exact.encode()
+        if self.withheld:
+            out["withheld"] = True
         return out
 
     @classmethod
@@ -298,8 +309,13 @@ class SiteSummary:
         if not isinstance(n, int) or not isinstance(n_pos, int):
             raise check("no patient counts")
         table = ScoreTable.decode(data.get("scores"), check, models)
+        withheld = bool(data.get("withheld", False))
         for cells, m in table.parts():
             total = sum(c[m] + c[m + 1] for c in cells)
+            if withheld and total:
+                raise check("it says its tables were withheld, but sent a score table")
+            if withheld:
+                continue
             if total != n:
                 raise check(f"the score table holds {total} patients but the summary says {n}")
             if sum(c[m + 1] for c in cells) != n_pos:
@@ -311,8 +327,9 @@ class SiteSummary:
         if not isinstance(data.get("subgroups") or {}, dict):
             raise check("its subgroup tables are not a mapping")
         subgroups = {str(k): SubgroupTable.decode(str(k), t, check, models, n) for k, t in (data.get("subgroups") or {}).items()}
+        exact = ExactStatistics.decode(data["exact"], check) if data.get("exact") is not None else None
         return cls(str(data["site_id"]), str(data["role"]), str(data.get("sharing", "aggregate")), int(data.get("min_cell_count", 0)),
-                   n, n_pos, table, int(data.get("n_with_pfs", 0)), cutoffs, tables, patients, subgroups)  # fmt: skip
+                   n, n_pos, table, int(data.get("n_with_pfs", 0)), cutoffs, tables, patients, subgroups, exact, withheld)  # fmt: skip
 
 
 # -- the joint score table -------------------------------------------------------------------------------------
@@ -550,11 +567,15 @@ def site_summary(
     k = rules.min_cell_count
     has_pfs = np.array([d is not None and e is not None for d, e in zip(patients.pfs_days, patients.pfs_event, strict=True)], dtype=bool)
     tables: dict[str, EventTable] = {}
+    logrank: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]] = {}
     if cutoffs:
         t = np.array([float(d) if d is not None else math.nan for d in patients.pfs_days])[has_pfs]
         ev = np.array([int(e) if e is not None else 0 for e in patients.pfs_event])[has_pfs]
         with_pfs = {m: np.asarray(s)[has_pfs] for m, s in patients.scores.items()}
-        tables = {name: event_table(t, ev, group, names, k) for name, (group, names) in groupings(with_pfs, cutoffs, bins).items()}
+        for name, (group, names) in groupings(with_pfs, cutoffs, bins).items():
+            tables[name] = event_table(t, ev, group, names, k)
+            # The exact log-rank parts cover the groups the event table sends (a suppressed group stays out).
+            logrank[name] = (t, ev, group, [g for g in range(len(names)) if (group == g).any() and g not in tables[name].suppressed])
     rows = None
     if rules.share_patient_level:
         if not rules.pseudonym_key:
@@ -563,9 +584,15 @@ def site_summary(
                            {m: [float(v) for v in s] for m, s in patients.scores.items()},
                            [None if d is None else float(d) for d in patients.pfs_days],
                            [None if e is None else int(e) for e in patients.pfs_event])  # fmt: skip
+    if k > 1 and 0 < len(y) < k:
+        # Fewer patients than the minimum cell count: any table, even one cell, would describe fewer than k.
+        empty = ScoreTable(int(bins), tuple(patients.scores), marginals={m: [] for m in patients.scores}, microaggregated=int(k))
+        return SiteSummary(site_id, role, "patient-level" if rules.share_patient_level else "aggregate", int(k), len(y), int(y.sum()),
+                           empty, int(has_pfs.sum()), patients=rows, withheld=True)  # fmt: skip
     subgroups = {}
     if role == "holdout":
         subgroups = {key: subgroup_table(key, levels, y, patients.scores, bins, k) for key, levels in patients.subgroups.items()}
     return SiteSummary(site_id, role, "patient-level" if rules.share_patient_level else "aggregate", int(k), len(y), int(y.sum()),
                        joint_score_table(y, patients.scores, bins, k), int(has_pfs.sum()),
-                       {m: dict(c) for m, c in cutoffs.items()} if cutoffs else None, tables, rows, subgroups)  # fmt: skip
+                       {m: dict(c) for m, c in cutoffs.items()} if cutoffs else None, tables, rows, subgroups,
+                       exact_statistics(y, patients.scores, logrank))  # fmt: skip

@@ -67,8 +67,16 @@ def data_sharing(
         kind = (
             "joint score table" if table.marginals is None else f"one score table per model (cells of >= {summary.min_cell_count} patients)"
         )
-        sent.append("final evaluation: AUC and class-conditional score histograms per model")
-        sent.append(f"final evaluation: {kind} of {table.n_cells} non-empty cells ({summary.n} patients, {summary.n_pos} responders)")
+        if summary.withheld:
+            sent.append(f"final evaluation: counts only ({summary.n} patients, {summary.n_pos} responders): fewer patients than the "
+                        f"minimum cell count {summary.min_cell_count}, so no table, AUC or statistic of them left the site")  # fmt: skip
+        else:
+            sent.append("final evaluation: AUC and class-conditional score histograms per model")
+            sent.append(f"final evaluation: {kind} of {table.n_cells} non-empty cells ({summary.n} patients, {summary.n_pos} responders)")
+        if summary.exact is not None:
+            sent.append("final evaluation: statistics computed exactly at the site over all its evaluated patients: per model the AUC with "
+                        "its DeLong covariance, observed and expected responders, the Brier sum, calibration intercept and slope; per "
+                        "survival grouping the log-rank observed-minus-expected and variance")  # fmt: skip
         for name, events in summary.survival.items():
             sent.append(f"PFS event table {name}: {len(events.rows)} rows")
         for name, sub in summary.subgroups.items():

@@ -41,8 +41,9 @@ def cohort(tiny_cohort, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def finished_run(cohort, tmp_path_factory) -> Path:
-    """A finished run of the tiny cohort in which every site opted in to patient-level sharing (for comparison)."""
-    return _run(cohort, tmp_path_factory.mktemp("analysis") / "run", **{"share-patient-level": "all"})
+    """A finished run of the tiny cohort in which every site opted in to patient-level sharing (for comparison), with
+    full tables (no minimum cell count: what the grid alone costs; the private default is in test_privacy_default.py)."""
+    return _run(cohort, tmp_path_factory.mktemp("analysis") / "run", **{"share-patient-level": "all", "min-cell-count": 0})
 
 
 def test_the_run_records_what_left_each_site(finished_run):
@@ -122,9 +123,10 @@ def test_patient_level_source_needs_every_site_to_have_opted_in(cohort, tmp_path
 
 
 def test_min_cell_count_sites_still_get_an_analysis(cohort, tmp_path):
-    """A site requiring a minimum cell count sends one table per model; one-model statistics are still computed
-    and the paired test says why it is missing."""
-    out = _run(cohort, tmp_path / "run")
+    """A site requiring a minimum cell count sends one table per model; one-model statistics are still computed,
+    the site's own paired tests come from the DeLong covariance it computed, and the pooled paired test says why it
+    is missing."""
+    out = _run(cohort, tmp_path / "run", **{"min-cell-count": 0})
     returns = out / "site_returns/site-d.json"
     summary = json.loads(returns.read_text())
     table = summary["scores"]
@@ -134,8 +136,8 @@ def test_min_cell_count_sites_still_get_an_analysis(cohort, tmp_path):
     }}  # fmt: skip
     returns.write_text(json.dumps(summary))
     result = validate(load_run(out), reps=20)
-    assert result["sites"]["site-d"]["paired"] == {} and result["pooled"]["paired"] == {}
-    assert any("site-d" in n and "paired" in n for n in result["notes"])
+    assert result["pooled"]["paired"] == {} and any(n.startswith("pooled external: no paired") and "site-d" in n for n in result["notes"])
+    assert {e["source"] for e in result["sites"]["site-d"]["paired"].values()} == {"the site's DeLong covariance"}
     assert result["sites"]["site-e"]["paired"]  # the other site is unaffected
 
 

@@ -189,7 +189,9 @@ def test_cohort_cli(tmp_path):
 
 def test_demo_command_on_tiny(tmp_path):
     out = tmp_path / "demo"
-    short = "rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
+    # The tiny cohort's validation splits hold 3 patients: under the default minimum cell count (5) they would send
+    # counts only (no cut-offs, so no survival analysis), so its simulated sites use 3.
+    short = "rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2 min-cell-count=3"
     first = _sim("demo", "--preset", "tiny", "--out", str(out), "--run-config", short)
     assert first.returncode == 0, first.stdout + first.stderr
     for site in ("site-a", "site-b", "site-c", "site-d", "site-e"):

@@ -23,7 +23,9 @@ from tace.common.errors import TaceError
 from tests.flower_grid import InProcessGrid, study, task_identity  # noqa: F401 (an autouse fixture)
 from tests.helpers import read_rows, render_report, set_cell, write_rows
 
-SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2"
+# The tiny cohort's validation splits hold 3 patients: under the default minimum cell count (5) they would send counts
+# only (no cut-offs, no internal AUC), so its simulated sites use 3.
+SHORT = "spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2 min-cell-count=3"
 SITES = [0, 1, 2, 3, 4]
 
 

@@ -27,8 +27,10 @@ from tests.flower_grid import Crash, FaultyGrid, InProcessGrid, study, task_iden
 from tests.helpers import final_weights, metric_rows, render_report
 
 # One local epoch per stage: with the tiny sites (<= 8 training patients) every call is one full-batch DP step.
+# The tiny cohort's validation splits hold 3 patients: under the default minimum cell count (5) they would send counts
+# only (no cut-offs, no internal AUC), so its simulated sites use 3.
 SHORT = ("spacing-mm='8,8,8' box-voxels='8,8,8' rounds=2 head-rounds=2 clinical-rounds=2 radiomics-rounds=2 patience=0 local-epochs=1 "
-         "head-local-epochs=1 clinical-local-epochs=1")  # fmt: skip
+         "head-local-epochs=1 clinical-local-epochs=1 min-cell-count=3")  # fmt: skip
 SITES = [0, 1, 2, 3, 4]  # site-a..c train, site-d and site-e are holdout sites
 
 
