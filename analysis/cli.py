@@ -106,7 +106,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     each site's sample size against Riley et al. (2021). When sites shared patient-level data the aggregate and
     patient-level results are compared in an equivalence table."""
     from tace.analysis.data import load_run
-    from tace.analysis.study import analyse, format_headline
+    from tace.analysis.study import analyse, equivalence_line, format_headline
 
     start = time.perf_counter()
     data = load_run(args.run)
@@ -117,8 +117,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     print(format_headline(analysis["headline"]))
     rows = analysis.get("equivalence") if args.source == "aggregate" else None
     if rows:
-        worst = max((r["abs_difference"] or 0.0) for r in rows)
-        print(f"aggregate vs patient-level on {sum(s.has_patients for s in data.external)} site(s): largest difference {worst:.2g}")
+        print(equivalence_line(rows, max((int(s.summary.get("min_cell_count", 0)) for s in data.external), default=0)))
     print(f"wrote {path}, {args.run / 'tables'}, {args.run / 'figures'} in {time.perf_counter() - start:.1f} s")
     return EXIT_OK
 

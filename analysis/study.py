@@ -358,6 +358,23 @@ def equivalence(run: RunData, reps: int = 200, seed: int = 0, computed: dict[str
     return rows
 
 
+def equivalence_line(rows: list[dict[str, Any]], min_cell_count: int) -> str:
+    """One line on the aggregate vs patient-level comparison (`equivalence`): how many statistics agree, and the
+    largest difference with the statistic it belongs to. Under a minimum cell count (`min_cell_count` > 1) the pooled
+    statistics computed from coarsened tables are approximate by design (docs/analysis.md), and the line says so."""
+    compared = [r for r in rows if r["abs_difference"] is not None]
+    if not compared:
+        return f"aggregate vs patient-level analysis: {len(rows)} statistics, none computed both ways"
+    worst = max(compared, key=lambda r: r["abs_difference"])
+    equal = sum(r["abs_difference"] <= 1e-6 for r in compared)
+    text = (f"aggregate vs patient-level analysis: {equal} of {len(compared)} statistics equal to 1e-6, largest difference "
+            f"{worst['abs_difference']:.2g} ({worst['statistic']})")  # fmt: skip
+    if min_cell_count > 1 and worst["abs_difference"] > 1e-6:
+        text += (f"; the sites' minimum cell count ({min_cell_count}) coarsens the tables that pooled curves, calibration and "
+                 "unstratified survival statistics come from, so those are approximate; per-site and stratified ones are exact")  # fmt: skip
+    return text + " (tables/equivalence.csv)"
+
+
 def headline(validation: dict[str, Any], surv: dict[str, Any] | None) -> list[dict[str, Any]]:
     """One row per model: pooled external AUC with CI, each external site's AUC, DeLong p against DLTRMLP, the
     calibration slope (pooled external) with its CI, the meta-analytic AUC across the external centres with its CI

@@ -290,6 +290,7 @@ def analyse(run_dir: Path) -> float:
     """`tace-analysis validate` and `survival` on a finished run, then the headline table next to the study's."""
     from tace.analysis.data import load_run
     from tace.analysis.study import analyse as analyse_run
+    from tace.analysis.study import equivalence_line
 
     start = time.perf_counter()
     data = load_run(run_dir)
@@ -335,8 +336,8 @@ def analyse(run_dir: Path) -> float:
               "uses t with k - 2 df (at least 1): with few centres it is wide)")  # fmt: skip
     print(f"  (study: DLTRMLP PFS log-rank P = {STUDY['log-rank P']})")
     if eq:
-        worst = max((row["abs_difference"] or 0.0) for row in eq)
-        print(f"aggregate vs patient-level analysis: {len(eq)} statistics, largest difference {worst:.2g} (tables/equivalence.csv)")
+        k = max((int(e.get("min_cell_count") or 0) for e in analysis.get("sharing", {}).values()), default=0)
+        print(equivalence_line(eq, k))
     for note in analysis["validation"]["notes"] + analysis.get("survival", {}).get("notes", []):
         print(f"note: {note}")
     print(f"analysis: {path}, tables/, figures/")

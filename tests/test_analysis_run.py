@@ -280,3 +280,17 @@ def test_the_report_of_an_analysis_from_before_these_statistics_says_to_rerun(fi
     for note in ("No calibration statistics in analysis.json", "No meta-analysis in analysis.json", "No subgroup tables",
                  "No sample-size section in analysis.json"):  # fmt: skip
         assert note in text, note
+
+
+def test_the_equivalence_line_names_the_largest_difference_and_why_it_is_approximate():
+    """The demo's and `tace-analysis validate`'s one line on aggregate vs patient-level: the count of equal statistics,
+    the largest difference with its statistic, and under a minimum cell count why pooled statistics differ."""
+    from tace.analysis.study import equivalence_line
+
+    rows = [{"statistic": "AUC DLTR", "abs_difference": 0.0}, {"statistic": "log-rank chi2 dltrmlp:response", "abs_difference": 3.6},
+            {"statistic": "Cox HR dltr:risk", "abs_difference": None}]  # fmt: skip
+    line = equivalence_line(rows, 5)
+    assert "1 of 2 statistics equal to 1e-6" in line and "3.6 (log-rank chi2 dltrmlp:response)" in line
+    assert "minimum cell count (5)" in line and "per-site and stratified ones are exact" in line
+    assert "minimum cell count" not in equivalence_line(rows, 0)
+    assert "minimum cell count" not in equivalence_line(rows[:1], 5)  # nothing differs: nothing to explain
