@@ -204,6 +204,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     for record in progress(manifest.records, desc="preprocessing", unit="patient"):
         try:
             result = cache.load(record, manifest.root)
+            cache.radiomics(record, manifest.root)  # the radiomics model's features, so the study's first stage need not wait
         except ImageReadError as exc:
             failed.append(exc.problem(record.row))
             continue
@@ -211,7 +212,8 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
         cropped += result.info.cropped
     elapsed = time.perf_counter() - start
     n = len(manifest.records) - len(failed)
-    print(f"preprocessed {n} patients into {args.cache} in {elapsed:.1f} s: {n - hits} computed, {hits} already cached")
+    print(f"preprocessed {n} patients (tensors and radiomics features) into {args.cache} in {elapsed:.1f} s: {n - hits} computed, "
+          f"{hits} already cached")  # fmt: skip
     print(f"tensor shape (C, D, H, W) = {config.shape}")
     if cropped:
         hint = "; use --large-tumour rescale to shrink them instead" if config.large_tumour == "crop" else ""

@@ -103,7 +103,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with clock("cohort"):
         meta = demo_cohort(out, args.preset, args.seed, args.workers)
     with clock("check and preprocess"):
-        ok = check_and_preprocess(out, meta)
+        ok = check_and_preprocess(out, meta, args.workers)
     if not ok:
         print("Some sites failed validation (listed above); the study was not run.")
         return EXIT_PROBLEMS
@@ -197,39 +197,70 @@ def demo_cohort(out: Path, preset: str, seed: int, workers: int) -> dict[str, An
     return dict(json.loads(meta_path.read_text()))
 
 
-def check_and_preprocess(out: Path, meta: dict[str, Any]) -> bool:
-    """Every site checked as `tace-client check` does and preprocessed into its cache (as `tace-client preprocess`),
-    with a table of what was found; False when a site has problems (they are listed)."""
+def _preprocess_site(manifest_path: Path, cache_dir: Path, config: Any) -> tuple[int, float]:
+    """One site's patients into its cache: tensors and radiomics features, as `tace-client preprocess` does (run in a
+    worker process); (patients already cached, seconds)."""
     from tace.client.cache import PreprocessCache
+    from tace.common.manifest import parse_manifest
+
+    manifest = parse_manifest(manifest_path)
+    cache = PreprocessCache(cache_dir, config)
+    start = time.perf_counter()
+    hits = 0
+    for record in manifest.records:
+        hits += cache.load(record, manifest.root).hit
+        cache.radiomics(record, manifest.root)
+    return hits, time.perf_counter() - start
+
+
+def check_and_preprocess(out: Path, meta: dict[str, Any], workers: int = 1) -> bool:
+    """Every site checked as `tace-client check` does, then preprocessed into its cache as `tace-client preprocess`
+    does (tensors and radiomics features; sites in parallel over `workers` processes), with a table of what was found;
+    False when a site has problems (they are listed)."""
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     from tace.common.manifest import parse_manifest
     from tace.common.preprocess import PreprocessConfig
     from tace.common.validate import check_site
 
     config = PreprocessConfig.from_mapping(meta["suggested_preprocessing"])
-    rows = []
-    all_ok = True
+    reports = {}
     for site in meta["sites"]:
         manifest = parse_manifest(out / site["manifest"])
-        report = check_site(manifest, progress=functools.partial(progress, desc=f"checking {site['site_id']}", unit="patient"))
-        all_ok &= report.ok
-        cache = PreprocessCache(out / "cache" / site["site_id"], config)
-        start = time.perf_counter()
-        hits = 0
-        if report.ok:
-            for record in progress(manifest.records, desc=f"preprocessing {site['site_id']}", unit="patient"):
-                hits += cache.load(record, manifest.root).hit
+        reports[site["site_id"]] = check_site(
+            manifest, progress=functools.partial(progress, desc=f"checking {site['site_id']}", unit="patient")
+        )
+    all_ok = all(r.ok for r in reports.values())
+    done: dict[str, tuple[int, float]] = {}
+    jobs = {
+        site["site_id"]: (out / site["manifest"], out / "cache" / site["site_id"], config)
+        for site in meta["sites"]
+        if reports[site["site_id"]].ok
+    }
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+            futures = {pool.submit(_preprocess_site, *job): site for site, job in jobs.items()}
+            for future in progress(as_completed(futures), total=len(futures), desc="preprocessing", unit="site"):
+                done[futures[future]] = future.result()
+    else:
+        for site, job in progress(jobs.items(), total=len(jobs), desc="preprocessing", unit="site"):
+            done[site] = _preprocess_site(*job)
+    rows = []
+    for site in meta["sites"]:
+        report = reports[site["site_id"]]
         summary = report.summary
         rate = summary.responder_rate() if summary else None
+        hits, seconds = done.get(site["site_id"], (0, 0.0))
         rows.append((
             site["site_id"], site["suggested_role"], summary.n_patients if summary else 0,
             f"{100 * rate:.0f} %" if rate is not None else "-", site["image_format"],
-            "ok" if report.ok else f"{len(report.problems)} problems", f"{time.perf_counter() - start:.1f} s ({hits} cached)",
+            "ok" if report.ok else f"{len(report.problems)} problems", f"{seconds:.1f} s ({hits} cached)" if report.ok else "-",
         ))  # fmt: skip
         for p in report.problems[:10]:
             print("  " + p.format())
     print()
     print(_columns(("site", "role", "patients", "responders", "format", "check", "preprocess"), rows))
-    print(f"\ntensors {config.shape} (C, D, H, W) cached under {out / 'cache'}")
+    print(f"\ntensors {config.shape} (C, D, H, W) and radiomics features cached under {out / 'cache'}")
     return all_ok
 
 

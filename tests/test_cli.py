@@ -101,6 +101,7 @@ def test_preprocess_cli(site_copy, tmp_path):
     first = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert first.returncode == 0, first.stderr
     assert "8 computed, 0 already cached" in first.stdout and "(3, 8, 8, 8)" in first.stdout
+    assert len(list((tmp_path / "cache").rglob("*.radiomics.npy"))) == 8  # the radiomics features are cached too
     second = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert "0 computed, 8 already cached" in second.stdout
     bad = subprocess.run([*args[:-4], "--box", "8,8"], capture_output=True, text=True, timeout=120)
