@@ -24,7 +24,11 @@ test: install browser
 	@# mypy sees the tace.* package through links (setuptools' editable finder is invisible to it).
 	@mkdir -p $(VENV)/typecheck/tace && for d in common client server analysis simulation; do ln -sfn $(CURDIR)/$$d $(VENV)/typecheck/tace/$$d; done
 	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	@# The default suite in two worker processes (pytest-xdist); then, with CI set or --slow in PYTEST_ARGS, the slow
+	@# end-to-end tests one at a time (they run deployments on 127.0.0.1 and wait on rounds). Exit 5 is "no test selected".
+	$(VENV)/bin/pytest -n 2 -m "not slow" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	@if [ -n "$$CI" ] || printf ' %s ' "$(PYTEST_ARGS)" | grep -q -- ' --slow '; then \
+	  echo "$(VENV)/bin/pytest -m slow --slow $(PYTEST_ARGS)"; $(VENV)/bin/pytest -m slow --slow $(PYTEST_ARGS) || [ $$? -eq 5 ]; fi
 
 # The report test renders the HTML report in headless Chromium (Debian's package).
 browser:

@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench-training"))
     parser.add_argument("--run-config", default="")
     parser.add_argument("--skip-overhead", action="store_true")
+    parser.add_argument("--overhead-only", action="store_true", help="only the federation overhead (part 2)")
     args = parser.parse_args()
     cohort = args.cohort.resolve()
     out = args.out.resolve()
@@ -98,16 +99,16 @@ def main() -> None:
     figures: dict[str, Any] = {"run_config": args.run_config}
 
     summaries = {}
-    for mode in ("federated", "centralized", "local"):
+    for mode in () if args.overhead_only else ("federated", "centralized", "local"):
         t = time.perf_counter()
         folder = out / f"{stamp}-{mode}"
         summary = run_federated(cohort, folder, run) if mode == "federated" else run_reference(mode, cohort, folder, run)
         summaries[mode] = add_oracle(summary, cohort)
         figures[f"{mode}_wall_s"] = round(time.perf_counter() - t, 1)
         print(f"{mode}: {figures[f'{mode}_wall_s']} s", flush=True)
-    oracle = {s: v["auc"] for s, v in summaries["federated"]["oracle"]["sites"].items()}
+    oracle = {s: v["auc"] for s, v in summaries["federated"]["oracle"]["sites"].items()} if summaries else {}
     quality: dict[str, Any] = {}
-    for site in holdout_table(summaries["federated"]):
+    for site in holdout_table(summaries["federated"]) if summaries else []:
         row: dict[str, Any] = {"oracle": oracle.get(site)}
         for mode, summary in summaries.items():
             for model, value in holdout_table(summary)[site].items():
@@ -119,7 +120,8 @@ def main() -> None:
         row["dltrmlp_beats_both"] = bool(fed and fed > (row["federated.dltr"] or 0) and fed > (row["federated.clinical"] or 0))
         quality[site] = row
     figures["quality"] = quality
-    figures["federated_peak_rss_mb"] = summaries["federated"]["timings"].get("peak_rss_mb")
+    if summaries:
+        figures["federated_peak_rss_mb"] = summaries["federated"]["timings"].get("peak_rss_mb")
 
     if not args.skip_overhead:
         fixed = RunConfig.from_run_config(

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -93,8 +93,22 @@ _UNAVAILABLE = {
     int(ErrorCode.MESSAGE_UNAVAILABLE): "the message to the site expired before the site collected it",
 }
 
-#: Seconds between two polls of the SuperLink for replies (Flower's own `send_and_receive` waits 3 s).
+#: Seconds between two polls of the SuperLink for replies (Flower's own `send_and_receive` waits 3 s): the first poll
+#: after POLL_MIN_S, then twice as long each time up to POLL_S, so a round of a small model (a few hundred ms of
+#: work) is not held for a whole poll interval, while a long round costs the SuperLink one poll a second.
 POLL_S = 1.0
+POLL_MIN_S = 0.02
+
+
+def _polls(deadline: float) -> Iterator[None]:
+    """Sleeps between polls until `deadline` (monotonic): POLL_MIN_S, doubling up to POLL_S."""
+    wait = POLL_MIN_S
+    while time.monotonic() < deadline:
+        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+        wait = min(POLL_S, 2 * wait)
+        yield
+
+
 #: Seconds a round waits for sites that connected since the last round to say who they are; a site that takes longer
 #: is admitted at a later round (its answer is collected then).
 ADMIT_WAIT_S = 15.0
@@ -172,7 +186,7 @@ class FlowerFederation:
         if new:
             messages = [Message(content=content(self._info_request()), message_type="query", dst_node_id=n) for n in new]
             self._asking.update(_pushed(self.grid, messages, new))
-        deadline = time.monotonic() + wait_s
+        polls = _polls(time.monotonic() + wait_s)
         while self._asking:
             for reply in self.grid.pull_messages(list(self._asking)):
                 node = self._asking.pop(reply.metadata.reply_to_message_id, None)
@@ -180,9 +194,8 @@ class FlowerFederation:
                     self._admit_reply(node, InfoReply.from_records(received(reply)), strict)
                 elif node is not None and int(reply.error.code) not in _UNAVAILABLE:
                     log.warning("a connecting node failed to say who it is: %s", failure_of(reply.error.reason))
-            if not self._asking or time.monotonic() >= deadline:
+            if not self._asking or next(polls, True):
                 break
-            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
 
     def _admit_reply(self, node_id: int, info: InfoReply, strict: bool) -> None:
         failure = info.failure
@@ -225,7 +238,7 @@ class FlowerFederation:
         out: dict[int, Message] = {}
         errors: dict[int, Failure] = {n: Failure(Reason.TRANSPORT, "the SuperLink did not accept the message")
                                       for n in node_ids if n not in pending.values()}  # fmt: skip
-        deadline = time.monotonic() + self.timeout_s
+        polls = _polls(time.monotonic() + self.timeout_s)
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
@@ -235,9 +248,8 @@ class FlowerFederation:
                     errors[node] = failure_of(reply.error.reason, reply.error.code)
                 else:
                     out[node] = reply
-            if not pending or time.monotonic() >= deadline:
+            if not pending or next(polls, True):
                 break
-            time.sleep(min(POLL_S, max(0.0, deadline - time.monotonic())))
         for n in pending.values():
             errors[n] = Failure(Reason.NO_REPLY, f"no reply (the site went offline, or did not answer within round-timeout, "
                                                  f"{self.timeout_s:.0f} s)")  # fmt: skip
