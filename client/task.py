@@ -155,7 +155,7 @@ class SiteTask:
         from tace.common.encoders import RadiomicsStats
 
         self.require_enough_patients()
-        return RadiomicsStats.from_matrix(self.radiomics(self.train_records))
+        return RadiomicsStats.from_matrix(self.radiomics(self.train_records), self.site.min_cell_count)
 
     def privacy_account(self, study_id: str, planned_rounds: dict[str, int]) -> SitePrivacy:
         """The site's privacy account for a study run with sample-level differential privacy; `planned_rounds` (per

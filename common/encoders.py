@@ -28,11 +28,15 @@ class RadiomicsStats:
     sumsq: np.ndarray
 
     @classmethod
-    def from_matrix(cls, features: np.ndarray) -> RadiomicsStats:
-        """From the ``(N, R)`` signed-log features of N patients (rows with a non-finite value are left out)."""
+    def from_matrix(cls, features: np.ndarray, min_cell_count: int = 0) -> RadiomicsStats:
+        """From the ``(N, R)`` signed-log features of N patients (rows with a non-finite value are left out). With a
+        minimum cell count k > 1, sums over fewer than k patients are not sent (the statistics of none: the other
+        sites' standardise the features, or none at all)."""
         ok = np.isfinite(features).all(axis=1)
         x = features[ok].astype(np.float64)
-        return cls(int(ok.sum()), x.sum(axis=0), (x * x).sum(axis=0))
+        if min_cell_count > 1 and 0 < len(x) < min_cell_count:
+            x = x[:0]
+        return cls(len(x), x.sum(axis=0), (x * x).sum(axis=0))
 
     def merge(self, other: RadiomicsStats) -> RadiomicsStats:
         return RadiomicsStats(self.n + other.n, self.sums + other.sums, self.sumsq + other.sumsq)

@@ -65,6 +65,8 @@ def audit(replies: list, k: int) -> list[str]:
             problems += [
                 f"{where}: {name}={c} count of {v}" for name, counts in stats.categorical.items() for c, v in counts.items() if 0 < v < k
             ]
+        if "radiomics.n" in metrics and 0 < int(float(metrics["radiomics.n"])) < k:
+            problems.append(f"{where}: radiomics sums over {int(float(metrics['radiomics.n']))} patients")
         if "validation" in records.site:
             problems += _histograms(json.loads(str(records.site["validation"])), where + " validation", k)
         if "summary" in records.site:
@@ -162,3 +164,17 @@ def test_per_site_and_stratified_results_stay_exact_under_the_default(private_ru
             assert stratified["statistic"] == pytest.approx(expected["statistic"], rel=1e-9) and stratified["df"] == expected["df"]
             compared += 1
     assert compared
+
+
+def test_radiomics_statistics_over_fewer_than_k_patients_are_not_sent():
+    """A training split whose patients with radiomics features are fewer than k sends the statistics of none (the
+    encoder standardises from the other sites); at or above k, or with the minimum cell count off, the sums are sent."""
+    from tace.common.encoders import RadiomicsEncoder, RadiomicsStats
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 4))
+    x[:3, 1] = np.nan  # three patients without features: 4 rows with every feature
+    assert RadiomicsStats.from_matrix(x, 5).n == 0 and not RadiomicsStats.from_matrix(x, 5).sums.any()
+    assert RadiomicsStats.from_matrix(x, 4).n == 4 and RadiomicsStats.from_matrix(x, 0).n == 4
+    full = RadiomicsStats.from_matrix(rng.normal(size=(6, 4)), 5)
+    assert RadiomicsEncoder.from_stats(RadiomicsStats.from_matrix(x, 5).merge(full)) == RadiomicsEncoder.from_stats(full)
