@@ -87,9 +87,8 @@ def decision_curve(y: np.ndarray, p: np.ndarray, thresholds: np.ndarray | None =
 SPLINE_QUANTILES = (0.10, 0.50, 0.90)
 
 
-#: The logistic fits (statsmodels GLM) and the logit are the site's own (`tace.common.exact`): one computation for
-#: patient-level rows here and for a site's exact statistics.
-_glm = logistic_fit
+#: The logistic fits (statsmodels GLM, `logistic_fit`) and the logit are the site's own (`tace.common.exact`): one
+#: computation for patient-level rows here and for a site's exact statistics.
 
 
 def _wald(value: float, se: float) -> dict[str, float]:
@@ -164,7 +163,7 @@ def flexible_calibration(y: np.ndarray, p: np.ndarray, at: np.ndarray | None = N
         def design(v: np.ndarray, kind: str = kind) -> np.ndarray:
             return np.column_stack([np.ones(len(v)), rcs_basis(v, knots) if kind == "spline" else v])
 
-        fit = _glm(y, design(lp))
+        fit = logistic_fit(y, design(lp))
         if fit is not None:
             break
     if fit is None:

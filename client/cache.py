@@ -80,6 +80,13 @@ class PreprocessCache:
         self._write(path, array, info)
         return CacheResult(array, info, hit=False)
 
+    def prepare(self, record: PatientRecord, manifest_root: Path) -> CacheResult:
+        """Everything a study reads of the patient, in the cache: the tensor (`load`, returned) and the radiomics
+        features (`radiomics`). What `tace-client preprocess` and the demo's preprocessing do per patient."""
+        result = self.load(record, manifest_root)
+        self.radiomics(record, manifest_root)
+        return result
+
     def radiomics(self, record: PatientRecord, manifest_root: Path) -> np.ndarray:
         """The patient's radiomics features (`tace.common.radiomics.extract` on its box and tumour mask; NaN where the
         tumour gives none: a few voxels, or filling the box), computed once and kept beside its tensor."""

@@ -203,8 +203,7 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for record in progress(manifest.records, desc="preprocessing", unit="patient"):
         try:
-            result = cache.load(record, manifest.root)
-            cache.radiomics(record, manifest.root)  # the radiomics model's features, so the study's first stage need not wait
+            result = cache.prepare(record, manifest.root)  # with the radiomics features: the study's first stage need not wait
         except ImageReadError as exc:
             failed.append(exc.problem(record.row))
             continue

@@ -208,8 +208,7 @@ def _preprocess_site(manifest_path: Path, cache_dir: Path, config: Any) -> tuple
     start = time.perf_counter()
     hits = 0
     for record in manifest.records:
-        hits += cache.load(record, manifest.root).hit
-        cache.radiomics(record, manifest.root)
+        hits += cache.prepare(record, manifest.root).hit
     return hits, time.perf_counter() - start
 
 
