@@ -8,9 +8,10 @@ Runs, with the same run configuration and seed:
    prints AUC per model and holdout site with the oracle, the federated/centralized ratio, the learning
    efficiency (AUC - 0.5) / (oracle - 0.5), and whether DLTRMLP beats DLTR and the clinical model;
 2. the federation overhead: federated and centralized wall time for the same total local epochs (early stopping
-   off, fixed rounds), and their ratio, at equal cores: the federated run's simulation engine runs one ClientApp
-   worker of one thread per CPU (Flower's client-resources-num-cpus = 1), the centralized run trains the pooled
-   data with as many PyTorch threads as there are CPUs;
+   off, fixed rounds), and their ratio, at equal cores: the federated run's simulation engine runs ClientApp workers
+   of one PyTorch thread each on the machine's CPUs (one per training site when there are up to twice as many
+   training sites as CPUs, `tace.simulation.runner.simulation_cpus`), the centralized run trains the pooled data
+   with as many PyTorch threads as there are CPUs;
 3. training throughput of the client's loop against a bare PyTorch loop over the same cached tensors;
 4. peak memory (summed over all processes of the federated run).
 Writes everything to OUT/bench_training.json.
@@ -29,7 +30,13 @@ from typing import Any
 import torch
 
 from tace.common.config import RunConfig, SiteConfig, parse_overrides
-from tace.simulation.runner import add_oracle, run_federated, run_reference
+from tace.simulation.runner import add_oracle, run_federated, run_reference, simulation_cpus
+
+
+def holdout_free(cohort: Path, run: RunConfig) -> list[str]:
+    """The cohort's training sites under `run`'s holdout."""
+    sites = json.loads((cohort / "cohort.json").read_text())["sites"]
+    return [s["site_id"] for s in sites if s["site_id"] not in run.holdout]
 
 
 def study_config(cohort: Path, overrides: str) -> RunConfig:
@@ -128,6 +135,8 @@ def main() -> None:
             {**run.to_run_config(), **parse_overrides("patience=0 rounds=10 head-rounds=10 clinical-rounds=10 radiomics-rounds=10")}
         )
         cores = os.cpu_count() or 1
+        n_train = len(holdout_free(cohort, fixed))
+        ray_cpus, per_worker = simulation_cpus(n_train, fixed.threads, cores)
         t = time.perf_counter()
         fed = run_federated(cohort, out / f"{stamp}-overhead-federated", fixed)
         fed_s = time.perf_counter() - t
@@ -138,7 +147,8 @@ def main() -> None:
         # start-up and shutdown (CLI, SuperLink, simulation runtime, Ray workers' imports).
         fed_study, cen_study = fed["timings"]["total_s"], cen["timings"]["total_s"]
         figures["overhead"] = {"rounds": 10, "local_epochs": fixed.local_epochs, "cores": cores,
-                               "how": f"federated: {cores} ClientApp workers x 1 thread; centralized: pooled data, {cores} threads",
+                               "how": f"federated: {n_train} training sites on {ray_cpus // per_worker} ClientApp workers x {per_worker} thread(s), {cores} cores; "
+                                      f"centralized: pooled data, {cores} threads",
                                "federated_s": round(fed_s, 1), "centralized_s": round(cen_s, 1),
                                "federated_over_centralized": round(fed_s / cen_s, 3),
                                "federated_study_s": fed_study, "centralized_study_s": cen_study,

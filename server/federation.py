@@ -93,19 +93,22 @@ _UNAVAILABLE = {
     int(ErrorCode.MESSAGE_UNAVAILABLE): "the message to the site expired before the site collected it",
 }
 
-#: Seconds between two polls of the SuperLink for replies (Flower's own `send_and_receive` waits 3 s): the first poll
-#: after POLL_MIN_S, then twice as long each time up to POLL_S, so a round of a small model (a few hundred ms of
-#: work) is not held for a whole poll interval, while a long round costs the SuperLink one poll a second.
+#: Seconds between two polls of the SuperLink for replies (Flower's own `send_and_receive` waits 3 s). Each wait is
+#: POLL_FRACTION of the time waited so far, at least POLL_MIN_S and at most POLL_S: a reply is seen at most about
+#: an eighth later than it came (a round of a small model, a few hundred ms of work, is not held for a poll
+#: interval), while a long round costs the SuperLink one poll a second.
 POLL_S = 1.0
 POLL_MIN_S = 0.02
+POLL_FRACTION = 0.125
 
 
 def _polls(deadline: float) -> Iterator[None]:
-    """Sleeps between polls until `deadline` (monotonic): POLL_MIN_S, doubling up to POLL_S."""
-    wait = POLL_MIN_S
-    while time.monotonic() < deadline:
-        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-        wait = min(POLL_S, 2 * wait)
+    """Sleeps between polls until `deadline` (monotonic): POLL_FRACTION of the time since the first poll, clamped to
+    [POLL_MIN_S, POLL_S]."""
+    start = time.monotonic()
+    while (now := time.monotonic()) < deadline:
+        wait = min(POLL_S, max(POLL_MIN_S, (now - start) * POLL_FRACTION))
+        time.sleep(min(wait, max(0.0, deadline - now)))
         yield
 
 
