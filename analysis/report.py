@@ -31,7 +31,7 @@ from tace.common.protocol import DISPLAY_ORDER
 STAGES = {"dltr": "DLTR backbone", "head": "DLTRMLP fusion head", "clinical": "clinical model"}
 #: Run-config keys shown in the training section (the rest are listed in full in the appendix).
 KEY_SETTINGS = ("layout", "holdout-sites", "backbone", "strategy", "rounds", "local-epochs", "lr", "lr-schedule", "batch-size",
-                "head-rounds", "clinical-rounds", "spacing-mm", "box-voxels", "sequences", "augment", "dp", "seed")  # fmt: skip
+                "head-rounds", "clinical-rounds", "spacing-mm", "box-voxels", "sequences", "intensity-reference", "augment", "dp", "seed")  # fmt: skip
 DP_MODES = {"sample": "sample-level DP-SGD at every site (Opacus)", "client-fixed": "client-level DP, fixed clipping (Flower)",
             "client-adaptive": "client-level DP, adaptive clipping (Flower)"}  # fmt: skip
 

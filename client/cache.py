@@ -84,12 +84,13 @@ class PreprocessCache:
         """Everything a study reads of the patient, in the cache: the tensor (`load`, returned) and the radiomics
         features (`radiomics`). What `tace-client preprocess` and the demo's preprocessing do per patient."""
         result = self.load(record, manifest_root)
-        self.radiomics(record, manifest_root)
+        self.radiomics(record, manifest_root, result)
         return result
 
-    def radiomics(self, record: PatientRecord, manifest_root: Path) -> np.ndarray:
+    def radiomics(self, record: PatientRecord, manifest_root: Path, loaded: CacheResult | None = None) -> np.ndarray:
         """The patient's radiomics features (`tace.common.radiomics.extract` on its box and tumour mask; NaN where the
-        tumour gives none: a few voxels, or filling the box), computed once and kept beside its tensor."""
+        tumour gives none: a few voxels, or filling the box), computed once and kept beside its tensor. `loaded`:
+        the patient's tensor as `load` just returned it (a freshly computed one carries its box mask)."""
         from tace.common.preprocess import box_mask
         from tace.common.radiomics import RadiomicsError, extract, feature_names
 
@@ -98,8 +99,12 @@ class PreprocessCache:
             return np.asarray(np.load(path, allow_pickle=False), dtype=np.float64)
         except (OSError, ValueError):
             pass
-        image = self.load(record, manifest_root).array
-        mask, spacing = box_mask(record, manifest_root, self.config)
+        loaded = loaded or self.load(record, manifest_root)
+        image = loaded.array
+        if loaded.info.tumour is not None and loaded.info.spacing_mm is not None:
+            mask, spacing = loaded.info.tumour, loaded.info.spacing_mm
+        else:
+            mask, spacing = box_mask(record, manifest_root, self.config)
         try:
             features = extract(image, mask, spacing)
         except RadiomicsError:

@@ -153,12 +153,20 @@ def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
         default=d.large_tumour,
         help="tumours larger than the box: crop at the edge or shrink to fit (default %(default)s)",
     )
+    parser.add_argument(
+        "--intensity-reference",
+        choices=("liver", "box"),
+        default=d.intensity_reference,
+        help="express each phase against the liver around the tumour, or z-score it over the box (default %(default)s; "
+        "the study's run configuration decides: use the same as the coordinator)",
+    )
 
 
 def preprocess_config_from_args(args: argparse.Namespace) -> PreprocessConfig:
     return PreprocessConfig(
         sequences=tuple(s.strip() for s in args.sequences.split(",") if s.strip()),
         spacing_mm=args.spacing, box_voxels=args.box, large_tumour=args.large_tumour,
+        intensity_reference=args.intensity_reference,
     )  # fmt: skip
 
 

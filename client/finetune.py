@@ -153,7 +153,8 @@ def finetune_site(trained: TrainedModels, manifest: Path, out: Path, cache_dir: 
     pre = trained.preprocess
     run = RunConfig.from_run_config({
         "spacing-mm": ",".join(f"{v:g}" for v in pre.spacing_mm), "box-voxels": ",".join(str(v) for v in pre.box_voxels),
-        "sequences": ",".join(pre.sequences), "large-tumour": pre.large_tumour, "device": options.device, **trained.training,
+        "sequences": ",".join(pre.sequences), "large-tumour": pre.large_tumour, "intensity-reference": pre.intensity_reference,
+        "device": options.device, **trained.training,
     })  # fmt: skip
     site = SiteConfig("local", Path(manifest), Path(cache_dir), Path(out))
     task = SiteTask(site, run, "train", validate=False)

@@ -73,6 +73,7 @@ class RunConfig:
     box_voxels: str = "48,48,32"
     sequences: str = "arterial,portal_venous,delayed"
     large_tumour: str = "crop"
+    intensity_reference: str = "box"
     augment: bool = True
     device: str = "auto"
     amp: bool = True
@@ -210,11 +211,15 @@ class RunConfig:
         except ValueError:
             raise ConfigError("spacing-mm and box-voxels must be comma-separated numbers 'x,y,z'") from None
         try:
-            return PreprocessConfig(sequences=_csv(self.sequences), spacing_mm=spacing, box_voxels=box, large_tumour=self.large_tumour)  # type: ignore[arg-type]
+            return PreprocessConfig(
+                sequences=_csv(self.sequences), spacing_mm=spacing, box_voxels=box,  # type: ignore[arg-type]
+                large_tumour=self.large_tumour, intensity_reference=self.intensity_reference,  # type: ignore[arg-type]
+            )  # fmt: skip
         except ConfigError as exc:
             raise ConfigError(
-                f"run-config preprocessing keys (spacing-mm, box-voxels, sequences, large-tumour): {exc.message}", exc.hint
-            ) from None
+                "run-config preprocessing keys (spacing-mm, box-voxels, sequences, large-tumour, intensity-reference): "
+                f"{exc.message}", exc.hint,
+            ) from None  # fmt: skip
 
     def lr_at(self, server_round: int, total_rounds: int, base: float) -> float:
         """Learning rate of a round (1-based): cosine decay to 5 % of `base` over the stage, or constant."""

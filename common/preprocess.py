@@ -24,7 +24,17 @@ from tace.common.manifest import MASK_COLUMN, REQUIRED_SEQUENCES, SEQUENCE_COLUM
 
 #: Bump when the preprocessing code changes what it produces: invalidates every cache entry.
 #: 2: NaN/infinite/constant images are refused (version 1 cached them as zeros); DICOM SEG/RTSTRUCT masks.
-PIPELINE_VERSION = 2
+#: 3: intensities against the liver around the tumour (`intensity_reference`).
+PIPELINE_VERSION = 3
+
+
+INTENSITY_REFERENCES = ("liver", "box")
+#: The shell of tissue around the tumour whose median intensity is a phase's reference (``intensity_reference =
+#: "liver"``), in mm from the tumour's edge: 3 mm clears the partial-volume edge and a capsule, 15 mm stays close to
+#: the tumour (the liver's own bias field and enhancement vary over larger distances).
+SHELL_MM = (3.0, 15.0)
+#: Fewer in-scan shell voxels than this (a tumour filling the box): the reference is the box's non-tumour voxels.
+MIN_REFERENCE_VOXELS = 50
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,15 @@ class PreprocessConfig:
     margin_mm : float
         Context kept around the tumour when deciding whether it fits, mm.
     clip_percentiles : (low, high)
-        Per-phase intensity clipping before z-scoring, computed over the voxels of the box inside the scan.
+        Per-phase intensity clipping before normalising, computed over the voxels of the box inside the scan.
+    intensity_reference : "liver" or "box"
+        What each phase's intensities are expressed against. ``liver``: the ratio to the median of the shell of
+        tissue 3-15 mm around the tumour (the liver the tumour sits in), minus 1, so that the surrounding liver is 0
+        and a tumour enhancing 75 % above it is 0.75 in every patient: the relative signs radiologists read
+        (hyperenhancement, washout, capsule) keep their size whatever the scanner's gain, the bias field or how much
+        of the box the tumour fills; the clipping range includes the tumour's own percentiles, so a small tumour is
+        not clipped away. ``box``: clip to the box's percentiles and z-score over the box (mean 0, SD 1), which
+        scales every patient's contrast by the box's own spread (and clips a tumour under 0.5 % of the box).
     """
 
     sequences: tuple[str, ...] = REQUIRED_SEQUENCES
@@ -54,6 +72,7 @@ class PreprocessConfig:
     large_tumour: Literal["crop", "rescale"] = "crop"
     margin_mm: float = 5.0
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    intensity_reference: Literal["liver", "box"] = "box"
 
     def __post_init__(self) -> None:
         # Normalise types so that equal configurations have equal fingerprints (2 and 2.0 are the same spacing).
@@ -74,6 +93,8 @@ class PreprocessConfig:
             raise ConfigError("box_voxels must be three integers >= 4 (x, y, z)")
         if self.large_tumour not in ("crop", "rescale"):
             raise ConfigError(f"large_tumour must be 'crop' or 'rescale', not {self.large_tumour!r}")
+        if self.intensity_reference not in INTENSITY_REFERENCES:
+            raise ConfigError(f"intensity_reference must be 'liver' or 'box', not {self.intensity_reference!r}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError("clip_percentiles must satisfy 0 <= low < high <= 100")
@@ -108,11 +129,15 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class PreprocessInfo:
-    """What happened to one patient (site-local; never sent anywhere)."""
+    """What happened to one patient (site-local; never sent anywhere). When the tensor was just computed, also the
+    tumour mask on its box (uint8 ``(D, H, W)``) and the box's spacing (x, y, z) in mm, as `box_mask` gives them,
+    so that the radiomics features need not read the mask again; a cached tensor comes without them."""
 
     tumour_extent_mm: tuple[float, float, float]
     cropped: bool
     scale: float
+    tumour: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    spacing_mm: tuple[float, float, float] | None = dataclasses.field(default=None, compare=False)
 
 
 def tumour_corners(mask: sitk.Image) -> np.ndarray:
@@ -172,6 +197,45 @@ def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
     return out
 
 
+def reference_region(tumour: np.ndarray, spacing_xyz: tuple[float, float, float], inside: np.ndarray) -> np.ndarray:
+    """The voxels of the box whose median intensity is a phase's reference: in-scan tissue `SHELL_MM` from the
+    tumour (`tumour`: boolean ``(D, H, W)``), else every in-scan voxel outside the tumour, else every in-scan voxel."""
+    from scipy.ndimage import distance_transform_edt
+
+    if tumour.any():
+        distance = distance_transform_edt(~tumour, sampling=tuple(reversed(spacing_xyz)))
+        shell = (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1]) & inside
+        if shell.sum() >= MIN_REFERENCE_VOXELS:
+            return shell
+    outside = ~tumour & inside
+    return outside if outside.sum() >= MIN_REFERENCE_VOXELS else inside
+
+
+def normalise_to_reference(
+    values: np.ndarray, reference: np.ndarray, low: float, high: float, tumour: np.ndarray | None = None
+) -> np.ndarray:
+    """Percentile-clip one phase, then express it as the ratio to the median of its `reference` voxels minus 1
+    (the reference tissue at 0); voxels outside the scan (NaN) become 0. The clipping range is the box's
+    percentiles widened to the `tumour` voxels' own, so that a small tumour (under 0.5 % of the box) is not clipped
+    to the liver's range. A phase whose reference median is not positive (not a magnitude image) is z-scored
+    instead (`normalise`)."""
+    inside = np.isfinite(values)
+    out = np.zeros_like(values, dtype=np.float32)
+    if not inside.any():
+        return out
+    lo, hi = np.percentile(values[inside], [low, high])
+    if tumour is not None and (tumour & inside).any():
+        t_lo, t_hi = np.percentile(values[tumour & inside], [low, high])
+        lo, hi = min(lo, t_lo), max(hi, t_hi)
+    clipped = np.clip(values, lo, hi)
+    region = reference & inside
+    level = float(np.median(clipped[region])) if region.any() else 0.0
+    if not level > 1e-3 * max(float(hi - lo), abs(float(hi)), 1e-12):
+        return normalise(values, low, high)
+    out[inside] = clipped[inside] / level - 1.0
+    return out
+
+
 def preprocess_images(images: Mapping[str, sitk.Image], mask: sitk.Image, config: PreprocessConfig) -> tuple[np.ndarray, PreprocessInfo]:
     """Resample the configured sequences onto the tumour box and normalise them.
 
@@ -188,13 +252,31 @@ def preprocess_images(images: Mapping[str, sitk.Image], mask: sitk.Image, config
     """
     lower, upper = tumour_bounds(mask)
     grid, info = box_grid(lower, upper, config)
-    channels = []
+    phases = []
     for seq in config.sequences:
         moving = sitk.Cast(images[seq], sitk.sitkFloat32)
         # NaN marks box voxels outside the scan so they are left out of the intensity statistics.
         resampled = sitk.Resample(moving, grid, sitk.Transform(), sitk.sitkLinear, float("nan"), sitk.sitkFloat32)
-        channels.append(normalise(sitk.GetArrayFromImage(resampled), *config.clip_percentiles))
+        phases.append(sitk.GetArrayFromImage(resampled))
+    box_tumour, spacing = _on_grid(mask, grid)
+    if config.intensity_reference == "box":
+        channels = [normalise(values, *config.clip_percentiles) for values in phases]
+    else:
+        tumour = box_tumour.astype(bool)
+        # One reference region for all phases (where every phase is in the scan), so each phase is read against the
+        # same tissue.
+        inside = np.logical_and.reduce([np.isfinite(values) for values in phases])
+        region = reference_region(tumour, spacing, inside)
+        channels = [normalise_to_reference(values, region, *config.clip_percentiles, tumour=tumour) for values in phases]
+    info = dataclasses.replace(info, tumour=box_tumour, spacing_mm=spacing)
     return np.stack(channels).astype(np.float32, copy=False), info
+
+
+def _on_grid(mask: sitk.Image, grid: sitk.Image) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """The tumour mask on the box (nearest neighbour, uint8 ``(D, H, W)``) and the box's spacing (x, y, z) in mm."""
+    resampled = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    x, y, z = (float(v) for v in grid.GetSpacing())
+    return sitk.GetArrayFromImage(resampled), (x, y, z)
 
 
 def require_sequences(record: PatientRecord, config: PreprocessConfig) -> None:
@@ -255,5 +337,4 @@ def box_mask(record: PatientRecord, root: Path, config: PreprocessConfig) -> tup
     voxel spacing (x, y, z) in mm (larger than the configured one when a large tumour was rescaled)."""
     mask = read_record_mask(record, root)
     grid, _ = box_grid(*tumour_bounds(mask), config)
-    resampled = sitk.Resample(sitk.Cast(mask > 0, sitk.sitkUInt8), grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
-    return sitk.GetArrayFromImage(resampled), tuple(float(s) for s in grid.GetSpacing())  # type: ignore[return-value]
+    return _on_grid(mask, grid)

@@ -102,3 +102,26 @@ def test_concurrent_writers_leave_valid_entries(site_copy, tmp_path):
         assert p.returncode == 0
     assert load_all(PreprocessCache(tmp_path / "cache", TINY_CONFIG), manifest) == [True] * 8
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_radiomics_from_a_fresh_tensor_reuse_its_box_mask_and_equal_those_from_a_cached_one(site_copy, tmp_path):
+    from tace.common.preprocess import box_mask
+
+    manifest = site_copy()
+    m = parse_manifest(manifest)
+    record = m.records[2]
+    for reference in ("box", "liver"):
+        config = replace(TINY_CONFIG, intensity_reference=reference)
+        fresh_cache = PreprocessCache(tmp_path / f"fresh-{reference}", config)
+        loaded = fresh_cache.load(record, m.root)
+        assert not loaded.hit and loaded.info.tumour is not None
+        mask, spacing = box_mask(record, m.root, config)
+        np.testing.assert_array_equal(loaded.info.tumour, mask)
+        assert loaded.info.spacing_mm == spacing
+        fresh = fresh_cache.radiomics(record, m.root, loaded)
+        # The same patient through a cache whose tensor was already there (no box mask with it): the mask is read.
+        other = PreprocessCache(tmp_path / f"cached-{reference}", config)
+        other.load(record, m.root)
+        cached = other.load(record, m.root)
+        assert cached.hit and cached.info.tumour is None
+        np.testing.assert_array_equal(other.radiomics(record, m.root, cached), fresh)

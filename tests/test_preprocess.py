@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -175,3 +177,73 @@ def test_config_errors_name_the_key_and_list_valid_ones():
         PreprocessConfig(large_tumour="shrink")  # type: ignore[arg-type]
     with pytest.raises(ConfigError):
         PreprocessConfig(spacing_mm=(0.0, 1.0, 1.0))
+
+
+def _ball_patient(radius_mm: float, gain: float, aphe: float = 0.75, size=(40, 40, 40)):
+    """Liver of intensity 100·gain everywhere (with a little noise), a ball of `radius_mm` at the centre enhancing
+    `aphe` above it in the first phase, 40 % below it in the others; 2 mm isotropic voxels."""
+    rng = np.random.default_rng(0)
+    z, y, x = np.indices(size[::-1])
+    centre = (np.array(size[::-1]) - 1) / 2
+    ball = (((z - centre[0]) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2) * 4.0) <= radius_mm**2
+    images = {}
+    for seq, factor in (("arterial", 1 + aphe), ("portal_venous", 0.6), ("delayed", 0.6)):
+        values = 100.0 * gain * np.where(ball, factor, 1.0) * (1 + 0.02 * rng.normal(size=ball.shape))
+        image = sitk.GetImageFromArray(values.astype(np.float32))
+        image.SetSpacing((2.0, 2.0, 2.0))
+        images[seq] = image
+    mask = sitk.GetImageFromArray(ball.astype(np.uint8))
+    mask.SetSpacing((2.0, 2.0, 2.0))
+    return images, mask, ball
+
+
+LIVER = PreprocessConfig(spacing_mm=(2.0, 2.0, 2.0), box_voxels=(40, 40, 40), intensity_reference="liver")
+
+
+@pytest.mark.parametrize("radius_mm", [6.0, 15.0, 30.0])
+@pytest.mark.parametrize("gain", [0.5, 40.0])
+def test_liver_reference_keeps_the_enhancement_ratio_whatever_the_gain_and_the_tumour_size(radius_mm, gain):
+    images, mask, ball = _ball_patient(radius_mm, gain)
+    array, _ = preprocess_images(images, mask, LIVER)
+    # The surrounding liver is 0, the tumour its ratio to the liver minus 1, in every phase.
+    for phase, expected in ((0, 0.75), (1, -0.4), (2, -0.4)):
+        assert abs(float(np.median(array[phase][~ball]))) < 0.01
+        assert float(np.median(array[phase][ball])) == pytest.approx(expected, abs=0.03)
+
+
+def test_box_z_score_confounds_size_with_enhancement_and_the_liver_reference_does_not():
+    small = preprocess_images(*_ball_patient(6.0, 1.0)[:2], LIVER)[0], _ball_patient(6.0, 1.0)[2]
+    large = preprocess_images(*_ball_patient(30.0, 1.0)[:2], LIVER)[0], _ball_patient(30.0, 1.0)[2]
+    liver_small, liver_large = (float(np.median(a[0][b])) for a, b in (small, large))
+    assert liver_small == pytest.approx(liver_large, abs=0.03)
+    box = replace(LIVER, intensity_reference="box")
+    box_small = float(np.median(preprocess_images(*_ball_patient(6.0, 1.0)[:2], box)[0][0][small[1]]))
+    box_large = float(np.median(preprocess_images(*_ball_patient(30.0, 1.0)[:2], box)[0][0][large[1]]))
+    assert abs(box_small - box_large) > 0.5  # the same 75 % enhancement, inputs 0.9 SD apart
+
+
+def test_liver_reference_falls_back_when_the_tumour_fills_the_box_or_the_image_is_not_a_magnitude():
+    from tace.common.preprocess import MIN_REFERENCE_VOXELS, normalise, normalise_to_reference, reference_region
+
+    inside = np.ones((6, 6, 6), dtype=bool)
+    full = np.ones((6, 6, 6), dtype=bool)
+    assert reference_region(full, (2.0, 2.0, 2.0), inside).all()  # no tissue outside the tumour: every voxel
+    nearly = full.copy()
+    nearly[0] = False  # 36 voxels outside the tumour, none 3 mm away
+    assert MIN_REFERENCE_VOXELS > 36 and reference_region(nearly, (2.0, 2.0, 2.0), inside).all()
+    # A phase whose reference is not positive (a subtraction image, a phase map) is z-scored instead.
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=(6, 6, 6)).astype(np.float32) - 5.0
+    np.testing.assert_array_equal(normalise_to_reference(values, inside, 0.5, 99.5), normalise(values, 0.5, 99.5))
+    # Voxels outside the scan stay 0 and out of the reference.
+    values = np.full((6, 6, 6), 100.0, dtype=np.float32)
+    values[0] = np.nan
+    out = normalise_to_reference(values, inside, 0.5, 99.5)
+    assert np.isfinite(out).all() and np.abs(out).max() < 1e-6
+
+
+def test_intensity_reference_is_part_of_the_configuration_and_checked():
+    assert PreprocessConfig(intensity_reference="box").fingerprint() != PreprocessConfig(intensity_reference="liver").fingerprint()
+    with pytest.raises(ConfigError, match="intensity_reference must be 'liver' or 'box'"):
+        PreprocessConfig(intensity_reference="tumour")  # type: ignore[arg-type]
+    assert PreprocessConfig.from_mapping({"intensity-reference": "box"}).intensity_reference == "box"
