@@ -73,7 +73,7 @@ class RunConfig:
     box_voxels: str = "48,48,32"
     sequences: str = "arterial,portal_venous,delayed"
     large_tumour: str = "crop"
-    intensity_reference: str = "box"
+    intensity_reference: str = "liver"
     augment: bool = True
     device: str = "auto"
     amp: bool = True

@@ -158,7 +158,11 @@ class FusionHead(nn.Module):
         super().__init__()
         self.radiomics_dim = radiomics_dim
         self.feature_norm = nn.LayerNorm(feature_dim)
-        self.dltr_head = nn.Linear(feature_dim, 1)
+        # Set by the head stage (`start_from_dltr`); built without drawing from the random generator, so that the
+        # other models' initial weights for a seed stay what they were without it.
+        self.dltr_head = nn.utils.skip_init(nn.Linear, feature_dim, 1)
+        nn.init.zeros_(self.dltr_head.weight)
+        nn.init.zeros_(self.dltr_head.bias)
         self.mlp = nn.Sequential(
             nn.Linear(feature_dim + clinical_dim + radiomics_dim, hidden), nn.ReLU(inplace=False), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )

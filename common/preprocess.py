@@ -72,7 +72,7 @@ class PreprocessConfig:
     large_tumour: Literal["crop", "rescale"] = "crop"
     margin_mm: float = 5.0
     clip_percentiles: tuple[float, float] = (0.5, 99.5)
-    intensity_reference: Literal["liver", "box"] = "box"
+    intensity_reference: Literal["liver", "box"] = "liver"
 
     def __post_init__(self) -> None:
         # Normalise types so that equal configurations have equal fingerprints (2 and 2.0 are the same spacing).
@@ -200,13 +200,23 @@ def normalise(values: np.ndarray, low: float, high: float) -> np.ndarray:
 def reference_region(tumour: np.ndarray, spacing_xyz: tuple[float, float, float], inside: np.ndarray) -> np.ndarray:
     """The voxels of the box whose median intensity is a phase's reference: in-scan tissue `SHELL_MM` from the
     tumour (`tumour`: boolean ``(D, H, W)``), else every in-scan voxel outside the tumour, else every in-scan voxel."""
+    return _reference(_shell(tumour, spacing_xyz), tumour, inside)
+
+
+def _shell(tumour: np.ndarray, spacing_xyz: tuple[float, float, float]) -> np.ndarray:
+    """The voxels `SHELL_MM` from the tumour (none when there is no tumour voxel)."""
     from scipy.ndimage import distance_transform_edt
 
-    if tumour.any():
-        distance = distance_transform_edt(~tumour, sampling=tuple(reversed(spacing_xyz)))
-        shell = (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1]) & inside
-        if shell.sum() >= MIN_REFERENCE_VOXELS:
-            return shell
+    if not tumour.any():
+        return np.zeros_like(tumour, dtype=bool)
+    distance = distance_transform_edt(~tumour, sampling=tuple(reversed(spacing_xyz)))
+    return (distance > SHELL_MM[0]) & (distance <= SHELL_MM[1])
+
+
+def _reference(shell: np.ndarray, tumour: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    in_shell = shell & inside
+    if in_shell.sum() >= MIN_REFERENCE_VOXELS:
+        return in_shell
     outside = ~tumour & inside
     return outside if outside.sum() >= MIN_REFERENCE_VOXELS else inside
 
@@ -263,11 +273,12 @@ def preprocess_images(images: Mapping[str, sitk.Image], mask: sitk.Image, config
         channels = [normalise(values, *config.clip_percentiles) for values in phases]
     else:
         tumour = box_tumour.astype(bool)
-        # One reference region for all phases (where every phase is in the scan), so each phase is read against the
-        # same tissue.
-        inside = np.logical_and.reduce([np.isfinite(values) for values in phases])
-        region = reference_region(tumour, spacing, inside)
-        channels = [normalise_to_reference(values, region, *config.clip_percentiles, tumour=tumour) for values in phases]
+        shell = _shell(tumour, spacing)
+        # Each phase against the shell's voxels inside its own scan: a phase's field of view does not move another's.
+        channels = [
+            normalise_to_reference(values, _reference(shell, tumour, np.isfinite(values)), *config.clip_percentiles, tumour=tumour)
+            for values in phases
+        ]
     info = dataclasses.replace(info, tumour=box_tumour, spacing_mm=spacing)
     return np.stack(channels).astype(np.float32, copy=False), info
 

@@ -60,9 +60,11 @@ def test_shape_table(config, shape):
 
 def test_normalised_per_phase_and_channel_order():
     images, mask = patient()
-    array, _ = run(images, mask)
+    boxed, _ = run(images, mask, replace(CONFIG, intensity_reference="box"))
     for c in range(3):
-        assert abs(array[c].mean()) < 1e-4 and abs(array[c].std() - 1) < 1e-3
+        assert abs(boxed[c].mean()) < 1e-4 and abs(boxed[c].std() - 1) < 1e-3
+    array, _ = run(images, mask)
+    assert CONFIG.intensity_reference == "liver"
     swapped, _ = run(
         images,
         mask,
@@ -128,10 +130,19 @@ def test_spacing_invariance():
 def test_box_outside_the_scan_is_zero_padded():
     acq = Acquisition(spacing=(1.8, 1.8, 4.0), size=(64, 64, 30))
     images, mask = patient(acq=acq, fov_shift=(20.0, 0.0, 0.0))  # tumour near the -x edge of the field of view
-    array, _ = run(images, mask, PreprocessConfig(spacing_mm=(2, 2, 3), box_voxels=(40, 24, 16)))
+    config = PreprocessConfig(spacing_mm=(2, 2, 3), box_voxels=(40, 24, 16), intensity_reference="box")
+    array, _ = run(images, mask, config)
     assert np.all(array[:, :, :, 0] == 0)  # the first x columns lie outside the scan
     inside = array[0] != 0
     assert abs(array[0][inside].mean()) < 1e-3 and abs(array[0][inside].std() - 1) < 1e-2
+    # Against the liver: the padding is 0 too, and the liver around the tumour (in the scan) is at 0.
+    liver, info = run(images, mask, replace(config, intensity_reference="liver"))
+    assert np.all(liver[:, :, :, 0] == 0)
+    from tace.common.preprocess import reference_region
+
+    tumour = info.tumour.astype(bool)
+    region = reference_region(tumour, info.spacing_mm, np.isfinite(liver[0]) & (liver[0] != 0))
+    assert abs(float(np.median(liver[0][region]))) < 0.02
 
 
 def test_large_tumour_crop_or_rescale():
