@@ -36,7 +36,8 @@ if TYPE_CHECKING:
     from tace.common.models import StudyModels
 
 #: 2: the radiomics model, and DLTRMLP reads the radiomics features (encoders for clinical factors and radiomics).
-FORMAT = "tace-model/2"
+#: 3 (TACE-FL 0.2): preprocessing pipeline 3 (phases against the liver); DLTRMLP adds a correction to DLTR's logit.
+FORMAT = "tace-model/3"
 FILENAME = "tace-model.zip"
 CARD_MEMBER = "model_card.json"
 #: Run-config keys a model file carries for local fine-tuning at a hospital (nothing about any patient).

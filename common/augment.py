@@ -13,7 +13,8 @@ def train_transforms(seed: int, keys: tuple[str, ...] = ("image",)) -> Any:
     """A MONAI `Compose` for a `{"image": (C, D, H, W) tensor}` sample, deterministic for `seed`.
 
     Flips along each spatial axis (p = 0.5 each), rotation up to 10 degrees about each axis (p = 0.5),
-    per-channel intensity scaling by up to +-10 % and shifts by up to 0.1 SD (inputs are z-scored), and mild
+    per-channel intensity scaling by up to +-10 % and shifts by up to 0.1 (in the input's units: a tenth of the liver's
+    intensity with the default liver reference), and mild
     Gaussian noise (p = 0.2). Shapes are preserved.
     """
     from monai.transforms import (
