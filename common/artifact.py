@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from tace.common.models import StudyModels
 
 #: 2: the radiomics model, and DLTRMLP reads the radiomics features (encoders for clinical factors and radiomics).
-#: 3 (TACE-FL 0.2): preprocessing pipeline 3 (phases against the liver); DLTRMLP adds a correction to DLTR's logit.
+#: 3 (TACE-FL 0.2): preprocessing pipeline 3 (each phase against the liver around the tumour).
 FORMAT = "tace-model/3"
 FILENAME = "tace-model.zip"
 CARD_MEMBER = "model_card.json"

@@ -145,30 +145,16 @@ class DLTR(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """DLTRMLP's head: DLTR's own logit plus an MLP's correction from [layer-normalised deep features, standardised
-    clinical factors, standardised radiomics features] -> logit (B,).
-
-    The DLTR logit comes from `dltr_head`, a linear layer on the deep features that the head stage starts from
-    DLTR's trained output layer (`start_from_dltr`), and the MLP's last layer starts at zero: the fused model starts
-    where the image model ended and learns what the clinical factors and the radiomics features add. Both train
-    in the head stage (a residual fusion: with a few hundred patients a head learned from scratch can end below the
-    image model it reads)."""
+    """DLTRMLP's head: [layer-normalised deep features, standardised clinical factors, standardised radiomics
+    features] -> MLP -> logit (B,)."""
 
     def __init__(self, feature_dim: int, clinical_dim: int, radiomics_dim: int = 0, hidden: int = 32, dropout: float = 0.2) -> None:
         super().__init__()
         self.radiomics_dim = radiomics_dim
         self.feature_norm = nn.LayerNorm(feature_dim)
-        # Set by the head stage (`start_from_dltr`); built without drawing from the random generator, so that the
-        # other models' initial weights for a seed stay what they were without it.
-        self.dltr_head = nn.utils.skip_init(nn.Linear, feature_dim, 1)
-        nn.init.zeros_(self.dltr_head.weight)
-        nn.init.zeros_(self.dltr_head.bias)
         self.mlp = nn.Sequential(
             nn.Linear(feature_dim + clinical_dim + radiomics_dim, hidden), nn.ReLU(inplace=False), nn.Dropout(dropout), nn.Linear(hidden, 1)
         )
-        last = cast(nn.Linear, self.mlp[-1])
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
 
     def forward(self, features: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> torch.Tensor:
         """Without `radiomics` every radiomics feature sits at its standardised mean (0), as for a patient whose
@@ -176,12 +162,7 @@ class FusionHead(nn.Module):
         if radiomics is None:
             radiomics = clinical.new_zeros(len(clinical), self.radiomics_dim)
         parts = [self.feature_norm(features), clinical, radiomics]
-        return (self.dltr_head(features) + self.mlp(torch.cat(parts, dim=1))).squeeze(-1)
-
-
-def start_from_dltr(head: Arrays, dltr: Arrays) -> Arrays:
-    """The head stage's starting weights `head` with its DLTR logit set to DLTR's trained output layer `dltr`."""
-    return {**head, "dltr_head.weight": np.array(dltr["head.weight"]), "dltr_head.bias": np.array(dltr["head.bias"])}
+        return self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
 
 
 class ClinicalModel(nn.Module):

@@ -128,34 +128,3 @@ def test_merge_small_cells_keeps_counts_and_bounds_cells():
             assert (mneg, mpos) == (neg, pos)
         # merging makes ties: the AUC moves, boundedly
         assert abs(auc_from_histograms(mneg, mpos) - roc_auc_score(y, s)) < 0.05 * max(k, 1)
-
-
-def test_dltrmlp_starts_where_dltr_ended_and_learns_the_rest():
-    """The head stage starts from DLTR's output layer (`start_from_dltr`) with the MLP's correction at zero: before
-    any training DLTRMLP's logit is DLTR's, whatever the clinical and radiomics inputs."""
-    from tace.common.models import start_from_dltr
-
-    models = StudyModels.build("small", 3, len(FEATURES), seed=1)
-    models.dltr.eval()
-    x = torch.randn(4, 3, 16, 24, 24)
-    with torch.no_grad():
-        features = models.dltr.features(x)
-        dltr_logit = models.dltr(x)
-    arrays = models.arrays()
-    models.load({"head": start_from_dltr(arrays["head"], arrays["dltr"])})
-    models.head.eval()
-    clinical = torch.randn(4, len(FEATURES))
-    radiomics = torch.randn(4, models.head.radiomics_dim)
-    with torch.no_grad():
-        fused = models.head(features, clinical, radiomics)
-    torch.testing.assert_close(fused, dltr_logit)
-    # Training moves it: the correction reads the clinical factors.
-    opt = torch.optim.SGD(models.head.parameters(), lr=0.5)
-    target = (clinical[:, 0] > 0).float()
-    for _ in range(20):
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(models.head(features, clinical, radiomics), target)
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        assert not torch.allclose(models.head(features, clinical, radiomics), dltr_logit)

@@ -301,10 +301,7 @@ def test_gradient_saliency_finds_the_region_a_model_looks_at():
 
     mask = np.zeros((16, 24, 24), np.uint8)
     mask[5:11, 8:16, 8:16] = 1
-    from tace.common.models import start_from_dltr
-
     models = StudyModels.build("small", 3, 14, seed=1)
-    models.load({"head": start_from_dltr(models.arrays()["head"], models.arrays()["dltr"])})  # as the head stage starts
     models.dltr.backbone = _Masked(models.dltr.backbone, torch.from_numpy(mask).float())
     image = np.random.default_rng(0).normal(size=(3, 16, 24, 24)).astype(np.float32)
     saliency = Explainer(models, "small")(image, np.zeros(14, np.float32))
