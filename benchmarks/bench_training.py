@@ -30,13 +30,7 @@ from typing import Any
 import torch
 
 from tace.common.config import RunConfig, SiteConfig, parse_overrides
-from tace.simulation.runner import add_oracle, run_federated, run_reference, simulation_cpus
-
-
-def holdout_free(cohort: Path, run: RunConfig) -> list[str]:
-    """The cohort's training sites under `run`'s holdout."""
-    sites = json.loads((cohort / "cohort.json").read_text())["sites"]
-    return [s["site_id"] for s in sites if s["site_id"] not in run.holdout]
+from tace.simulation.runner import add_oracle, run_federated, run_reference, simulation_cpus, training_sites
 
 
 def study_config(cohort: Path, overrides: str) -> RunConfig:
@@ -135,7 +129,7 @@ def main() -> None:
             {**run.to_run_config(), **parse_overrides("patience=0 rounds=10 head-rounds=10 clinical-rounds=10 radiomics-rounds=10")}
         )
         cores = os.cpu_count() or 1
-        n_train = len(holdout_free(cohort, fixed))
+        n_train = training_sites(json.loads((cohort / "cohort.json").read_text())["sites"], fixed)
         ray_cpus, per_worker = simulation_cpus(n_train, fixed.threads, cores)
         t = time.perf_counter()
         fed = run_federated(cohort, out / f"{stamp}-overhead-federated", fixed)

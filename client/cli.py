@@ -14,7 +14,7 @@ from typing import Any
 from tace.common.cli import EXIT_OK, EXIT_PROBLEMS, command, command_parser, progress, run, shared_options, triple
 from tace.common.errors import ImageReadError, Problem, TaceError
 from tace.common.manifest import Manifest, parse_manifest
-from tace.common.preprocess import PreprocessConfig
+from tace.common.preprocess import INTENSITY_REFERENCES, PreprocessConfig
 from tace.common.validate import CheckReport, check_site
 
 
@@ -155,7 +155,7 @@ def add_preprocess_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--intensity-reference",
-        choices=("liver", "box"),
+        choices=INTENSITY_REFERENCES,
         default=d.intensity_reference,
         help="express each phase against the liver around the tumour, or z-score it over the box (default %(default)s; "
         "the study's run configuration decides: use the same as the coordinator)",

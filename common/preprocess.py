@@ -94,7 +94,8 @@ class PreprocessConfig:
         if self.large_tumour not in ("crop", "rescale"):
             raise ConfigError(f"large_tumour must be 'crop' or 'rescale', not {self.large_tumour!r}")
         if self.intensity_reference not in INTENSITY_REFERENCES:
-            raise ConfigError(f"intensity_reference must be 'liver' or 'box', not {self.intensity_reference!r}")
+            valid = " or ".join(repr(r) for r in INTENSITY_REFERENCES)
+            raise ConfigError(f"intensity_reference must be {valid}, not {self.intensity_reference!r}")
         lo, hi = self.clip_percentiles
         if not 0 <= lo < hi <= 100:
             raise ConfigError("clip_percentiles must satisfy 0 <= low < high <= 100")

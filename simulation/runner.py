@@ -98,7 +98,7 @@ def run_federated(
     ports = {"FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     env = flower_env(flwr_home, ports)
     flwr = flower_executable("flwr", env)
-    ray_cpus, cpus = simulation_cpus(_training_sites(sites, run), run.threads, os.cpu_count() or 1)
+    ray_cpus, cpus = simulation_cpus(training_sites(sites, run), run.threads, os.cpu_count() or 1)
     cmd = [str(flwr), "run", str(app), "--stream",
            "--federation-config", f"num-supernodes={len(sites)} client-resources-num-cpus={cpus} "
            f"client-resources-num-gpus={_gpus_per_client(len(sites))} init-args-num-cpus={ray_cpus}"]  # fmt: skip
@@ -163,7 +163,7 @@ def simulation_cpus(n_train: int, threads: int, cores: int) -> tuple[int, int]:
     return workers * per, per
 
 
-def _training_sites(sites: list[dict[str, Any]], run: RunConfig) -> int:
+def training_sites(sites: list[dict[str, Any]], run: RunConfig) -> int:
     """How many sites a training round asks: every site in leave-one-centre-out folds but the one held out."""
     ids = [s["site_id"] for s in sites]
     if run.layout == "loco":

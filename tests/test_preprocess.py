@@ -223,13 +223,13 @@ def test_liver_reference_keeps_the_enhancement_ratio_whatever_the_gain_and_the_t
 
 
 def test_box_z_score_confounds_size_with_enhancement_and_the_liver_reference_does_not():
-    small = preprocess_images(*_ball_patient(6.0, 1.0)[:2], LIVER)[0], _ball_patient(6.0, 1.0)[2]
-    large = preprocess_images(*_ball_patient(30.0, 1.0)[:2], LIVER)[0], _ball_patient(30.0, 1.0)[2]
-    liver_small, liver_large = (float(np.median(a[0][b])) for a, b in (small, large))
+    (*small, small_ball), (*large, large_ball) = _ball_patient(6.0, 1.0), _ball_patient(30.0, 1.0)
+    liver_small = float(np.median(preprocess_images(*small, LIVER)[0][0][small_ball]))
+    liver_large = float(np.median(preprocess_images(*large, LIVER)[0][0][large_ball]))
     assert liver_small == pytest.approx(liver_large, abs=0.03)
     box = replace(LIVER, intensity_reference="box")
-    box_small = float(np.median(preprocess_images(*_ball_patient(6.0, 1.0)[:2], box)[0][0][small[1]]))
-    box_large = float(np.median(preprocess_images(*_ball_patient(30.0, 1.0)[:2], box)[0][0][large[1]]))
+    box_small = float(np.median(preprocess_images(*small, box)[0][0][small_ball]))
+    box_large = float(np.median(preprocess_images(*large, box)[0][0][large_ball]))
     assert abs(box_small - box_large) > 0.5  # the same 75 % enhancement, inputs 0.9 SD apart
 
 
