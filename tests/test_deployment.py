@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from tace.common import pki
+from tace.common.protocol import STAGES
 from tace.server.study import Study
 from tests.helpers import final_weights, metric_rows
 
@@ -260,8 +261,8 @@ def test_site_killed_mid_round_is_left_out_and_rejoins(pilot):
     with open(run / "metrics.csv", newline="", encoding="utf-8") as fh:
         trained = {(r["site"], r["stage"], int(r["round"])) for r in csv.DictReader(fh) if r["num_examples"] and r["site"] != "pooled"}
     assert ("site-b", "dltr", k) not in trained and ("site-a", "dltr", k) in trained
-    order = {"dltr": 0, "head": 1, "clinical": 2}
-    assert any(site == "site-b" and (order[stage], r) > (0, k) for site, stage, r in trained)  # rejoined later
+    order = {name: i for i, name in enumerate(STAGES)}  # every stage the study trains, in the order it trains them
+    assert any(site == "site-b" and (order[stage], r) > (order["dltr"], k) for site, stage, r in trained)  # rejoined later
 
 
 def test_stop_ends_the_coordinator_and_its_flower_processes(pilot):
