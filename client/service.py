@@ -60,7 +60,7 @@ class SiteService:
 
     def models(self, backbone: str, arrays: Arrays | None) -> StudyModels:
         """The study's models for `backbone`, with the weights received (flat ``stage.key`` names) loaded."""
-        models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES))
+        models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES), fusion_head=self.run.head_form)
         if arrays:
             models.load(unpack(arrays))
         return models
@@ -80,7 +80,7 @@ class SiteService:
         except ManifestError as exc:
             log.error("%s", exc)  # the full list, with files, stays in the site's own log
             return InfoReply(self.site.site_id, Failure(Reason.DATA_PROBLEMS, problem_digest(exc)))
-        signature = model_signature(request.backbones or (self.run.backbone,), len(self.run.preprocess.sequences), len(FEATURES))
+        signature = model_signature(request.backbones or (self.run.backbone,), len(self.run.preprocess.sequences), len(FEATURES), self.run.head_form)
         failure = compatibility(request, signature) or self.policy.join_refusal()
         if failure is not None:
             # The site's operator reads this in the client log; `tace-client start` ends on the codes no restart fixes.

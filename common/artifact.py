@@ -103,12 +103,12 @@ def write_model(path: Path, model: ModelArtefact) -> Path:
     """Write the model file atomically (with this TACE-FL version and the model's signature); returns its path."""
     from tace.common.cli import version_string
     from tace.common.clinical import FEATURES
-    from tace.common.models import model_signature
+    from tace.common.models import fusion_form, model_signature
 
     m, arrays = model, model.arrays
     card: dict[str, Any] = {
         "format": FORMAT, "tace_fl_version": version_string(), "backbone": m.backbone,
-        "model_signature": model_signature((m.backbone,), len(m.preprocess.sequences), len(FEATURES)),
+        "model_signature": model_signature((m.backbone,), len(m.preprocess.sequences), len(FEATURES), fusion_form(arrays["head"])),
         "preprocessing": {**m.preprocess.to_dict(), "pipeline_version": PIPELINE_VERSION}, "clinical_features": list(FEATURES),
         "encoders": m.encoder, "cutoffs": m.cutoffs, "cutoffs_note": m.cutoffs_note, "score_bins": int(m.bins),
         "source_run": m.source, "training": m.training, "privacy": m.privacy,
@@ -146,7 +146,7 @@ def read_model(path: Path | str) -> ModelArtefact:
     """Read and check a model file (or a run folder's); raises `TaceError` saying what is wrong and what to do."""
     from tace.common.cli import version_string
     from tace.common.clinical import FEATURES
-    from tace.common.models import BACKBONES, model_signature
+    from tace.common.models import BACKBONES, fusion_form, model_signature
 
     path = locate(path)
     try:
@@ -183,7 +183,7 @@ def read_model(path: Path | str) -> ModelArtefact:
             raise TaceError(f"{path} was made by TACE-FL {made_by}, whose preprocessing or clinical factors differ from this "
                             f"version's ({version_string()}): its predictions could not be reproduced", f"install TACE-FL {made_by} to use it")  # fmt: skip
         preprocess = PreprocessConfig.from_mapping(pre)
-        ours = model_signature((backbone,), len(preprocess.sequences), len(FEATURES))
+        ours = model_signature((backbone,), len(preprocess.sequences), len(FEATURES), fusion_form(arrays["head"]))
         if card["model_signature"] != ours:
             raise TaceError(f"{path} was made by TACE-FL {made_by}, whose {backbone} model differs from this version's "
                             f"({version_string()}; signature {card['model_signature']} vs {ours})", f"install TACE-FL {made_by} to use it")  # fmt: skip
@@ -249,10 +249,10 @@ class TrainedModels:
         """From a model file (tace-model.zip) or a finished run folder; an incompatible file is a clear error."""
         from tace.common.clinical import FEATURES
         from tace.common.encoders import Encoders
-        from tace.common.models import StudyModels
+        from tace.common.models import StudyModels, fusion_form
 
         art = read_model(path)
-        models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES))
+        models = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES), fusion_head=fusion_form(art.arrays["head"]))
         models.load(art.arrays)
         return cls(models, Encoders.from_dict(art.encoder), art.preprocess, locate(path), art.cutoffs, art.bins, art.backbone,
                    art.version, art.training, art.source, art.privacy, art.cutoffs_note, art.model_card)  # fmt: skip
@@ -269,13 +269,13 @@ def save_run_models(folder: Path, model: ModelArtefact) -> None:
     import torch
 
     from tace.common.clinical import FEATURES
-    from tace.common.models import StudyModels, radiomics_dim
+    from tace.common.models import StudyModels, fusion_form, radiomics_dim
     from tace.common.radiomics import model_feature_names
     from tace.common.serialize import write_json
 
     write_model(folder / FILENAME, model)
     in_channels, shape = len(model.preprocess.sequences), model.preprocess.shape
-    models = StudyModels.build(model.backbone, in_channels, len(FEATURES))
+    models = StudyModels.build(model.backbone, in_channels, len(FEATURES), fusion_head=fusion_form(model.arrays["head"]))
     models.load(model.arrays)
     for name in STAGES:
         torch.save(models.module(name).state_dict(), folder / f"{name}.pt")

@@ -69,6 +69,7 @@ class RunConfig:
     radiomics_lr: float = 2e-2
     radiomics_weight_decay: float = 0.1
     head_weight_decay: float = 0.01
+    fusion_head: str = "auto"  # DLTRMLP's head: "mlp", "linear", or "auto" (linear under differential privacy)
     spacing_mm: str = "2,2,3"
     box_voxels: str = "48,48,32"
     sequences: str = "arterial,portal_venous,delayed"
@@ -144,6 +145,9 @@ class RunConfig:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         self._check_privacy()
+        if self.fusion_head not in ("auto", "mlp", "linear"):
+            raise ConfigError(f"fusion-head must be 'auto', 'mlp' or 'linear', not {self.fusion_head!r}",
+                              "'auto' (the default) trains the MLP head, or the linear head under differential privacy")  # fmt: skip
         if self.finetune not in FINETUNE_MODES:
             raise ConfigError(f"finetune must be one of {', '.join(repr(m) for m in FINETUNE_MODES)}, not {self.finetune!r}",
                               "'' (off), 'head' (the fusion head) or 'last-stage' (the head and the backbone's last stage)")  # fmt: skip
@@ -188,6 +192,14 @@ class RunConfig:
     def sample_dp(self) -> bool:
         """Sample-level (per-patient) DP-SGD at every site."""
         return self.dp and self.dp_mode == "sample"
+
+    @property
+    def head_form(self) -> str:
+        """The form of DLTRMLP's head this run trains (`tace.common.models.FUSION_HEADS`): `fusion_head`, where "auto"
+        is the linear head under differential privacy (few weights under DP-SGD's noise) and the MLP otherwise."""
+        if self.fusion_head == "auto":
+            return "linear" if self.dp else "mlp"
+        return self.fusion_head
 
     @property
     def holdout(self) -> tuple[str, ...]:

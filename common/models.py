@@ -1,4 +1,5 @@
-"""The study's models: DLTR (3D CNN backbones), the DLTRMLP fusion head, and the clinical model.
+"""The study's models: DLTR (3D CNN backbones), the DLTRMLP fusion head (an MLP, or a linear head under noise), and
+the clinical and radiomics models.
 
 Every model uses GroupNorm (never BatchNorm: FedAvg averages BatchNorm statistics badly and Opacus cannot train
 it) and non-in-place activations and residual additions, so differential privacy can wrap the same modules.
@@ -165,6 +166,48 @@ class FusionHead(nn.Module):
         return self.mlp(torch.cat(parts, dim=1)).squeeze(-1)
 
 
+class LinearFusionHead(nn.Module):
+    """DLTRMLP's head for training under noise (differential privacy): a logistic regression on [DLTR's own logit,
+    standardised clinical factors, standardised radiomics features] -> logit (B,).
+
+    DLTR's logit comes from `dltr_head`, a frozen copy of DLTR's trained output layer (`start_from_dltr`), so the
+    head trains 1 + clinical + radiomics weights instead of the MLP's thousands: DP-SGD's noise is the same per
+    weight, and a model with few weights keeps what the clinical and radiomics models learn under it. The weights
+    start at zero and drawing them uses no random numbers.
+    """
+
+    def __init__(self, feature_dim: int, clinical_dim: int, radiomics_dim: int = 0) -> None:
+        super().__init__()
+        self.radiomics_dim = radiomics_dim
+        self.dltr_head = nn.utils.skip_init(nn.Linear, feature_dim, 1)
+        self.score = nn.utils.skip_init(nn.Linear, 1 + clinical_dim + radiomics_dim, 1)
+        for p in self.parameters():
+            nn.init.zeros_(p)
+        self.dltr_head.requires_grad_(False)
+
+    def forward(self, features: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> torch.Tensor:
+        if radiomics is None:
+            radiomics = clinical.new_zeros(len(clinical), self.radiomics_dim)
+        return self.score(torch.cat([self.dltr_head(features), clinical, radiomics], dim=1)).squeeze(-1)
+
+
+#: The forms of DLTRMLP's head (run-config ``fusion-head``; "auto" picks "linear" under differential privacy).
+FUSION_HEADS = ("mlp", "linear")
+
+
+def fusion_form(head: Arrays) -> str:
+    """The form of a DLTRMLP head's weights `head` (`FUSION_HEADS`): their names tell it."""
+    return "linear" if "score.weight" in head else "mlp"
+
+
+def start_from_dltr(head: Arrays, dltr: Arrays) -> Arrays:
+    """The head stage's starting weights `head` with, for the linear head, DLTR's trained output layer `dltr` as its
+    DLTR logit (the MLP head reads the deep features themselves: unchanged)."""
+    if "dltr_head.weight" not in head:
+        return head
+    return {**head, "dltr_head.weight": np.array(dltr["head.weight"]), "dltr_head.bias": np.array(dltr["head.bias"])}
+
+
 class ClinicalModel(nn.Module):
     """Logistic regression on standardised tabular inputs (the clinical factors; the radiomics model is one too):
     logit (B,)."""
@@ -199,16 +242,23 @@ class StudyModels:
     features), the clinical model, and the radiomics model (logistic regression on the radiomics features)."""
 
     dltr: DLTR
-    head: FusionHead
+    head: FusionHead | LinearFusionHead
     clinical: ClinicalModel
     radiomics: ClinicalModel
 
     @classmethod
-    def build(cls, backbone: str, in_channels: int, clinical_dim: int, seed: int = 0) -> StudyModels:
+    def build(cls, backbone: str, in_channels: int, clinical_dim: int, seed: int = 0, fusion_head: str = "mlp") -> StudyModels:
+        """The models for `backbone`, with DLTRMLP's head in the form `fusion_head` (`FUSION_HEADS`)."""
+        if fusion_head not in FUSION_HEADS:
+            raise ValueError(f"unknown fusion head {fusion_head!r}; valid: {', '.join(FUSION_HEADS)}")
         torch.manual_seed(seed)
         dltr = DLTR(backbone, in_channels=in_channels)
         n_radiomics = radiomics_dim(in_channels)
-        return cls(dltr, FusionHead(dltr.feature_dim, clinical_dim, n_radiomics), ClinicalModel(clinical_dim), ClinicalModel(n_radiomics))
+        # The MLP head is drawn in both forms, so the models after it start from the same weights (paired comparisons).
+        head: FusionHead | LinearFusionHead = FusionHead(dltr.feature_dim, clinical_dim, n_radiomics)
+        if fusion_head == "linear":
+            head = LinearFusionHead(dltr.feature_dim, clinical_dim, n_radiomics)
+        return cls(dltr, head, ClinicalModel(clinical_dim), ClinicalModel(n_radiomics))
 
     def module(self, stage: str) -> nn.Module:
         """The model a stage trains (`tace.common.protocol.STAGES`)."""
@@ -224,7 +274,7 @@ class StudyModels:
             load_numpy(self.module(stage), values)
 
 
-def model_signature(backbones: tuple[str, ...], in_channels: int, clinical_dim: int) -> str:
+def model_signature(backbones: tuple[str, ...], in_channels: int, clinical_dim: int, fusion_head: str = "mlp") -> str:
     """A short digest of the three models' parameter names, shapes and types for the given backbones.
 
     Coordinator and sites compare it before training: a site whose TACE-FL builds different models (another
@@ -234,7 +284,7 @@ def model_signature(backbones: tuple[str, ...], in_channels: int, clinical_dim: 
 
     digest = hashlib.sha256()
     for backbone in backbones:
-        for stage, values in StudyModels.build(backbone, in_channels, clinical_dim).arrays().items():
+        for stage, values in StudyModels.build(backbone, in_channels, clinical_dim, fusion_head=fusion_head).arrays().items():
             for k, v in sorted(values.items()):
                 digest.update(f"{backbone}|{stage}.{k}|{tuple(v.shape)}|{v.dtype}\n".encode())
     return digest.hexdigest()[:16]

@@ -38,7 +38,7 @@ def initial_arrays(run: RunConfig, backbone: str | None = None) -> dict[str, Arr
     from tace.common.models import StudyModels
 
     name = backbone or run.backbone
-    models = StudyModels.build(name, len(run.preprocess.sequences), len(FEATURES), seed=run.seed)
+    models = StudyModels.build(name, len(run.preprocess.sequences), len(FEATURES), seed=run.seed, fusion_head=run.head_form)
     if run.backbone_weights and name == run.backbone:
         digest = load_backbone_weights(models.dltr, Path(run.backbone_weights), name)
         log.info("DLTR (%s) starts from %s (sha256 %s)", name, run.backbone_weights, digest)

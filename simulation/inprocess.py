@@ -78,7 +78,7 @@ class InProcessFederation:
         return [SiteStatistics(self.tasks[s].clinical_stats(), self.tasks[s].radiomics_stats()) for g in self.groups for s in g]
 
     def _models(self, arrays: dict[str, Arrays], backbone: str) -> StudyModels:
-        models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES))
+        models = StudyModels.build(backbone, len(self.run.preprocess.sequences), len(FEATURES), fusion_head=self.run.head_form)
         models.load(arrays)
         return models
 

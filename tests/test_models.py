@@ -11,7 +11,9 @@ from torch import nn
 from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
 from tace.common.manifest import parse_manifest
 from tace.common.metrics import auc_from_histograms, score_histograms
-from tace.common.models import BACKBONES, DLTR, ClinicalModel, FusionHead, StudyModels
+from tace.common.config import RunConfig
+from tace.common.errors import ConfigError
+from tace.common.models import BACKBONES, DLTR, ClinicalModel, FusionHead, LinearFusionHead, StudyModels, fusion_form, model_signature, start_from_dltr
 
 
 @pytest.mark.parametrize(
@@ -64,6 +66,50 @@ def test_study_models_round_trip():
     for stage in ("dltr", "head", "clinical"):
         for k, v in a.arrays()[stage].items():
             np.testing.assert_array_equal(v, b.arrays()[stage][k])
+
+
+def test_linear_fusion_head_is_a_logistic_model_on_dltr_logit_clinical_and_radiomics():
+    """The linear head: DLTR's own logit (its output layer, copied in at the head stage's start and frozen) beside
+    the clinical and radiomics inputs, one weight each; the models built after it start as with the MLP head."""
+    mlp, linear = (StudyModels.build("small", 3, len(FEATURES), seed=4, fusion_head=f) for f in ("mlp", "linear"))
+    assert isinstance(mlp.head, FusionHead) and isinstance(linear.head, LinearFusionHead)
+    for stage in ("dltr", "clinical", "radiomics"):  # paired: only the head differs
+        for k, v in mlp.arrays()[stage].items():
+            np.testing.assert_array_equal(v, linear.arrays()[stage][k])
+    head_arrays = linear.arrays()["head"]
+    assert fusion_form(head_arrays) == "linear" and fusion_form(mlp.arrays()["head"]) == "mlp"
+    assert all(not v.any() for v in head_arrays.values())  # starts at zero: no random numbers drawn
+    n_radiomics = linear.head.radiomics_dim
+    trainable = sum(p.numel() for p in linear.head.parameters() if p.requires_grad)
+    assert trainable == 1 + len(FEATURES) + n_radiomics + 1  # a weight per input and the intercept
+    assert trainable < sum(p.numel() for p in mlp.head.parameters()) / 50
+    # at the head stage's start the linear head reads DLTR's trained output layer; the MLP head is left as it is
+    started = start_from_dltr(head_arrays, linear.arrays()["dltr"])
+    mlp_head = mlp.arrays()["head"]
+    assert start_from_dltr(mlp_head, mlp.arrays()["dltr"]) is mlp_head
+    linear.head.load_state_dict({k: torch.from_numpy(v) for k, v in started.items()})
+    weights = torch.zeros(1, 1 + len(FEATURES) + n_radiomics)
+    weights[0, 0], weights[0, 2] = 2.0, -1.0
+    linear.head.score.weight.data.copy_(weights)
+    linear.head.score.bias.data.fill_(0.5)
+    linear.dltr.eval()
+    x, clinical, radiomics = torch.randn(4, 3, 16, 24, 24), torch.randn(4, len(FEATURES)), torch.randn(4, n_radiomics)
+    with torch.no_grad():
+        got = linear.head(linear.dltr.features(x), clinical, radiomics)
+        want = 2.0 * linear.dltr(x) - clinical[:, 1] + 0.5
+    torch.testing.assert_close(got, want)
+    assert not linear.head.dltr_head.weight.requires_grad
+    # the forms' signatures differ, so a site built for the other form is told before any weights move
+    assert model_signature(("small",), 3, len(FEATURES), "linear") != model_signature(("small",), 3, len(FEATURES), "mlp")
+
+
+def test_fusion_head_setting():
+    assert RunConfig().head_form == "mlp" and RunConfig(dp=True).head_form == "linear"
+    assert RunConfig(dp=True, fusion_head="mlp").head_form == "mlp" and RunConfig(fusion_head="linear").head_form == "linear"
+    with pytest.raises(ConfigError, match="fusion-head must be"):
+        RunConfig(fusion_head="deep")
+    with pytest.raises(ValueError, match="unknown fusion head"):
+        StudyModels.build("small", 3, len(FEATURES), fusion_head="deep")
 
 
 def test_clinical_stats_merge_equals_pooled(tiny_cohort):
