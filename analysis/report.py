@@ -31,7 +31,7 @@ from tace.common.protocol import DISPLAY_ORDER
 STAGES = {"dltr": "DLTR backbone", "head": "DLTRMLP fusion head", "clinical": "clinical model"}
 #: Run-config keys shown in the training section (the rest are listed in full in the appendix).
 KEY_SETTINGS = ("layout", "holdout-sites", "backbone", "strategy", "rounds", "local-epochs", "lr", "lr-schedule", "batch-size",
-                "head-rounds", "clinical-rounds", "spacing-mm", "box-voxels", "sequences", "intensity-reference", "augment", "dp", "seed")  # fmt: skip
+                "head-rounds", "fusion-head", "clinical-rounds", "spacing-mm", "box-voxels", "sequences", "intensity-reference", "augment", "dp", "seed")  # fmt: skip
 DP_MODES = {"sample": "sample-level DP-SGD at every site (Opacus)", "client-fixed": "client-level DP, fixed clipping (Flower)",
             "client-adaptive": "client-level DP, adaptive clipping (Flower)"}  # fmt: skip
 
@@ -185,10 +185,17 @@ class Report:
         return {
             "mode": self.config_file.get("mode", "n/a"),
             "seed": self.config.get("seed", "n/a"),
-            "settings": [(k, self.config[k]) for k in KEY_SETTINGS if k in self.config],
+            "settings": [(k, self._setting(k)) for k in KEY_SETTINGS if k in self.config],
             "stages": stages,
             "curves": curves,
         }
+
+    def _setting(self, key: str) -> Any:
+        """A run-config value for the settings table; "auto" for the fusion head says which head the run trained."""
+        value = self.config[key]
+        if key == "fusion-head" and value == "auto":
+            return f"auto: {'linear' if self.config.get('dp') else 'mlp'}"
+        return value
 
     def comparison(self) -> dict[str, Any] | None:
         v = self.analysis.get("validation")

@@ -270,14 +270,15 @@ def participation(run: Path) -> tuple[set[tuple[str, str, int]], set[tuple[str, 
 
 def replay(cohort: Path, drill_run: Path, out: Path) -> Path:
     """The drill's study, run in this process with each site taking part exactly where it did in the drill."""
+    from functools import partial
+
     from flwr.app import Context, Error, Message, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
     from flwr.supercore.task_identity import TaskIdentity
 
     from tace.client import app as client_app
-    from tace.common.clinical import FEATURES
     from tace.common.config import RunConfig
-    from tace.common.models import StudyModels
+    from tace.common.pretrained import initial_arrays
     from tace.common.protocol import CONFIG, SITE, STAGES
     from tace.server.federation import FlowerFederation
     from tace.server.rundir import RunDir
@@ -344,7 +345,7 @@ def replay(cohort: Path, drill_run: Path, out: Path) -> Path:
     rundir = RunDir(out, run.to_run_config(), "federated")
     federation.on_event = rundir.record_event
     try:
-        run_layouts(federation, run, rundir, lambda b: StudyModels.build(b or run.backbone, 3, len(FEATURES), seed=run.seed).arrays(),
+        run_layouts(federation, run, rundir, partial(initial_arrays, run),
                     "federated")  # fmt: skip
     finally:
         rundir.close()

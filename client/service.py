@@ -80,7 +80,9 @@ class SiteService:
         except ManifestError as exc:
             log.error("%s", exc)  # the full list, with files, stays in the site's own log
             return InfoReply(self.site.site_id, Failure(Reason.DATA_PROBLEMS, problem_digest(exc)))
-        signature = model_signature(request.backbones or (self.run.backbone,), len(self.run.preprocess.sequences), len(FEATURES), self.run.head_form)
+        signature = model_signature(
+            request.backbones or (self.run.backbone,), len(self.run.preprocess.sequences), len(FEATURES), self.run.head_form
+        )
         failure = compatibility(request, signature) or self.policy.join_refusal()
         if failure is not None:
             # The site's operator reads this in the client log; `tace-client start` ends on the codes no restart fixes.

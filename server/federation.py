@@ -144,7 +144,9 @@ class FlowerFederation:
         self.on_refused = on_refused
         self.ledger = ledger
         self.aggregator = Aggregator(run, ledger)
-        self.signature = model_signature(run.backbone_candidates or (run.backbone,), len(run.preprocess.sequences), len(FEATURES), run.head_form)
+        self.signature = model_signature(
+            run.backbone_candidates or (run.backbone,), len(run.preprocess.sequences), len(FEATURES), run.head_form
+        )
         self.nodes: dict[int, str] = {}
         self.info: dict[str, InfoReply] = {}
         self.roles: dict[str, str] = {}

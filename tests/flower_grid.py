@@ -138,10 +138,10 @@ class FaultyGrid(InProcessGrid):
 
 def study(grid: InProcessGrid, run: RunConfig) -> dict:
     """The ServerApp's study (as `tace.server.app.main` runs it, privacy ledger included) on an in-process grid."""
+    from functools import partial
     from pathlib import Path
 
-    from tace.common.clinical import FEATURES
-    from tace.common.models import StudyModels
+    from tace.common.pretrained import initial_arrays
     from tace.server.federation import FlowerFederation
     from tace.server.privacy import PrivacyLedger
     from tace.server.rundir import RunDir
@@ -154,7 +154,7 @@ def study(grid: InProcessGrid, run: RunConfig) -> dict:
     rundir = RunDir(out, run.to_run_config(), "federated")
     federation.on_event = rundir.record_event
     try:
-        return run_layouts(federation, run, rundir, lambda b: StudyModels.build(b or run.backbone, 3, len(FEATURES), seed=run.seed).arrays(),
+        return run_layouts(federation, run, rundir, partial(initial_arrays, run),
                            "federated")  # fmt: skip
     finally:
         rundir.close()

@@ -9,11 +9,21 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from tace.common.clinical import FEATURES, ClinicalEncoder, ClinicalStats
-from tace.common.manifest import parse_manifest
-from tace.common.metrics import auc_from_histograms, score_histograms
 from tace.common.config import RunConfig
 from tace.common.errors import ConfigError
-from tace.common.models import BACKBONES, DLTR, ClinicalModel, FusionHead, LinearFusionHead, StudyModels, fusion_form, model_signature, start_from_dltr
+from tace.common.manifest import parse_manifest
+from tace.common.metrics import auc_from_histograms, score_histograms
+from tace.common.models import (
+    BACKBONES,
+    DLTR,
+    ClinicalModel,
+    FusionHead,
+    LinearFusionHead,
+    StudyModels,
+    fusion_form,
+    model_signature,
+    start_from_dltr,
+)
 
 
 @pytest.mark.parametrize(

@@ -269,6 +269,31 @@ def test_trained_models_load_from_file_or_run_folder(finished):
         TrainedModels.load(finished[0] / "sites")
 
 
+def test_a_model_with_the_linear_head_round_trips_through_its_files(finished, tmp_path):
+    """A run trained under DP ships the linear fusion head: its model file, state dicts and portable programs read
+    back as that form, with the same DLTRMLP outputs."""
+    from tace.common.artifact import save_run_models
+    from tace.common.clinical import FEATURES
+    from tace.common.models import LinearFusionHead, StudyModels, start_from_dltr
+
+    art = read_model(finished[0])
+    linear = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES), fusion_head="linear").arrays()["head"]
+    linear = start_from_dltr(linear, art.arrays["dltr"])
+    linear["score.weight"] = np.linspace(-1, 1, linear["score.weight"].size, dtype=np.float32).reshape(linear["score.weight"].shape)
+    save_run_models(tmp_path / "models", replace(art, arrays={**art.arrays, "head": linear}))
+    loaded = TrainedModels.load(tmp_path / "models" / "tace-model.zip")
+    assert isinstance(loaded.models.head, LinearFusionHead)
+    assert np.array_equal(loaded.models.head.score.weight.detach().numpy(), linear["score.weight"])
+    program = torch.export.load(tmp_path / "models" / "dltrmlp.pt2").module()
+    image = torch.randn(2, *art.preprocess.shape)
+    clinical, radiomics = torch.randn(2, len(FEATURES)), torch.randn(2, loaded.models.head.radiomics_dim)
+    models = loaded.models
+    models.dltr.eval()
+    with torch.no_grad():
+        want = torch.sigmoid(models.head(models.dltr.features(image), clinical, radiomics))
+        torch.testing.assert_close(program(image, clinical, radiomics), want)
+
+
 @pytest.mark.gpu
 def test_prediction_on_the_gpu_matches_the_cpu(finished, tiny_cohort, tmp_path):
     from tace.client.predict import PredictOptions, predict

@@ -201,9 +201,21 @@ def test_dp_weights_keep_their_names_and_differ_from_a_non_dp_run(dp_run):
     ]
     assert train_metrics and all("train-loss" not in m and "samples-per-s" not in m and "dp-epsilon" in m for m in train_metrics)
     a, b = final_weights(run_dir), final_weights(plain_dir)
-    assert list(a) == list(b)
+    assert [k for k in a if not k.startswith("head.")] == [k for k in b if not k.startswith("head.")]
     assert all(not k.split(".", 1)[1].startswith("_module") for k in a)
-    assert any(not np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k in b)
+    # Under DP the fusion head is the linear one (fusion-head "auto"): DLTR's own logit, read through a frozen copy
+    # of the DP-trained DLTR's output layer, beside the clinical and radiomics inputs; without DP, the MLP.
+    assert {k for k in a if k.startswith("head.")} == {
+        "head.dltr_head.weight",
+        "head.dltr_head.bias",
+        "head.score.weight",
+        "head.score.bias",
+    }
+    assert any(k.startswith("head.mlp.") for k in b)
+    for k in ("weight", "bias"):  # unchanged by training; FedAvg's weighted mean of equal values moves them by rounding only
+        np.testing.assert_allclose(a[f"head.dltr_head.{k}"], a[f"dltr.head.{k}"], rtol=1e-5, atol=1e-7)
+    assert np.abs(a["head.score.weight"]).sum() > 0  # trained from its zero start
     # No clinical statistics left the sites: the encoder is the reference one, and no 'stats' query was sent.
     assert not [m for m in grid.sent if m.metadata.message_type == "query" and m.content.config_records["config"]["query"] == "stats"]
     sharing = json.loads((run_dir / "data_sharing.json").read_text())
@@ -215,6 +227,7 @@ def test_the_report_shows_the_ledger(dp_run, tmp_path, capsys):
     text = render_report(dp_run[0], tmp_path)
     assert "Differential-privacy ledger" in text and "sample-level DP-SGD" in text
     assert 'alt="privacy-epsilon"' in text and (tmp_path / "report-run" / "figures" / "privacy-epsilon.png").stat().st_size > 5000
+    assert "auto: linear" in text  # the settings table says which fusion head the run trained
 
 
 def test_accountant_survives_a_coordinator_crash_and_resume(tiny_cohort, tmp_path):
