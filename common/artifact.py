@@ -28,7 +28,7 @@ import numpy as np
 
 from tace.common.errors import TaceError
 from tace.common.preprocess import PIPELINE_VERSION, PreprocessConfig
-from tace.common.protocol import STAGES
+from tace.common.protocol import DIGEST_ORDER, STAGES
 
 if TYPE_CHECKING:
     from tace.common.config import RunConfig
@@ -84,7 +84,7 @@ class ModelArtefact:
 
 def _digest(arrays: dict[str, Arrays]) -> str:
     h = hashlib.sha256()
-    for stage in STAGES:
+    for stage in DIGEST_ORDER:
         for k in sorted(arrays[stage]):
             v = np.ascontiguousarray(arrays[stage][k])
             h.update(f"{stage}.{k}|{v.dtype}|{v.shape}".encode())

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tace.common.protocol import STAGES, Arrays
+from tace.common.protocol import DIGEST_ORDER, STAGES, Arrays
 
 BACKBONES = ("small", "resnet10", "resnet18", "densenet121")
 
@@ -167,32 +167,40 @@ class FusionHead(nn.Module):
 
 
 class LinearFusionHead(nn.Module):
-    """DLTRMLP's head for training under noise (differential privacy): a logistic regression on [DLTR's own logit,
-    standardised clinical factors, standardised radiomics features] -> logit (B,).
+    """DLTRMLP's head for training under noise (differential privacy): a logistic model on the logits of DLTR, the
+    clinical model and the radiomics model -> logit (B,).
 
-    DLTR's logit comes from `dltr_head`, a frozen copy of DLTR's trained output layer (`start_from_dltr`), so the
-    head trains 1 + clinical + radiomics weights instead of the MLP's thousands: DP-SGD's noise is the same per
-    weight, and a model with few weights keeps what the clinical and radiomics models learn under it. The weights
-    start at zero and drawing them uses no random numbers.
+    The three logits come from frozen copies of the trained models' output layers (`start_fusion_head`), so the
+    head trains three weights and an intercept instead of the MLP's thousands: DP-SGD's noise is the same per
+    weight, and a model with four weights keeps what the three models learnt under it. The head stage therefore
+    trains after the clinical and radiomics stages. The weights start at zero and drawing them uses no random
+    numbers.
     """
 
     def __init__(self, feature_dim: int, clinical_dim: int, radiomics_dim: int = 0) -> None:
         super().__init__()
         self.radiomics_dim = radiomics_dim
         self.dltr_head = nn.utils.skip_init(nn.Linear, feature_dim, 1)
-        self.score = nn.utils.skip_init(nn.Linear, 1 + clinical_dim + radiomics_dim, 1)
+        self.clinical_head = nn.utils.skip_init(nn.Linear, clinical_dim, 1)
+        self.radiomics_head = nn.utils.skip_init(nn.Linear, radiomics_dim, 1)
+        self.score = nn.utils.skip_init(nn.Linear, 3, 1)
         for p in self.parameters():
             nn.init.zeros_(p)
-        self.dltr_head.requires_grad_(False)
+        for copy in (self.dltr_head, self.clinical_head, self.radiomics_head):
+            copy.requires_grad_(False)
 
     def forward(self, features: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> torch.Tensor:
         if radiomics is None:
             radiomics = clinical.new_zeros(len(clinical), self.radiomics_dim)
-        return self.score(torch.cat([self.dltr_head(features), clinical, radiomics], dim=1)).squeeze(-1)
+        logits = torch.cat([self.dltr_head(features), self.clinical_head(clinical), self.radiomics_head(radiomics)], dim=1)
+        return self.score(logits).squeeze(-1)
 
 
 #: The forms of DLTRMLP's head (run-config ``fusion-head``; "auto" picks "linear" under differential privacy).
 FUSION_HEADS = ("mlp", "linear")
+
+#: The linear head's frozen copies: its layer, the stage it copies, and that stage's output layer.
+_COPIES = (("dltr_head", "dltr", "head"), ("clinical_head", "clinical", "linear"), ("radiomics_head", "radiomics", "linear"))
 
 
 def fusion_form(head: Arrays) -> str:
@@ -200,12 +208,17 @@ def fusion_form(head: Arrays) -> str:
     return "linear" if "score.weight" in head else "mlp"
 
 
-def start_from_dltr(head: Arrays, dltr: Arrays) -> Arrays:
-    """The head stage's starting weights `head` with, for the linear head, DLTR's trained output layer `dltr` as its
-    DLTR logit (the MLP head reads the deep features themselves: unchanged)."""
-    if "dltr_head.weight" not in head:
+def start_fusion_head(arrays: dict[str, Arrays]) -> Arrays:
+    """The head stage's starting weights, from every stage's current `arrays`: for the linear head, its copies of
+    DLTR's, the clinical model's and the radiomics model's trained output layers; the MLP head as it is."""
+    head = arrays["head"]
+    if fusion_form(head) != "linear":
         return head
-    return {**head, "dltr_head.weight": np.array(dltr["head.weight"]), "dltr_head.bias": np.array(dltr["head.bias"])}
+    out = dict(head)
+    for layer, stage, source in _COPIES:
+        for k in ("weight", "bias"):
+            out[f"{layer}.{k}"] = np.array(arrays[stage][f"{source}.{k}"])
+    return out
 
 
 class ClinicalModel(nn.Module):
@@ -284,7 +297,8 @@ def model_signature(backbones: tuple[str, ...], in_channels: int, clinical_dim: 
 
     digest = hashlib.sha256()
     for backbone in backbones:
-        for stage, values in StudyModels.build(backbone, in_channels, clinical_dim, fusion_head=fusion_head).arrays().items():
-            for k, v in sorted(values.items()):
+        arrays = StudyModels.build(backbone, in_channels, clinical_dim, fusion_head=fusion_head).arrays()
+        for stage in DIGEST_ORDER:
+            for k, v in sorted(arrays[stage].items()):
                 digest.update(f"{backbone}|{stage}.{k}|{tuple(v.shape)}|{v.dtype}\n".encode())
     return digest.hexdigest()[:16]

@@ -97,24 +97,12 @@ class Stage:
         return run.seed * 100_003 + server_round * 101 + self.seed_offset
 
 
-#: The study's stages: the DLTR backbone, then the fusion head on its frozen features, the clinical model and the
-#: radiomics model.
+#: The study's stages, in the order they train: the DLTR backbone, the clinical model, the radiomics model, then
+#: DLTRMLP's fusion head on DLTR's frozen features (last: the linear head reads the other models' logits).
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("dltr", "dltr", ("dltr",), "DLTR backbone", 1, "rounds", "lr", "local_epochs"),
-        Stage(
-            "head",
-            "dltrmlp",
-            ("dltr", "head"),
-            "DLTRMLP fusion head",
-            2,
-            "head_rounds",
-            "head_lr",
-            "head_local_epochs",
-            "head_weight_decay",
-            32,
-        ),
         Stage(
             "clinical",
             "clinical",
@@ -138,8 +126,25 @@ STAGES: dict[str, Stage] = {
             "radiomics_weight_decay",
             32,
         ),
+        Stage(
+            "head",
+            "dltrmlp",
+            ("dltr", "head"),
+            "DLTRMLP fusion head",
+            2,
+            "head_rounds",
+            "head_lr",
+            "head_local_epochs",
+            "head_weight_decay",
+            32,
+        ),
     )
 }
+
+
+#: The stages in the order digests and signatures read their weights (fixed, so that model files written before the
+#: training order changed still verify).
+DIGEST_ORDER = ("dltr", "head", "clinical", "radiomics")
 
 
 def model_arrays(models: tuple[str, ...] | list[str]) -> tuple[str, ...]:

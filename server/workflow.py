@@ -19,7 +19,7 @@ from typing import Any
 from tace.common.config import RunConfig
 from tace.common.encoders import Encoders
 from tace.common.errors import TaceError
-from tace.common.models import radiomics_dim, start_from_dltr
+from tace.common.models import radiomics_dim, start_fusion_head
 from tace.common.protocol import MODELS, STAGES, Arrays
 from tace.common.summaries import SiteSummary, fix_cutoffs
 from tace.server.messages import Evaluation, Federation, Finetune, SiteInfo, StudyResult
@@ -119,9 +119,10 @@ def run_study(
     t = time.perf_counter()
     chosen, arrays, comparison = choose_backbone(runner, run, initial, encoder)
     timings["dltr_s"] = time.perf_counter() - t
-    arrays["head"] = start_from_dltr(arrays["head"], arrays["dltr"])  # the linear head reads DLTR's own logit
     for stage in (s for s in STAGES if s != "dltr"):
         t = time.perf_counter()
+        if stage == "head":
+            arrays["head"] = start_fusion_head(arrays)  # the linear head reads the other models' logits
         arrays[stage], _ = runner.run_stage(stage, arrays, encoder, chosen)
         timings[f"{stage}_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -43,7 +43,7 @@ def final_weights(run_dir: Path) -> dict:
     import numpy as np
 
     out = {}
-    for stage in ("dltr", "head", "clinical"):
+    for stage in ("dltr", "head", "clinical", "radiomics"):
         with np.load(run_dir / "checkpoints" / stage / "best.npz") as z:
             out.update({f"{stage}.{k}": z[k] for k in z.files})
     return out

@@ -22,7 +22,7 @@ from tace.common.models import (
     StudyModels,
     fusion_form,
     model_signature,
-    start_from_dltr,
+    start_fusion_head,
 )
 
 
@@ -78,37 +78,33 @@ def test_study_models_round_trip():
             np.testing.assert_array_equal(v, b.arrays()[stage][k])
 
 
-def test_linear_fusion_head_is_a_logistic_model_on_dltr_logit_clinical_and_radiomics():
-    """The linear head: DLTR's own logit (its output layer, copied in at the head stage's start and frozen) beside
-    the clinical and radiomics inputs, one weight each; the models built after it start as with the MLP head."""
+def test_linear_fusion_head_is_a_logistic_model_on_the_three_models_logits():
+    """The linear head: the logits of DLTR, the clinical and the radiomics model (their output layers, copied in at
+    the head stage's start and frozen), one weight each and an intercept; the models built after it start as with
+    the MLP head."""
     mlp, linear = (StudyModels.build("small", 3, len(FEATURES), seed=4, fusion_head=f) for f in ("mlp", "linear"))
     assert isinstance(mlp.head, FusionHead) and isinstance(linear.head, LinearFusionHead)
     for stage in ("dltr", "clinical", "radiomics"):  # paired: only the head differs
         for k, v in mlp.arrays()[stage].items():
             np.testing.assert_array_equal(v, linear.arrays()[stage][k])
-    head_arrays = linear.arrays()["head"]
-    assert fusion_form(head_arrays) == "linear" and fusion_form(mlp.arrays()["head"]) == "mlp"
-    assert all(not v.any() for v in head_arrays.values())  # starts at zero: no random numbers drawn
-    n_radiomics = linear.head.radiomics_dim
-    trainable = sum(p.numel() for p in linear.head.parameters() if p.requires_grad)
-    assert trainable == 1 + len(FEATURES) + n_radiomics + 1  # a weight per input and the intercept
-    assert trainable < sum(p.numel() for p in mlp.head.parameters()) / 50
-    # at the head stage's start the linear head reads DLTR's trained output layer; the MLP head is left as it is
-    started = start_from_dltr(head_arrays, linear.arrays()["dltr"])
-    mlp_head = mlp.arrays()["head"]
-    assert start_from_dltr(mlp_head, mlp.arrays()["dltr"]) is mlp_head
+    assert fusion_form(linear.arrays()["head"]) == "linear" and fusion_form(mlp.arrays()["head"]) == "mlp"
+    assert all(not v.any() for v in linear.arrays()["head"].values())  # starts at zero: no random numbers drawn
+    assert sum(p.numel() for p in linear.head.parameters() if p.requires_grad) == 4
+    # at the head stage's start the linear head reads the trained models' output layers; the MLP head is left as it is
+    started = start_fusion_head(linear.arrays())
+    assert start_fusion_head(arrays := mlp.arrays()) is arrays["head"]
     linear.head.load_state_dict({k: torch.from_numpy(v) for k, v in started.items()})
-    weights = torch.zeros(1, 1 + len(FEATURES) + n_radiomics)
-    weights[0, 0], weights[0, 2] = 2.0, -1.0
-    linear.head.score.weight.data.copy_(weights)
-    linear.head.score.bias.data.fill_(0.5)
-    linear.dltr.eval()
+    linear.head.score.weight.data.copy_(torch.tensor([[2.0, -1.0, 0.5]]))
+    linear.head.score.bias.data.fill_(0.25)
+    for m in (linear.dltr, linear.head):
+        m.eval()
+    n_radiomics = linear.head.radiomics_dim
     x, clinical, radiomics = torch.randn(4, 3, 16, 24, 24), torch.randn(4, len(FEATURES)), torch.randn(4, n_radiomics)
     with torch.no_grad():
         got = linear.head(linear.dltr.features(x), clinical, radiomics)
-        want = 2.0 * linear.dltr(x) - clinical[:, 1] + 0.5
+        want = 2.0 * linear.dltr(x) - linear.clinical(clinical) + 0.5 * linear.radiomics(radiomics) + 0.25
     torch.testing.assert_close(got, want)
-    assert not linear.head.dltr_head.weight.requires_grad
+    assert not any(p.requires_grad for name, p in linear.head.named_parameters() if not name.startswith("score."))
     # the forms' signatures differ, so a site built for the other form is told before any weights move
     assert model_signature(("small",), 3, len(FEATURES), "linear") != model_signature(("small",), 3, len(FEATURES), "mlp")
 

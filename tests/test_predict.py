@@ -274,12 +274,12 @@ def test_a_model_with_the_linear_head_round_trips_through_its_files(finished, tm
     back as that form, with the same DLTRMLP outputs."""
     from tace.common.artifact import save_run_models
     from tace.common.clinical import FEATURES
-    from tace.common.models import LinearFusionHead, StudyModels, start_from_dltr
+    from tace.common.models import LinearFusionHead, StudyModels, start_fusion_head
 
     art = read_model(finished[0])
     linear = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES), fusion_head="linear").arrays()["head"]
-    linear = start_from_dltr(linear, art.arrays["dltr"])
-    linear["score.weight"] = np.linspace(-1, 1, linear["score.weight"].size, dtype=np.float32).reshape(linear["score.weight"].shape)
+    linear = start_fusion_head({**art.arrays, "head": linear})
+    linear["score.weight"] = np.array([[1.5, 0.5, -0.75]], dtype=np.float32)
     save_run_models(tmp_path / "models", replace(art, arrays={**art.arrays, "head": linear}))
     loaded = TrainedModels.load(tmp_path / "models" / "tace-model.zip")
     assert isinstance(loaded.models.head, LinearFusionHead)

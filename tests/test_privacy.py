@@ -171,7 +171,7 @@ def test_epsilon_covers_the_whole_run_and_matches_an_independent_accountant(dp_r
     assert led["mode"] == "sample" and led["unit"] == "patient"
     for site in ("site-a", "site-b", "site-c"):
         rows = [r for r in led["releases"] if r["site"] == site]
-        assert [(r["stage"], r["round"]) for r in rows] == [(s, k) for s in ("dltr", "head", "clinical", "radiomics") for k in (1, 2)]
+        assert [(r["stage"], r["round"]) for r in rows] == [(s, k) for s in ("dltr", "clinical", "radiomics", "head") for k in (1, 2)]
         eps = [r["epsilon"] for r in rows]
         assert all(b >= a for a, b in zip(eps, eps[1:], strict=False)), eps  # non-decreasing over rounds
         delta = rows[0]["delta"]
@@ -204,17 +204,14 @@ def test_dp_weights_keep_their_names_and_differ_from_a_non_dp_run(dp_run):
     assert [k for k in a if not k.startswith("head.")] == [k for k in b if not k.startswith("head.")]
     assert all(not k.split(".", 1)[1].startswith("_module") for k in a)
     assert any(not np.array_equal(a[k], b[k]) for k in a if k in b)
-    # Under DP the fusion head is the linear one (fusion-head "auto"): DLTR's own logit, read through a frozen copy
-    # of the DP-trained DLTR's output layer, beside the clinical and radiomics inputs; without DP, the MLP.
-    assert {k for k in a if k.startswith("head.")} == {
-        "head.dltr_head.weight",
-        "head.dltr_head.bias",
-        "head.score.weight",
-        "head.score.bias",
-    }
+    # Under DP the fusion head is the linear one (fusion-head "auto"): the logits of DLTR, the clinical and the
+    # radiomics model, read through frozen copies of their DP-trained output layers; without DP, the MLP.
+    copies = {"dltr_head": "dltr.head", "clinical_head": "clinical.linear", "radiomics_head": "radiomics.linear"}
+    assert {k for k in a if k.startswith("head.")} == {f"head.{c}.{p}" for c in (*copies, "score") for p in ("weight", "bias")}
     assert any(k.startswith("head.mlp.") for k in b)
-    for k in ("weight", "bias"):  # unchanged by training; FedAvg's weighted mean of equal values moves them by rounding only
-        np.testing.assert_allclose(a[f"head.dltr_head.{k}"], a[f"dltr.head.{k}"], rtol=1e-5, atol=1e-7)
+    for copy, source in copies.items():
+        for k in ("weight", "bias"):  # unchanged by training; FedAvg's weighted mean of equal values moves them by rounding only
+            np.testing.assert_allclose(a[f"head.{copy}.{k}"], a[f"{source}.{k}"], rtol=1e-5, atol=1e-7)
     assert np.abs(a["head.score.weight"]).sum() > 0  # trained from its zero start
     # No clinical statistics left the sites: the encoder is the reference one, and no 'stats' query was sent.
     assert not [m for m in grid.sent if m.metadata.message_type == "query" and m.content.config_records["config"]["query"] == "stats"]
@@ -262,7 +259,7 @@ def test_a_site_out_of_budget_declines_and_the_run_continues(tiny_cohort, tmp_pa
     summary = study(grid, run)
     assert summary["models"]["dltrmlp"]["sites"]["site-b"]["n"] > 0  # evaluated at the end
     declined = [(e["stage"], e["round"]) for e in events(tmp_path / "r") if e["event"] == "declined" and e["site"] == "site-b"]
-    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2)]
+    assert declined == [("dltr", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2), ("head", 1), ("head", 2)]
     assert all("budget" in e["detail"] for e in events(tmp_path / "r") if e["event"] == "declined")
     led = ledger(tmp_path / "r")
     assert led["sites"]["site-b"]["epsilon"] == pytest.approx(ONE_ROUND) and ONE_ROUND <= BETWEEN
@@ -278,7 +275,7 @@ def test_under_secure_aggregation_a_declining_site_still_validates(tiny_cohort, 
     run = config(tiny_cohort, tmp_path / "r", f"dp=true dp-noise-multiplier=1.0 dp-delta={DELTA} dp-target-epsilon=100 secagg=true")
     study(InProcessGrid(run, SITES, node_config={1: {"max-epsilon": BETWEEN}}), run)
     declined = [(e["stage"], e["round"]) for e in events(tmp_path / "r") if e["event"] == "declined" and e["site"] == "site-b"]
-    assert declined == [("dltr", 2), ("head", 1), ("head", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2)]
+    assert declined == [("dltr", 2), ("clinical", 1), ("clinical", 2), ("radiomics", 1), ("radiomics", 2), ("head", 1), ("head", 2)]
     assert len(ledger(tmp_path / "r")["sites"]["site-b"]["declined"]) == 7
     rows = {(r["stage"], r["round"], r["site"]): r for r in metric_rows(tmp_path / "r")}
     assert rows[("dltr", "1", "site-b")]["n_eval"]  # its validation of round 1 rode on the round it declined

@@ -13,6 +13,7 @@ from tace.client.policy import SitePolicy
 from tace.common.config import RunConfig, SiteConfig
 from tace.common.errors import TaceError
 from tace.common.protocol import (
+    DIGEST_ORDER,
     MODELS,
     QUERIES,
     STAGES,
@@ -36,25 +37,17 @@ from tace.common.protocol import (
 
 def test_the_stage_table_names_real_run_settings_and_models():
     run = RunConfig(rounds=3, head_rounds=4, clinical_rounds=5, radiomics_rounds=6, local_epochs=2, batch_size=6)
-    assert list(STAGES) == ["dltr", "head", "clinical", "radiomics"]
-    assert [s.rounds(run) for s in STAGES.values()] == [3, 4, 5, 6]
-    assert [s.base_lr(run) for s in STAGES.values()] == [run.lr, run.head_lr, run.clinical_lr, run.radiomics_lr]
-    assert [s.local_epochs(run) for s in STAGES.values()] == [
-        2,
-        run.head_local_epochs,
-        run.clinical_local_epochs,
-        run.radiomics_local_epochs,
-    ]
-    assert [s.weight_decay(run) for s in STAGES.values()] == [
-        run.weight_decay,
-        run.head_weight_decay,
-        run.weight_decay,
-        run.radiomics_weight_decay,
-    ]
+    assert list(STAGES) == ["dltr", "clinical", "radiomics", "head"]  # the order they train: the head reads the others
+    stages = [STAGES[name] for name in ("dltr", "head", "clinical", "radiomics")]
+    assert [s.rounds(run) for s in stages] == [3, 4, 5, 6]
+    assert [s.base_lr(run) for s in stages] == [run.lr, run.head_lr, run.clinical_lr, run.radiomics_lr]
+    assert [s.local_epochs(run) for s in stages] == [2, run.head_local_epochs, run.clinical_local_epochs, run.radiomics_local_epochs]
+    assert [s.weight_decay(run) for s in stages] == [run.weight_decay, run.head_weight_decay, run.weight_decay, run.radiomics_weight_decay]
     assert [s.local_batch_size(run) for s in STAGES.values()] == [6, 32, 32, 32]
     assert {s.model for s in STAGES.values()} == set(MODELS)
     assert len({s.round_seed(run, 1) for s in STAGES.values()}) == 4  # stages never share a random stream
     assert model_arrays(("dltrmlp",)) == ("dltr", "head") and model_arrays(MODELS) == tuple(STAGES)
+    assert sorted(DIGEST_ORDER) == sorted(STAGES)  # model files' digests read every stage
     with pytest.raises(ValueError, match="unknown model"):
         model_arrays(("nope",))
 
