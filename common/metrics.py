@@ -27,6 +27,19 @@ def score_histograms(
     return [int(v) for v in neg], [int(v) for v in pos]
 
 
+def logit_moments(negatives: Sequence[int] | np.ndarray, positives: Sequence[int] | np.ndarray) -> tuple[float, float] | None:
+    """Mean and standard deviation of the logit of the scores that histograms over [0, 1] summarise (each patient
+    at its bin's centre; a merged cell's patients at its lowest bin); None for fewer than two patients."""
+    counts = np.asarray(negatives, dtype=float) + np.asarray(positives, dtype=float)
+    n = float(counts.sum())
+    if n < 2:
+        return None
+    centres = (np.arange(len(counts)) + 0.5) / len(counts)
+    z = np.log(centres / (1.0 - centres))
+    mean = float((counts * z).sum() / n)
+    return mean, float(np.sqrt((counts * (z - mean) ** 2).sum() / (n - 1)))
+
+
 def merge_small_cells(negatives: Sequence[int], positives: Sequence[int], min_count: int) -> tuple[list[int], list[int]]:
     """Merge adjacent bins until every non-empty cell holds at least `min_count` patients (both classes together).
 

@@ -7,7 +7,7 @@ it) and non-in-place activations and residual additions, so differential privacy
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -188,12 +188,15 @@ class LinearFusionHead(nn.Module):
             nn.init.zeros_(p)
         for copy in (self.dltr_head, self.clinical_head, self.radiomics_head):
             copy.requires_grad_(False)
+        # The three logits' means (row 0) and spreads (row 1), set at the head stage's start (`start_fusion_head`).
+        self.register_buffer("logit_scale", torch.stack([torch.zeros(3), torch.ones(3)]))
 
     def forward(self, features: torch.Tensor, clinical: torch.Tensor, radiomics: torch.Tensor | None = None) -> torch.Tensor:
         if radiomics is None:
             radiomics = clinical.new_zeros(len(clinical), self.radiomics_dim)
         logits = torch.cat([self.dltr_head(features), self.clinical_head(clinical), self.radiomics_head(radiomics)], dim=1)
-        return self.score(logits).squeeze(-1)
+        scale = cast(torch.Tensor, self.logit_scale)
+        return self.score((logits - scale[0]) / scale[1]).squeeze(-1)
 
 
 #: The forms of DLTRMLP's head (run-config ``fusion-head``; "auto" picks "linear" under differential privacy).
@@ -208,16 +211,31 @@ def fusion_form(head: Arrays) -> str:
     return "linear" if "score.weight" in head else "mlp"
 
 
-def start_fusion_head(arrays: dict[str, Arrays]) -> Arrays:
+def start_fusion_head(arrays: dict[str, Arrays], logits: Mapping[str, Sequence[float]] | None = None) -> Arrays:
     """The head stage's starting weights, from every stage's current `arrays`: for the linear head, its copies of
-    DLTR's, the clinical model's and the radiomics model's trained output layers; the MLP head as it is."""
+    DLTR's, the clinical model's and the radiomics model's trained output layers; the MLP head as it is.
+
+    `logits` gives, per stage, the mean and standard deviation of its model's logit on the pooled internal-validation
+    sets; the head then reads each logit centred and on unit scale, so that its three weights start alike (the
+    clinical model's logit spreads some five times as wide as the radiomics model's, and under DP-SGD's noise the
+    head otherwise leans on the widest). A stage without them (or with a spread of 0) is read as it is. The scale
+    is kept beside the copies (`LinearFusionHead.logit_scale`), not folded into them: weights of 1/spread would not
+    fit secure aggregation's range.
+    """
     head = arrays["head"]
     if fusion_form(head) != "linear":
         return head
     out = dict(head)
-    for layer, stage, source in _COPIES:
-        for k in ("weight", "bias"):
-            out[f"{layer}.{k}"] = np.array(arrays[stage][f"{source}.{k}"])
+    scale = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]], dtype=np.float32)
+    for i, (layer, stage, source) in enumerate(_COPIES):
+        out[f"{layer}.weight"], out[f"{layer}.bias"] = (
+            np.array(arrays[stage][f"{source}.weight"]),
+            np.array(arrays[stage][f"{source}.bias"]),
+        )
+        moments = tuple((logits or {}).get(stage, ()))
+        if len(moments) == 2 and moments[1] > 1e-6:
+            scale[:, i] = moments
+    out["logit_scale"] = scale
     return out
 
 

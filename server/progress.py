@@ -32,6 +32,9 @@ class StageProgress:
     best_auc: float = -1.0
     since_best: int = 0
     done: bool = False
+    #: Mean and standard deviation of the model's logit over the pooled internal-validation sets at the best round
+    #: (from the score histograms the sites sent; empty when unknown): the linear fusion head's scale.
+    best_logit: list[float] = field(default_factory=list)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import numpy as np
 from tace.common.config import RunConfig
 from tace.common.encoders import Encoders
 from tace.common.errors import TaceError
-from tace.common.metrics import auc_from_histograms
+from tace.common.metrics import auc_from_histograms, logit_moments
 from tace.common.protocol import STAGES, Arrays
 from tace.server.messages import Evaluation, Federation, SiteUpdate, TrainRound
 from tace.server.progress import Progress, StageProgress, load_arrays
@@ -33,8 +33,10 @@ log = logging.getLogger("tace.server")
 OnRound = Callable[[str, int, int, "float | None", dict[str, str]], None]
 
 
-def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train") -> float | None:
-    """AUC over the evaluation sets of all sites of `role`, from their summed score histograms."""
+def pooled_histograms(
+    evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train"
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The summed score histograms ``(negatives, positives)`` of the evaluation sets of all sites of `role`."""
     neg: np.ndarray | None = None
     pos: np.ndarray | None = None
     for site, res in evaluation.items():
@@ -42,7 +44,13 @@ def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], mod
             continue
         n, p = np.asarray(res[model]["hist-neg"]), np.asarray(res[model]["hist-pos"])
         neg, pos = (n, p) if neg is None or pos is None else (neg + n, pos + p)
-    return None if neg is None or pos is None else auc_from_histograms(neg, pos)
+    return None if neg is None or pos is None else (neg, pos)
+
+
+def pooled_auc(evaluation: dict[str, dict[str, Any]], roles: dict[str, str], model: str, role: str = "train") -> float | None:
+    """AUC over the evaluation sets of all sites of `role`, from their summed score histograms."""
+    pooled = pooled_histograms(evaluation, roles, model, role)
+    return None if pooled is None else auc_from_histograms(*pooled)
 
 
 def site_progress(
@@ -241,6 +249,9 @@ class StageRunner:
             s.best, state.best_auc, state.best_round, state.since_best = p.weights, val_auc, p.round, 0
         else:
             state.since_best += 1
+        if state.best_round == p.round:
+            pooled = pooled_histograms(evaluation, self.roles, s.model, "train")
+            state.best_logit = list(logit_moments(*pooled) or ()) if pooled is not None else []
         state.next_round = p.round + 1
         self.progress.save()
         # Only after progress.json names this round: a crash in between leaves a checkpoint too many, never one too few.

@@ -84,6 +84,12 @@ def input_encoders(layout: Layout, progress: Progress) -> tuple[Encoders, Progre
     return encoder, progress
 
 
+def dltr_label(run: RunConfig, backbone: str) -> str:
+    """The DLTR stage's label for `backbone` (its checkpoints and progress): ``dltr``, or ``dltr-<backbone>`` when
+    several backbones compete."""
+    return "dltr" if len(run.backbone_candidates or (run.backbone,)) == 1 else f"dltr-{backbone}"
+
+
 def choose_backbone(
     runner: StageRunner, run: RunConfig, initial: Initial, encoder: Encoders
 ) -> tuple[str, dict[str, Arrays], dict[str, float | None]]:
@@ -94,7 +100,7 @@ def choose_backbone(
     chosen, arrays, best_val = "", {}, -2.0
     for name in candidates:
         start = initial(name)
-        weights, val = runner.run_stage("dltr", start, encoder, name, "dltr" if len(candidates) == 1 else f"dltr-{name}")
+        weights, val = runner.run_stage("dltr", start, encoder, name, dltr_label(run, name))
         comparison[name] = val
         if (-1.0 if val is None else val) > best_val:
             best_val, chosen, arrays = (-1.0 if val is None else val), name, {**start, "dltr": weights}
@@ -121,8 +127,9 @@ def run_study(
     timings["dltr_s"] = time.perf_counter() - t
     for stage in (s for s in STAGES if s != "dltr"):
         t = time.perf_counter()
-        if stage == "head":
-            arrays["head"] = start_fusion_head(arrays)  # the linear head reads the other models' logits
+        if stage == "head":  # the linear head reads the other models' logits, each centred and on unit scale
+            labels = {"dltr": dltr_label(run, chosen), "clinical": "clinical", "radiomics": "radiomics"}
+            arrays["head"] = start_fusion_head(arrays, {k: progress.stage(v).best_logit for k, v in labels.items()})
         arrays[stage], _ = runner.run_stage(stage, arrays, encoder, chosen)
         timings[f"{stage}_s"] = time.perf_counter() - t
     t = time.perf_counter()

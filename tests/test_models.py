@@ -88,7 +88,7 @@ def test_linear_fusion_head_is_a_logistic_model_on_the_three_models_logits():
         for k, v in mlp.arrays()[stage].items():
             np.testing.assert_array_equal(v, linear.arrays()[stage][k])
     assert fusion_form(linear.arrays()["head"]) == "linear" and fusion_form(mlp.arrays()["head"]) == "mlp"
-    assert all(not v.any() for v in linear.arrays()["head"].values())  # starts at zero: no random numbers drawn
+    assert all(not v.any() for k, v in linear.arrays()["head"].items() if k != "logit_scale")  # zero: no random numbers drawn
     assert sum(p.numel() for p in linear.head.parameters() if p.requires_grad) == 4
     # at the head stage's start the linear head reads the trained models' output layers; the MLP head is left as it is
     started = start_fusion_head(linear.arrays())
@@ -105,6 +105,16 @@ def test_linear_fusion_head_is_a_logistic_model_on_the_three_models_logits():
         want = 2.0 * linear.dltr(x) - linear.clinical(clinical) + 0.5 * linear.radiomics(radiomics) + 0.25
     torch.testing.assert_close(got, want)
     assert not any(p.requires_grad for name, p in linear.head.named_parameters() if not name.startswith("score."))
+    # given each model's logit mean and spread, the head reads the logits centred and on unit scale
+    scaled = start_fusion_head(linear.arrays(), {"clinical": [0.5, 2.0], "radiomics": [-1.0, 0.25], "dltr": []})
+    linear.head.load_state_dict({k: torch.from_numpy(v) for k, v in scaled.items()})
+    with torch.no_grad():
+        got = linear.head(linear.dltr.features(x), clinical, radiomics)
+        # no moments for DLTR: read as it is
+        want = 2.0 * linear.dltr(x) - (linear.clinical(clinical) - 0.5) / 2.0 + 0.5 * (linear.radiomics(radiomics) + 1.0) / 0.25 + 0.25
+    torch.testing.assert_close(got, want)
+    for layer, stage in (("clinical_head", "clinical"), ("radiomics_head", "radiomics")):  # copies as they are
+        np.testing.assert_array_equal(scaled[f"{layer}.weight"], linear.arrays()[stage]["linear.weight"])
     # the forms' signatures differ, so a site built for the other form is told before any weights move
     assert model_signature(("small",), 3, len(FEATURES), "linear") != model_signature(("small",), 3, len(FEATURES), "mlp")
 
@@ -162,6 +172,23 @@ def test_histogram_auc_matches_exact_auc_and_pools(seed):
     pooled = auc_from_histograms(np.add(halves[0][0], halves[1][0]), np.add(halves[0][1], halves[1][1]))
     assert pooled == pytest.approx(auc_from_histograms(neg, pos), abs=1e-12)
     assert auc_from_histograms(neg, [0] * len(pos)) is None
+
+
+@pytest.mark.parametrize(("centre", "spread"), [(0.0, 1.5), (-0.8, 0.3), (1.0, 0.05)])
+def test_logit_moments_from_histograms(centre, spread):
+    """The mean and spread of the logit, from the histograms a site sends: close to the scores' own, also after
+    merging cells of fewer than 5 patients (the default minimum cell count)."""
+    from tace.common.metrics import logit_moments, merge_small_cells
+
+    rng = np.random.default_rng(7)
+    z = centre + spread * rng.normal(size=60)
+    y = rng.random(60) < 0.4
+    neg, pos = score_histograms(y, 1 / (1 + np.exp(-z)), bins=1000)
+    mean, sd = logit_moments(neg, pos)
+    assert mean == pytest.approx(z.mean(), abs=0.01 + 0.02 * spread) and sd == pytest.approx(z.std(ddof=1), rel=0.1, abs=0.01)
+    mean, sd = logit_moments(*merge_small_cells(neg, pos, 5))
+    assert mean == pytest.approx(z.mean(), abs=0.05 + 0.2 * spread) and sd == pytest.approx(z.std(ddof=1), rel=0.25, abs=0.02)
+    assert logit_moments([0] * 10, [1] + [0] * 9) is None
 
 
 def test_merge_small_cells_keeps_counts_and_bounds_cells():

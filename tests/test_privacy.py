@@ -207,10 +207,17 @@ def test_dp_weights_keep_their_names_and_differ_from_a_non_dp_run(dp_run):
     # Under DP the fusion head is the linear one (fusion-head "auto"): the logits of DLTR, the clinical and the
     # radiomics model, read through frozen copies of their DP-trained output layers; without DP, the MLP.
     copies = {"dltr_head": "dltr.head", "clinical_head": "clinical.linear", "radiomics_head": "radiomics.linear"}
-    assert {k for k in a if k.startswith("head.")} == {f"head.{c}.{p}" for c in (*copies, "score") for p in ("weight", "bias")}
+    assert {k for k in a if k.startswith("head.")} == {f"head.{c}.{p}" for c in (*copies, "score") for p in ("weight", "bias")} | {
+        "head.logit_scale"
+    }
     assert any(k.startswith("head.mlp.") for k in b)
-    for copy, source in copies.items():
-        for k in ("weight", "bias"):  # unchanged by training; FedAvg's weighted mean of equal values moves them by rounding only
+    # The head reads each logit centred and scaled by the mean and spread that the model's best round showed on the
+    # pooled internal-validation sets; training leaves the copies as they were (FedAvg's weighted mean of equal values
+    # moves them by rounding only).
+    stages = json.loads((run_dir / "progress.json").read_text())["stages"]
+    for i, (copy, source) in enumerate(copies.items()):
+        np.testing.assert_allclose(a["head.logit_scale"][:, i], stages[source.split(".")[0]]["best_logit"], rtol=1e-4)
+        for k in ("weight", "bias"):
             np.testing.assert_allclose(a[f"head.{copy}.{k}"], a[f"{source}.{k}"], rtol=1e-5, atol=1e-7)
     assert np.abs(a["head.score.weight"]).sum() > 0  # trained from its zero start
     # No clinical statistics left the sites: the encoder is the reference one, and no 'stats' query was sent.
