@@ -25,10 +25,12 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from tace.analysis import checklists, plots
 from tace.analysis.plots import NAMES, slug
 from tace.common.cli import software_versions
+from tace.common.config import FUSION_HEAD_TEXT, resolve_fusion_head
 from tace.common.errors import TaceError
 from tace.common.protocol import DISPLAY_ORDER
+from tace.common.protocol import STAGES as PROTOCOL_STAGES
 
-STAGES = {"dltr": "DLTR backbone", "head": "DLTRMLP fusion head", "clinical": "clinical model"}
+STAGES = {name: stage.label for name, stage in PROTOCOL_STAGES.items()}  # in the order they train
 #: Run-config keys shown in the training section (the rest are listed in full in the appendix).
 KEY_SETTINGS = ("layout", "holdout-sites", "backbone", "strategy", "rounds", "local-epochs", "lr", "lr-schedule", "batch-size",
                 "head-rounds", "fusion-head", "clinical-rounds", "spacing-mm", "box-voxels", "sequences", "intensity-reference", "augment", "dp", "seed")  # fmt: skip
@@ -186,6 +188,7 @@ class Report:
             "mode": self.config_file.get("mode", "n/a"),
             "seed": self.config.get("seed", "n/a"),
             "settings": [(k, self._setting(k)) for k in KEY_SETTINGS if k in self.config],
+            "head": FUSION_HEAD_TEXT[resolve_fusion_head(str(self.config.get("fusion-head", "mlp")), bool(self.config.get("dp")))],
             "stages": stages,
             "curves": curves,
         }
@@ -194,7 +197,7 @@ class Report:
         """A run-config value for the settings table; "auto" for the fusion head says which head the run trained."""
         value = self.config[key]
         if key == "fusion-head" and value == "auto":
-            return f"auto: {'linear' if self.config.get('dp') else 'mlp'}"
+            return f"auto: {resolve_fusion_head(value, bool(self.config.get('dp')))}"
         return value
 
     def comparison(self) -> dict[str, Any] | None:

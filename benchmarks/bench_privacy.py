@@ -107,12 +107,17 @@ def utility(cohort: Path, out: Path, epsilons: list[float], overrides: str, repe
     return rows
 
 
+def _mean(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{sum(known) / len(known):.3f}" if known else "n/a"
+
+
 def print_repeats(rows: list[dict[str, Any]]) -> None:
     """Per ε: the mean of each model's pooled external AUC over the runs, and how often DLTRMLP met the clinical model."""
     print("  over the repeated runs (mean pooled external AUC; runs with DLTRMLP >= clinical at every external site):")
     for eps in dict.fromkeys(r["epsilon"] for r in rows):
         group = [r for r in rows if r["epsilon"] == eps]
-        means = "  ".join(f"{m} {sum(r[f'{m}_pooled_holdout_auc'] or 0 for r in group) / len(group):.3f}" for m in DISPLAY_ORDER)
+        means = "  ".join(f"{m} {_mean([r[f'{m}_pooled_holdout_auc'] for r in group])}" for m in DISPLAY_ORDER)
         met = sum(r["dltrmlp_at_or_above_clinical"] for r in group)
         print(f"  ε = {eps!s:<4} {len(group)} run(s)  {means}  DLTRMLP >= clinical: {met} of {len(group)}", flush=True)
 

@@ -38,6 +38,21 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
 
+#: DLTRMLP's head forms, in words (run-config ``fusion-head``; `tace.common.models.FUSION_HEADS`).
+FUSION_HEAD_TEXT = {
+    "mlp": "an MLP on DLTR's deep features, the clinical factors and the radiomics features",
+    "linear": "a logistic model on the logits of DLTR, the clinical and the radiomics model (the head under differential privacy)",
+}
+
+
+def resolve_fusion_head(fusion_head: str, dp: bool) -> str:
+    """The head form a run with run-config ``fusion-head`` `fusion_head` trains: "auto" is the linear head under
+    differential privacy (few weights under the noise) and the MLP otherwise."""
+    if fusion_head == "auto":
+        return "linear" if dp else "mlp"
+    return fusion_head
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything a study run is configured with (see docs/training.md for each key)."""
@@ -197,9 +212,7 @@ class RunConfig:
     def head_form(self) -> str:
         """The form of DLTRMLP's head this run trains (`tace.common.models.FUSION_HEADS`): `fusion_head`, where "auto"
         is the linear head under differential privacy (few weights under DP-SGD's noise) and the MLP otherwise."""
-        if self.fusion_head == "auto":
-            return "linear" if self.dp else "mlp"
-        return self.fusion_head
+        return resolve_fusion_head(self.fusion_head, self.dp)
 
     @property
     def holdout(self) -> tuple[str, ...]:

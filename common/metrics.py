@@ -29,7 +29,8 @@ def score_histograms(
 
 def logit_moments(negatives: Sequence[int] | np.ndarray, positives: Sequence[int] | np.ndarray) -> tuple[float, float] | None:
     """Mean and standard deviation of the logit of the scores that histograms over [0, 1] summarise (each patient
-    at its bin's centre; a merged cell's patients at its lowest bin); None for fewer than two patients."""
+    at its bin's centre; a merged cell's patients at its lowest bin); None for fewer than two patients. The standard
+    deviation is at least two bins' width in logit at 0.5 (8 / bins): the histograms resolve no less."""
     counts = np.asarray(negatives, dtype=float) + np.asarray(positives, dtype=float)
     n = float(counts.sum())
     if n < 2:
@@ -37,7 +38,7 @@ def logit_moments(negatives: Sequence[int] | np.ndarray, positives: Sequence[int
     centres = (np.arange(len(counts)) + 0.5) / len(counts)
     z = np.log(centres / (1.0 - centres))
     mean = float((counts * z).sum() / n)
-    return mean, float(np.sqrt((counts * (z - mean) ** 2).sum() / (n - 1)))
+    return mean, max(float(np.sqrt((counts * (z - mean) ** 2).sum() / (n - 1))), 8.0 / len(counts))
 
 
 def merge_small_cells(negatives: Sequence[int], positives: Sequence[int], min_count: int) -> tuple[list[int], list[int]]:

@@ -205,6 +205,10 @@ FUSION_HEADS = ("mlp", "linear")
 #: The linear head's frozen copies: its layer, the stage it copies, and that stage's output layer.
 _COPIES = (("dltr_head", "dltr", "head"), ("clinical_head", "clinical", "linear"), ("radiomics_head", "radiomics", "linear"))
 
+#: The linear head's weights that no site trains (set at the head stage's start): the aggregate keeps them as they
+#: were, so neither FedAvg's rounding nor client-level DP's noise moves them.
+FROZEN_HEAD_KEYS = (*(f"{layer}.{k}" for layer, _, _ in _COPIES for k in ("weight", "bias")), "logit_scale")
+
 
 def fusion_form(head: Arrays) -> str:
     """The form of a DLTRMLP head's weights `head` (`FUSION_HEADS`): their names tell it."""

@@ -16,6 +16,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx
 
 from tace.common.config import RunConfig
 from tace.common.errors import TaceError
+from tace.common.models import FROZEN_HEAD_KEYS
 from tace.common.protocol import ARRAYS, METRICS, STAGES, Arrays
 from tace.server.messages import SiteUpdate
 from tace.server.privacy import PrivacyLedger
@@ -117,7 +118,10 @@ class Aggregator:
         if self.run.client_dp:
             assert self.ledger is not None
             self.ledger.record_central(stage, server_round, len(raws), float(getattr(strategy, "round_norm", strategy.clipping_norm)))
-        return {k: v.numpy().astype(current[k].dtype) for k, v in aggregated.items()}
+        out = {k: v.numpy().astype(current[k].dtype) for k, v in aggregated.items()}
+        if stage == "head":  # the linear head's frozen copies and scale: no site trains them
+            out.update({k: np.array(current[k]) for k in FROZEN_HEAD_KEYS if k in current})
+        return out
 
     def _secure_replies(self, stage: str, server_round: int, current: Arrays) -> list[Message]:
         """The round's secure aggregate as replies a strategy can average (see `synthetic_replies`)."""

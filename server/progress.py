@@ -21,7 +21,8 @@ import numpy as np
 from tace.common.errors import TaceError
 from tace.common.serialize import write_json
 
-FORMAT = 1
+#: 2 since TACE-FL 0.3: the head stage trains last and the stages keep their best round's logit moments.
+FORMAT = 2
 Arrays = dict[str, np.ndarray]
 
 

@@ -129,7 +129,11 @@ def run_study(
         t = time.perf_counter()
         if stage == "head":  # the linear head reads the other models' logits, each centred and on unit scale
             labels = {"dltr": dltr_label(run, chosen), "clinical": "clinical", "radiomics": "radiomics"}
-            arrays["head"] = start_fusion_head(arrays, {k: progress.stage(v).best_logit for k, v in labels.items()})
+            moments = {k: progress.stage(v).best_logit for k, v in labels.items()}
+            if run.head_form == "linear" and not all(moments.values()):
+                log.warning("the linear fusion head reads the logits of %s as they are: no internal-validation scores to scale them by",
+                            ", ".join(k for k, v in moments.items() if not v))  # fmt: skip
+            arrays["head"] = start_fusion_head(arrays, moments)
         arrays[stage], _ = runner.run_stage(stage, arrays, encoder, chosen)
         timings[f"{stage}_s"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -280,10 +280,12 @@ def test_a_model_with_the_linear_head_round_trips_through_its_files(finished, tm
     linear = StudyModels.build(art.backbone, len(art.preprocess.sequences), len(FEATURES), fusion_head="linear").arrays()["head"]
     linear = start_fusion_head({**art.arrays, "head": linear})
     linear["score.weight"] = np.array([[1.5, 0.5, -0.75]], dtype=np.float32)
+    linear["logit_scale"] = np.array([[0.1, -0.4, 0.3], [0.05, 1.7, 0.35]], dtype=np.float32)  # means, spreads
     save_run_models(tmp_path / "models", replace(art, arrays={**art.arrays, "head": linear}))
     loaded = TrainedModels.load(tmp_path / "models" / "tace-model.zip")
     assert isinstance(loaded.models.head, LinearFusionHead)
     assert np.array_equal(loaded.models.head.score.weight.detach().numpy(), linear["score.weight"])
+    assert np.array_equal(loaded.models.head.logit_scale.numpy(), linear["logit_scale"])
     program = torch.export.load(tmp_path / "models" / "dltrmlp.pt2").module()
     image = torch.randn(2, *art.preprocess.shape)
     clinical, radiomics = torch.randn(2, len(FEATURES)), torch.randn(2, loaded.models.head.radiomics_dim)
