@@ -17,7 +17,7 @@ from typing import Any
 
 from tace.analysis.data import MODEL_NAMES
 from tace.analysis.samplesize import MIN_EVENTS
-from tace.common.config import FUSION_HEAD_TEXT, resolve_fusion_head
+from tace.common.config import fusion_head_text
 
 FORMAT = "tace-model-card/1"
 INTENDED_USE = (
@@ -72,7 +72,7 @@ def build_model_card(run_dir: Path, validation: dict[str, Any], version: str) ->
         "format": FORMAT,
         "model": {
             "name": "DLTRMLP: a 3D CNN on the tumour-centred MRI (DLTR) fused with the clinical factors and radiomics features by "
-            f"{FUSION_HEAD_TEXT[resolve_fusion_head(str(config.get('fusion-head', 'mlp')), bool(config.get('dp')))]}; DLTR, a radiomics "
+            f"{fusion_head_text(config)}; DLTR, a radiomics "
             "and a clinical logistic model alongside",
             "source_run": run_dir.name,
             "tace_fl_version": version,

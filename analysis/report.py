@@ -25,7 +25,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 from tace.analysis import checklists, plots
 from tace.analysis.plots import NAMES, slug
 from tace.common.cli import software_versions
-from tace.common.config import FUSION_HEAD_TEXT, resolve_fusion_head
+from tace.common.config import fusion_head_text, resolve_fusion_head
 from tace.common.errors import TaceError
 from tace.common.protocol import DISPLAY_ORDER
 from tace.common.protocol import STAGES as PROTOCOL_STAGES
@@ -188,7 +188,7 @@ class Report:
             "mode": self.config_file.get("mode", "n/a"),
             "seed": self.config.get("seed", "n/a"),
             "settings": [(k, self._setting(k)) for k in KEY_SETTINGS if k in self.config],
-            "head": FUSION_HEAD_TEXT[resolve_fusion_head(str(self.config.get("fusion-head", "mlp")), bool(self.config.get("dp")))],
+            "head": fusion_head_text(self.config),
             "stages": stages,
             "curves": curves,
         }

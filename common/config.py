@@ -38,7 +38,10 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
 
-#: DLTRMLP's head forms, in words (run-config ``fusion-head``; `tace.common.models.FUSION_HEADS`).
+#: The forms of DLTRMLP's head (`tace.common.models`; run-config ``fusion-head`` also takes "auto").
+FUSION_HEADS = ("mlp", "linear")
+
+#: DLTRMLP's head forms, in words.
 FUSION_HEAD_TEXT = {
     "mlp": "an MLP on DLTR's deep features, the clinical factors and the radiomics features",
     "linear": "a logistic model on the logits of DLTR, the clinical and the radiomics model (the head under differential privacy)",
@@ -51,6 +54,12 @@ def resolve_fusion_head(fusion_head: str, dp: bool) -> str:
     if fusion_head == "auto":
         return "linear" if dp else "mlp"
     return fusion_head
+
+
+def fusion_head_text(run_config: Mapping[str, Any]) -> str:
+    """In words, the head a run with `run_config` (hyphenated keys, as saved with the run) trained; runs from before
+    the key trained the MLP."""
+    return FUSION_HEAD_TEXT[resolve_fusion_head(str(run_config.get("fusion-head", "mlp")), bool(run_config.get("dp")))]
 
 
 @dataclass(frozen=True)
@@ -160,7 +169,7 @@ class RunConfig:
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr-schedule must be 'cosine' or 'constant', not {self.lr_schedule!r}")
         self._check_privacy()
-        if self.fusion_head not in ("auto", "mlp", "linear"):
+        if self.fusion_head not in ("auto", *FUSION_HEADS):
             raise ConfigError(f"fusion-head must be 'auto', 'mlp' or 'linear', not {self.fusion_head!r}",
                               "'auto' (the default) trains the MLP head, or the linear head under differential privacy")  # fmt: skip
         if self.finetune not in FINETUNE_MODES:
@@ -210,7 +219,7 @@ class RunConfig:
 
     @property
     def head_form(self) -> str:
-        """The form of DLTRMLP's head this run trains (`tace.common.models.FUSION_HEADS`): `fusion_head`, where "auto"
+        """The form of DLTRMLP's head this run trains (`FUSION_HEADS`): `fusion_head`, where "auto"
         is the linear head under differential privacy (few weights under DP-SGD's noise) and the MLP otherwise."""
         return resolve_fusion_head(self.fusion_head, self.dp)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tace.common.config import FUSION_HEADS
 from tace.common.protocol import DIGEST_ORDER, STAGES, Arrays
 
 BACKBONES = ("small", "resnet10", "resnet18", "densenet121")
@@ -198,9 +199,6 @@ class LinearFusionHead(nn.Module):
         scale = cast(torch.Tensor, self.logit_scale)
         return self.score((logits - scale[0]) / scale[1]).squeeze(-1)
 
-
-#: The forms of DLTRMLP's head (run-config ``fusion-head``; "auto" picks "linear" under differential privacy).
-FUSION_HEADS = ("mlp", "linear")
 
 #: The linear head's frozen copies: its layer, the stage it copies, and that stage's output layer.
 _COPIES = (("dltr_head", "dltr", "head"), ("clinical_head", "clinical", "linear"), ("radiomics_head", "radiomics", "linear"))

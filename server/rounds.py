@@ -237,7 +237,8 @@ class StageRunner:
     def _complete(self, s: _Stage, p: _Pending, evaluation: dict[str, dict[str, Any]]) -> None:
         """Record a validated round: metrics, checkpoints, best weights, early-stopping count, progress."""
         state, rundir = s.state, self.rundir
-        val_auc = pooled_auc(evaluation, self.roles, s.model, "train")
+        pooled = pooled_histograms(evaluation, self.roles, s.model, "train")
+        val_auc = None if pooled is None else auc_from_histograms(*pooled)
         rundir.record_round(s.label, p.round, p.lr, p.accepted, evaluation, s.model, val_auc, p.train_s)
         rundir.checkpoint(s.label, p.round, p.weights)
         rundir.checkpoint(s.label, f"strategy-round-{p.round:03d}", self.federation.strategy_state(s.name))
@@ -250,7 +251,6 @@ class StageRunner:
         else:
             state.since_best += 1
         if state.best_round == p.round:
-            pooled = pooled_histograms(evaluation, self.roles, s.model, "train")
             state.best_logit = list(logit_moments(*pooled) or ()) if pooled is not None else []
         state.next_round = p.round + 1
         self.progress.save()
