@@ -16,6 +16,7 @@ from typing import Any
 
 from tace.common.errors import ConfigError
 from tace.common.preprocess import PreprocessConfig
+from tace.common.protocol import FUSION_HEADS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam")
 LAYOUTS = ("holdout", "loco")
@@ -37,9 +38,6 @@ MIN_CELL_COUNT = 5
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
-
-#: The forms of DLTRMLP's head (`tace.common.models`; run-config ``fusion-head`` also takes "auto").
-FUSION_HEADS = ("mlp", "linear")
 
 #: DLTRMLP's head forms, in words.
 FUSION_HEAD_TEXT = {

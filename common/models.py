@@ -15,8 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tace.common.config import FUSION_HEADS
-from tace.common.protocol import DIGEST_ORDER, STAGES, Arrays
+from tace.common.protocol import DIGEST_ORDER, FUSION_HEADS, STAGES, Arrays
 
 BACKBONES = ("small", "resnet10", "resnet18", "densenet121")
 

@@ -142,6 +142,9 @@ STAGES: dict[str, Stage] = {
 }
 
 
+#: The forms of DLTRMLP's head (`tace.common.models`; run-config ``fusion-head`` also takes "auto").
+FUSION_HEADS = ("mlp", "linear")
+
 #: The stages in the order digests and signatures read their weights (fixed, so that model files written before the
 #: training order changed still verify).
 DIGEST_ORDER = ("dltr", "head", "clinical", "radiomics")
